@@ -1,0 +1,66 @@
+"""`phreg` command line. User mistakes are one line on stderr and exit code 2; no tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+from . import __version__
+from .errors import UsageError
+
+
+def _distill(args) -> int:
+    from .recipe import load_recipe
+    from .train import distill
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    run = distill(recipe, resume=args.resume, cpu=args.cpu, quiet=args.quiet)
+    print(f"done: {run / 'export'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="phreg", description="Give a pretrained Vision Transformer register tokens after the fact (PH-Reg).")
+    parser.add_argument("--version", action="version", version=f"phreg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("distill", help="distill registers into a pretrained ViT following a recipe",
+                       description="Train a student with register tokens to reproduce the teacher's denoised "
+                                   "features; writes RUN/{recipe.yaml,metrics.jsonl,checkpoints/,export/}.",
+                       epilog="example: phreg distill recipes/quickstart.yaml train.epochs=1 output_dir=runs/try")
+    p.add_argument("recipe", help="YAML recipe (see recipes/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted recipe overrides, e.g. data.root=DIR model.checkpoint=FILE output_dir=RUN")
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its latest checkpoint")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or tables")
+    p.set_defaults(func=_distill)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*Mapping deprecated model name.*")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    from .train import Aborted
+
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"phreg: error: {e}", file=sys.stderr)
+        return 2
+    except Aborted as e:
+        print(f"phreg: aborted: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("phreg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

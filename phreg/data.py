@@ -1,0 +1,143 @@
+"""Images: a folder of photos in whatever format people have, turned into normalized square crops.
+
+Every random choice for a sample (its crop, its view plan) is drawn from `numpy.random.default_rng([seed, epoch,
+index])`, so a sample is a pure function of those three numbers: the same in any worker, on any number of processes,
+and after `--resume`.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset, Sampler
+
+from .errors import UsageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+log = logging.getLogger("phreg")
+
+
+def embedded_photos() -> Path:
+    """The public-domain / CC0 photos shipped with phreg: the quickstart's default data."""
+    return Path(str(resources.files("phreg") / "photos"))
+
+
+def _header_ok(path: Path) -> bool:
+    try:
+        with Image.open(path) as img:
+            return img.size[0] > 0 and img.size[1] > 0
+    except Exception:
+        return False
+
+
+def scan_images(root: str | Path | None) -> tuple[list[Path], list[Path]]:
+    """All image files under `root` (recursive, sorted): (usable, unreadable). `None` means the embedded photos."""
+    root = embedded_photos() if root is None else Path(root)
+    if not root.is_dir():
+        raise UsageError(f"image folder {root} not found")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise UsageError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+    with ThreadPoolExecutor(8) as pool:
+        ok = list(pool.map(_header_ok, files))
+    usable = [f for f, good in zip(files, ok) if good]
+    bad = [f for f, good in zip(files, ok) if not good]
+    if not usable:
+        raise UsageError(f"no usable image under {root}: all {len(files)} image files are unreadable")
+    return usable, bad
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode any common mode to 8-bit RGB: grayscale, palette, alpha (over white), CMYK, 16-bit; EXIF rotation."""
+    with Image.open(path) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            arr = np.asarray(img, dtype=np.float32)
+            top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+            if img.mode == "F":
+                top = max(float(arr.max()), 1.0)
+            img = Image.fromarray(np.clip(arr / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(white, rgba)
+        return img.convert("RGB")
+
+
+def resize_short(img: Image.Image, short: int) -> Image.Image:
+    w, h = img.size
+    s = short / min(w, h)
+    return img.resize((max(short, round(w * s)), max(short, round(h * s))), Image.BICUBIC)
+
+
+class ImageDataset(Dataset):
+    """Keys are (epoch, index). Train: resize the short side, random square crop. Eval: center crop.
+
+    Returns dict(image (C, S, S) normalized, plan (V, 3) or empty, index, bad = paths that failed to decode and were
+    replaced by the next usable image so that batch shapes never change).
+    """
+
+    def __init__(self, files: list[Path], img_size: int, mean, std, seed: int = 0, resize: int = 0,
+                 train: bool = True, make_plan: Callable[[np.random.Generator], torch.Tensor] | None = None):
+        self.files, self.size, self.resize, self.seed, self.train = files, img_size, resize or img_size, seed, train
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.asarray(std, dtype=np.float32)
+        self.make_plan = make_plan
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        bad = []
+        for k in range(len(self.files)):
+            i = (index + k) % len(self.files)
+            try:
+                img = resize_short(load_rgb(self.files[i]), self.resize)
+                break
+            except Exception as e:
+                log.debug("skipping %s: %s", self.files[i], e)
+                bad.append(str(self.files[i]))
+        else:
+            raise UsageError(f"none of the {len(self.files)} images could be decoded")
+        rng = np.random.default_rng([self.seed, epoch, index])
+        w, h = img.size
+        if self.train:
+            x0, y0 = int(rng.integers(0, w - self.size + 1)), int(rng.integers(0, h - self.size + 1))
+        else:
+            x0, y0 = (w - self.size) // 2, (h - self.size) // 2
+        crop = img.crop((x0, y0, x0 + self.size, y0 + self.size))
+        arr = (np.asarray(crop, dtype=np.float32) / 255.0 - self.mean) / self.std
+        plan = self.make_plan(rng=rng) if self.make_plan else torch.zeros(0, 3, dtype=torch.long)
+        return dict(image=torch.from_numpy(arr).permute(2, 0, 1).contiguous(), plan=plan, index=index, bad=bad)
+
+
+def collate(samples: list[dict]) -> dict:
+    return dict(image=torch.stack([s["image"] for s in samples]), plan=torch.stack([s["plan"] for s in samples]),
+                index=torch.tensor([s["index"] for s in samples]), bad=[p for s in samples for p in s["bad"]])
+
+
+class EpochSampler(Sampler):
+    """Yields (epoch, index) keys; shuffled by (seed, epoch) so a resumed run sees the same order."""
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = np.random.default_rng([self.seed, self.epoch, 2**31]).permutation(self.n) if self.shuffle \
+            else np.arange(self.n)
+        return iter([(self.epoch, int(i)) for i in order])

@@ -1,0 +1,62 @@
+"""Held-out images: how close a model's patch features are to the teacher's denoised targets.
+
+The number this product is judged by. Targets and the raw teacher's distance are computed once (the raw teacher's
+features are view 0 of the same forward); scoring a student afterwards costs one forward per image.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .data import ImageDataset, scan_images
+from .loss import cosine_distance
+from .models import normalization, patch_tokens
+from .recipe import Recipe
+from .targets import DenoisedTeacher
+from .views import merge_views
+
+
+class HeldOut:
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, raw: torch.Tensor, tap: str, batch_size: int = 8):
+        self.images, self.targets, self.tap, self.batch_size = images, targets, tap, batch_size
+        self.teacher_distances = cosine_distance(raw, targets)
+        self.teacher_distance = self.teacher_distances.mean().item()
+
+    @classmethod
+    @torch.no_grad()
+    def from_folder(cls, root, denoiser: DenoisedTeacher, recipe: Recipe, device, limit: int = 0,
+                    batch_size: int = 8) -> "HeldOut":
+        files, _ = scan_images(root)
+        files = files[:limit] if limit else files
+        mean, std = normalization(denoiser.teacher, recipe.model)
+        data = ImageDataset(files, recipe.model.img_size, mean, std, recipe.seed, recipe.data.resize, train=False,
+                            make_plan=denoiser.plan_fn())
+        images, targets, raw = [], [], []
+        for start in range(0, len(data), batch_size):
+            items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+            x = torch.stack([s["image"] for s in items]).to(device)
+            plans = torch.stack([s["plan"] for s in items]).to(device)
+            with _autocast(device):
+                feats = denoiser.views_features(x, plans)
+            targets.append(merge_views(feats, plans, denoiser.grid)[0].cpu())
+            raw.append(feats.view(len(x), plans.shape[1], *feats.shape[1:])[:, 0].float().cpu())
+            images.append(x.cpu())
+        return cls(torch.cat(images), torch.cat(targets), torch.cat(raw), recipe.views.tap, batch_size)
+
+    @torch.no_grad()
+    def distances(self, model) -> torch.Tensor:
+        """Per-image mean 1 - cosine between `model`'s patch tokens and the denoised targets."""
+        device = next(model.parameters()).device
+        out = []
+        for x, t in zip(self.images.split(self.batch_size), self.targets.split(self.batch_size)):
+            with _autocast(device):
+                out.append(cosine_distance(patch_tokens(model, x.to(device), self.tap).float().cpu(), t))
+        return torch.cat(out)
+
+    def score(self, model) -> float:
+        return self.distances(model).mean().item()
+
+
+def _autocast(device):
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

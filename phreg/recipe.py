@@ -1,0 +1,242 @@
+"""Recipes: plain data (YAML) checked against typed dataclasses.
+
+Every key has a type and, where it matters, a range or a set of choices. A recipe with an unknown key, a value of the
+wrong type or an impossible value is rejected with one line naming the key (`UsageError`, exit code 2), before any
+model is built. Defaults here are the paper's DINOv2 settings unless a comment says otherwise; the files in
+`recipes/` spell every key out with a comment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import UsageError
+from .files import write_atomic
+
+
+def opt(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, **checks):
+    """A field with checks: choices=(...), ge=, gt=, le=, lt=."""
+    return field(default=default, default_factory=factory, metadata=checks)
+
+
+@dataclass
+class ModelCfg:
+    name: str = "vit_small_patch14_dinov2"
+    checkpoint: Optional[str] = None
+    img_size: int = opt(224, gt=0)
+    registers: int = opt(16, ge=0)
+    register_init: str = opt("pos_mean", choices=("pos_mean", "randn"))
+    register_noise: float = opt(0.02, ge=0)
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+
+
+@dataclass
+class DataCfg:
+    root: Optional[str] = None
+    val_root: Optional[str] = None
+    val_limit: int = opt(0, ge=0)
+    resize: int = opt(0, ge=0)
+    num_workers: int = opt(2, ge=0)
+
+
+@dataclass
+class ViewsCfg:
+    num: int = opt(10, ge=1)
+    max_shift: float = opt(0.15, ge=0, le=0.5)
+    flip: float = opt(0.5, ge=0, le=1)
+    candidates: int = opt(64, ge=1)
+    fill: Union[str, list[float]] = "white"
+    tap: str = opt("final", choices=("final", "last_block"))
+    chunk: int = opt(0, ge=0)
+
+
+@dataclass
+class UnlockGroup:
+    params: list[str] = opt(factory=list)
+    lr_scale: float = opt(1.0, gt=0)
+    weight_decay: Optional[float] = opt(None, ge=0)
+
+
+def paper_unlock() -> list[UnlockGroup]:
+    """The paper's trainable subset. `cls_token` carries the class entry of the positional embedding once folded."""
+    return [
+        UnlockGroup(params=["reg_token", "cls_token", "pos_embed"], lr_scale=1.0),
+        UnlockGroup(params=["patch_embed.proj.weight", "patch_embed.proj.bias", "blocks.-1.*"], lr_scale=0.1),
+    ]
+
+
+@dataclass
+class TrainCfg:
+    epochs: int = opt(100, ge=1)
+    max_steps: int = opt(0, ge=0)
+    batch_size: int = opt(8, ge=1)
+    grad_accum: int = opt(1, ge=1)
+    lr: float = opt(1e-4, gt=0)
+    end_lr: float = opt(5e-6, ge=0)
+    schedule: str = opt("exp", choices=("exp", "cosine", "constant"))
+    warmup_steps: int = opt(0, ge=0)
+    weight_decay: float = opt(1e-2, ge=0)
+    betas: list[float] = opt(factory=lambda: [0.9, 0.999])
+    grad_clip: float = opt(1.0, ge=0)
+    mse_weight: float = opt(1.0, ge=0)
+    precision: str = opt("auto", choices=("auto", "bf16", "fp32"))
+    unlock: list[UnlockGroup] = opt(factory=paper_unlock)
+    max_nonfinite: int = opt(10, ge=0)
+    log_every: int = opt(10, ge=1)
+    eval_every: int = opt(0, ge=0)
+    save_every: int = opt(500, ge=0)
+    keep_last: int = opt(2, ge=1)
+
+
+@dataclass
+class Recipe:
+    output_dir: str = "runs/phreg"
+    seed: int = 0
+    model: ModelCfg = opt(factory=ModelCfg)
+    data: DataCfg = opt(factory=DataCfg)
+    views: ViewsCfg = opt(factory=ViewsCfg)
+    train: TrainCfg = opt(factory=TrainCfg)
+
+    def check(self) -> None:
+        """Rules that tie several keys together."""
+        t, m = self.train, self.model
+        if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+            raise UsageError(f"recipe key train.betas: expected two numbers in [0, 1), got {t.betas}")
+        if t.end_lr > t.lr:
+            raise UsageError(f"recipe key train.end_lr: {t.end_lr} is above train.lr={t.lr}")
+        if not t.unlock or not any(g.params for g in t.unlock):
+            raise UsageError("recipe key train.unlock: at least one parameter pattern must be unlocked")
+        for key in ("mean", "std"):
+            v = getattr(m, key)
+            if v is not None and (len(v) != 3 or (key == "std" and min(v) <= 0)):
+                raise UsageError(f"recipe key model.{key}: expected three numbers (std > 0), got {v}")
+        fill = self.views.fill
+        if isinstance(fill, str) and fill not in FILLS:
+            raise UsageError(f"recipe key views.fill: expected one of {', '.join(FILLS)} or [r, g, b], got {fill!r}")
+        if isinstance(fill, list) and len(fill) != 3:
+            raise UsageError(f"recipe key views.fill: expected three numbers in [0, 1], got {fill}")
+
+
+FILLS = ("white", "black", "mean")
+
+
+# ----------------------------------------------------------------------------------------------- parsing and checks
+
+def _type_name(tp) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp, key: str, checks: dict):
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key, checks)
+            except UsageError as e:
+                errors.append(str(e).split(": ", 1)[1])
+        raise UsageError(f"recipe key {key}: {' or '.join(errors)}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise UsageError(f"recipe key {key}: expected a list, got {value!r}")
+        return [_convert(v, item, f"{key}[{i}]", {}) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        raise UsageError(f"recipe key {key}: expected {_type_name(tp)}, got {value!r}")
+    if "choices" in checks and value not in checks["choices"]:
+        raise UsageError(f"recipe key {key}: expected one of {', '.join(checks['choices'])}, got {value!r}")
+    for op, ok, word in (("ge", value.__ge__, ">="), ("gt", value.__gt__, ">"),
+                         ("le", value.__le__, "<="), ("lt", value.__lt__, "<")):
+        if op in checks and not ok(checks[op]):
+            raise UsageError(f"recipe key {key}: must be {word} {checks[op]}, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: Any, prefix: str = ""):
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrongly typed values."""
+    where = prefix or "recipe"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UsageError(f"recipe key {where}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for k in data:
+        if k not in fields:
+            close = [n for n in fields if n.startswith(str(k)[:3])]
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UsageError(f"unknown recipe key {prefix + '.' if prefix else ''}{k}{hint}; "
+                             f"known: {', '.join(fields)}")
+    kwargs = {k: _convert(v, hints[k], f"{prefix + '.' if prefix else ''}{k}", dict(fields[k].metadata))
+              for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` strings; values are parsed as YAML (so `1e-4`, `null`, `[1, 1, 1]` work)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"override {item!r}: expected key=value, e.g. train.epochs=1")
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise UsageError(f"override {item!r}: {p} is not a section")
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe file (None = all defaults), apply overrides, check everything."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"recipe {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UsageError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"recipe {path}: expected a mapping of keys at the top level")
+    recipe = from_dict(Recipe, apply_overrides(data, list(overrides)))
+    recipe.check()
+    return recipe
+
+
+def to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """A short fingerprint of everything that defines the run (not where it is written)."""
+    d = to_dict(recipe)
+    d.pop("output_dir")
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> Path:
+    return write_atomic(path, yaml.safe_dump(to_dict(recipe), sort_keys=False))

@@ -1,0 +1,49 @@
+"""Teacher targets: the frozen teacher's patch features, denoised by averaging its augmented views."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from .recipe import ViewsCfg
+from .views import make_views, merge_views, sample_plan
+from .models import patch_tokens
+
+
+def fill_value(fill, mean, std) -> torch.Tensor:
+    """The pixel written outside the frame, in the model's normalization. `fill` is a name or [r, g, b] in [0, 1]."""
+    mean, std = torch.tensor(mean), torch.tensor(std)
+    rgb = {"white": torch.ones(3), "black": torch.zeros(3), "mean": mean}.get(fill) if isinstance(fill, str) \
+        else torch.tensor(fill, dtype=torch.float32)
+    return (rgb - mean) / std
+
+
+class DenoisedTeacher(torch.nn.Module):
+    """All views of a batch in one forward (split into `chunk`-view pieces only to bound memory), then merged."""
+
+    def __init__(self, teacher: VisionTransformer, views: ViewsCfg, mean, std):
+        super().__init__()
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.cfg = views
+        self.patch = teacher.patch_embed.patch_size[0]
+        self.grid = tuple(teacher.patch_embed.grid_size)
+        self.register_buffer("fill", fill_value(views.fill, mean, std), persistent=False)
+
+    def plan_fn(self):
+        """A picklable `plan(rng=...)` for the data workers."""
+        c = self.cfg
+        return functools.partial(sample_plan, grid=self.grid, num_views=c.num, max_shift=c.max_shift, flip_p=c.flip,
+                                 candidates=c.candidates)
+
+    @torch.no_grad()
+    def views_features(self, images: torch.Tensor, plans: torch.Tensor) -> torch.Tensor:
+        views = make_views(images, plans, self.patch, self.fill)
+        n = self.cfg.chunk or len(views)
+        return torch.cat([patch_tokens(self.teacher, v, self.cfg.tap) for v in views.split(n)])
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, plans: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W), (B, V, 3) -> denoised patch features (B, L, D), float32."""
+        return merge_views(self.views_features(images, plans), plans, self.grid)[0]

@@ -1,0 +1,251 @@
+"""The distillation loop: images -> views -> teacher targets; student -> loss -> step -> export.
+
+Runs the same under `python -m phreg`, `phreg distill` and `accelerate launch -m phreg distill` (DDP): HF Accelerate
+does the device placement, bf16 autocast, gradient sync and checkpoint state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import timm
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import __version__
+from .data import EpochSampler, ImageDataset, collate, scan_images
+from .errors import UsageError
+from .export import export_student
+from .heldout import HeldOut
+from .loss import distill_loss
+from .models import PatchTokens, add_registers, load_teacher, normalization, unlock, unlocked_table
+from .recipe import Recipe, TrainCfg, load_recipe, recipe_hash, save_recipe, to_dict
+from .files import write_json
+from .targets import DenoisedTeacher
+
+
+class Aborted(RuntimeError):
+    """Training stopped on purpose (too many non-finite steps): one line, exit code 1."""
+
+
+def lr_factor(cfg: TrainCfg, total_steps: int):
+    """Multiplier of each group's base lr at optimizer step t: linear warmup, then exp / cosine / constant."""
+    end = cfg.end_lr / cfg.lr
+
+    def factor(t: int) -> float:
+        if t < cfg.warmup_steps:
+            return (t + 1) / cfg.warmup_steps
+        p = min(1.0, (t - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        if cfg.schedule == "exp":
+            return end ** p
+        if cfg.schedule == "cosine":
+            return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * p))
+        return 1.0
+
+    return factor
+
+
+def skip_if_nonfinite(optimizer, grad_norm: torch.Tensor) -> torch.Tensor:
+    """Fused AdamW skips its whole update, on device, when `found_inf` is 1 (the protocol torch's GradScaler uses),
+    so a NaN/inf step is dropped without a host sync. The global grad norm is identical on every DDP rank."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    inner.found_inf = (~torch.isfinite(grad_norm)).float()
+    return inner.found_inf
+
+
+class TrainState:
+    """What a checkpoint must remember besides weights, optimizer and schedule."""
+
+    def __init__(self):
+        self.step, self.nonfinite, self.images = 0, 0, 0
+
+    def state_dict(self) -> dict:
+        return dict(step=self.step, nonfinite=self.nonfinite, images=self.images)
+
+    def load_state_dict(self, d: dict) -> None:
+        self.step, self.nonfinite, self.images = d["step"], d["nonfinite"], d["images"]
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    done = sorted((run / "checkpoints").glob("step_*[0-9]"), key=lambda p: int(p.name.split("_")[1]))
+    return done[-1] if done else None
+
+
+def save_checkpoint(acc: Accelerator, run: Path, step: int, keep_last: int) -> None:
+    """`save_state` into a temporary folder, renamed when complete, so --resume never sees half a checkpoint."""
+    final, tmp = run / "checkpoints" / f"step_{step:08d}", run / "checkpoints" / f".step_{step:08d}.tmp"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in sorted((run / "checkpoints").glob("step_*[0-9]"))[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+def make_accelerator(recipe: Recipe, cpu: bool = False) -> Accelerator:
+    precision = recipe.train.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and not cpu else "fp32"
+    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=cpu,
+                       gradient_accumulation_steps=recipe.train.grad_accum,
+                       dataloader_config=DataLoaderConfiguration(non_blocking=True))
+
+
+def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool = False) -> Path:
+    """Train a student for `recipe`; returns the run folder (with `export/` when it finished)."""
+    run, cfg = Path(recipe.output_dir), recipe.train
+    checkpoint = latest_checkpoint(run)
+    if resume and checkpoint is None:
+        raise UsageError(f"--resume: no checkpoint in {run / 'checkpoints'}")
+    if not resume and checkpoint is not None:
+        raise UsageError(f"{run} already holds a run; pass --resume to continue it or choose another output_dir")
+    if resume:
+        saved = run / "recipe.yaml"
+        if saved.is_file() and recipe_hash(load_recipe(saved)) != recipe_hash(recipe):
+            raise UsageError(f"--resume: the recipe differs from the one {run} was started with ({saved})")
+
+    acc = make_accelerator(recipe, cpu)
+    say = (lambda *a: None) if quiet else acc.print
+    files, unreadable = scan_images(recipe.data.root)
+    teacher = load_teacher(recipe.model)
+    mean, std = normalization(teacher, recipe.model)
+    m = recipe.model
+    student = add_registers(teacher, m.registers, m.register_init, m.register_noise, recipe.seed)
+    groups = unlock(student, cfg.unlock, cfg.lr, cfg.weight_decay)
+    say(unlocked_table(student, groups))
+    targets = DenoisedTeacher(teacher, recipe.views, mean, std).to(acc.device)
+
+    data = ImageDataset(files, m.img_size, mean, std, recipe.seed, recipe.data.resize, train=True,
+                        make_plan=targets.plan_fn())
+    sampler = EpochSampler(len(data), recipe.seed)
+    loader = DataLoader(data, cfg.batch_size, sampler=sampler, collate_fn=collate,
+                        num_workers=recipe.data.num_workers, persistent_workers=recipe.data.num_workers > 0,
+                        pin_memory=acc.device.type == "cuda")
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                  fused=True)
+    model = PatchTokens(student, recipe.views.tap)
+    model, optimizer, loader = acc.prepare(model, optimizer, loader)
+    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lr_factor(cfg, total))
+    state = TrainState()
+    acc.register_for_checkpointing(scheduler, state)
+    heldout = HeldOut.from_folder(recipe.data.val_root, targets, recipe, acc.device) if recipe.data.val_root else None
+
+    if resume:
+        acc.load_state(str(checkpoint))
+        say(f"resumed from {checkpoint} at step {state.step}")
+    elif acc.is_main_process:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "metrics.jsonl").unlink(missing_ok=True)
+        save_recipe(recipe, run / "recipe.yaml")
+    say(f"{len(files)} images ({len(unreadable)} unreadable), {steps_per_epoch} steps/epoch, {total} steps, "
+        f"{acc.num_processes} process(es) on {acc.device}, precision {acc.mixed_precision}")
+
+    params = [p for g in groups for p in g["params"]]
+    loss_sum = torch.zeros((), device=acc.device)
+    nonfinite = torch.zeros((), device=acc.device)
+    bad: set[str] = set()
+    log = open(run / "metrics.jsonl", "a") if acc.is_main_process else None
+    bar = tqdm(total=total, initial=state.step, disable=quiet or not acc.is_local_main_process, desc="distill")
+    tick, seen, start = time.perf_counter(), 0, time.perf_counter()
+    micro = 0
+    while state.step < total:
+        epoch, skip = divmod(state.step, steps_per_epoch)
+        sampler.set_epoch(epoch)
+        batches = acc.skip_first_batches(loader, skip * cfg.grad_accum) if skip else loader
+        for batch in batches:
+            with acc.accumulate(model):
+                with acc.autocast():
+                    target = targets(batch["image"], batch["plan"])
+                loss = distill_loss(model(batch["image"]), target, cfg.mse_weight)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    norm = acc.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
+                    nonfinite += skip_if_nonfinite(optimizer, norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            micro += 1
+            seen += len(batch["image"]) * acc.num_processes
+            bad.update(batch["bad"])
+            if not acc.sync_gradients:
+                continue
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            state.step += 1
+            bar.update(1)
+            if state.step % cfg.log_every == 0 or state.step == total:
+                state.nonfinite += int(acc.reduce(nonfinite, "max").item())
+                nonfinite.zero_()
+                mean_loss = acc.reduce(loss_sum, "mean").item() / micro
+                now = time.perf_counter()
+                state.images += seen
+                row = dict(step=state.step, epoch=epoch, loss=round(mean_loss, 6),
+                           lr=lr, images_per_s=round(seen / (now - tick), 3),
+                           nonfinite=state.nonfinite, elapsed_s=round(now - start, 1))
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{row['images_per_s']:.2f}")
+                if log:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                loss_sum.zero_()
+                tick, seen, micro = now, 0, 0
+                if state.nonfinite > cfg.max_nonfinite:
+                    raise Aborted(f"{state.nonfinite} steps had a non-finite loss or gradient "
+                                  f"(train.max_nonfinite={cfg.max_nonfinite}); lower train.lr or check the data")
+            if heldout and cfg.eval_every and state.step % cfg.eval_every == 0:
+                _log_heldout(heldout, student, state.step, log, say)
+            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total:
+                save_checkpoint(acc, run, state.step, cfg.keep_last)
+            if state.step >= total:
+                break
+    bar.close()
+    save_checkpoint(acc, run, state.step, cfg.keep_last)
+    wall = time.perf_counter() - start
+    result = _log_heldout(heldout, student, state.step, log, say) if heldout else None
+    if acc.is_main_process:
+        meta = dict(phreg_version=__version__, base_model=m.name, recipe_hash=recipe_hash(recipe),
+                    registers=str(m.registers), steps=str(state.step))
+        export_student(acc.unwrap_model(model).model, run / "export", mean=mean, std=std, metadata=meta)
+        write_json(run / "summary.json", dict(
+            phreg_version=__version__, base_model=m.name, recipe_hash=recipe_hash(recipe), steps=state.step,
+            images_seen=state.images, wall_s=round(wall, 1), nonfinite_steps=state.nonfinite,
+            unreadable_files=[str(p) for p in unreadable], undecodable_files=sorted(bad),
+            heldout=result, hardware=_hardware(acc), versions=dict(torch=torch.__version__, timm=timm.__version__),
+            recipe=to_dict(recipe)))
+        if log:
+            log.close()
+        if unreadable or bad:
+            say(f"skipped {len(unreadable) + len(bad)} unreadable image file(s); see {run / 'summary.json'}")
+        say(f"exported {run / 'export'} in {wall:.0f}s")
+    acc.wait_for_everyone()
+    acc.end_training()
+    return run
+
+
+def _log_heldout(heldout: HeldOut, student, step: int, log, say) -> dict:
+    result = dict(step=step, teacher=heldout.teacher_distance, student=heldout.score(student))
+    say(f"held-out mean 1-cos to denoised targets: teacher {result['teacher']:.4f}  student {result['student']:.4f}")
+    if log:
+        log.write(json.dumps(dict(heldout=result)) + "\n")
+        log.flush()
+    return result
+
+
+def _hardware(acc: Accelerator) -> dict:
+    dev = torch.cuda.get_device_name(acc.device) if acc.device.type == "cuda" else platform.processor() or "cpu"
+    return dict(device=str(acc.device), name=dev, processes=acc.num_processes, precision=str(acc.mixed_precision),
+                torch_threads=torch.get_num_threads())
