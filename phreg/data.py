@@ -54,6 +54,17 @@ def scan_images(root: str | Path | None) -> tuple[list[Path], list[Path]]:
     return usable, bad
 
 
+def split_files(files: list[Path], fraction: float, seed: int = 0) -> tuple[list[Path], list[Path]]:
+    """Hold out round(fraction * n) files (at least one when fraction > 0), chosen by seed: (train, held out)."""
+    if fraction <= 0:
+        return files, []
+    n_val = max(1, round(fraction * len(files)))
+    if n_val >= len(files):
+        raise UsageError(f"data.val_split={fraction} leaves no training image out of {len(files)}")
+    held = set(np.random.default_rng([seed, 2**32 - 1]).permutation(len(files))[:n_val].tolist())
+    return [f for i, f in enumerate(files) if i not in held], [f for i, f in enumerate(files) if i in held]
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Decode any common mode to 8-bit RGB: grayscale, palette, alpha (over white), CMYK, 16-bit; EXIF rotation."""
     with Image.open(path) as img:
@@ -82,21 +93,29 @@ class ImageDataset(Dataset):
     """Keys are (epoch, index). Train: resize the short side, random square crop. Eval: center crop.
 
     Returns dict(image (C, S, S) normalized, plan (V, 3) or empty, index, bad = paths that failed to decode and were
-    replaced by the next usable image so that batch shapes never change).
+    replaced by the next usable image so that batch shapes never change). With a target cache of K plans, epoch e
+    draws variant e mod K and the sample also carries its cached `target`.
     """
 
     def __init__(self, files: list[Path], img_size: int, mean, std, seed: int = 0, resize: int = 0,
-                 train: bool = True, make_plan: Callable[[np.random.Generator], torch.Tensor] | None = None):
+                 train: bool = True, make_plan: Callable[..., torch.Tensor] | None = None):
         self.files, self.size, self.resize, self.seed, self.train = files, img_size, resize or img_size, seed, train
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
         self.make_plan = make_plan
+        self.cache = None
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, key) -> dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
+        if self.cache is None:
+            return self.item(epoch, index)
+        variant = epoch % self.cache.plans
+        return dict(self.item(variant, index), target=self.cache[variant, index])
+
+    def item(self, epoch: int, index: int) -> dict:
         bad = []
         for k in range(len(self.files)):
             i = (index + k) % len(self.files)
@@ -121,8 +140,11 @@ class ImageDataset(Dataset):
 
 
 def collate(samples: list[dict]) -> dict:
-    return dict(image=torch.stack([s["image"] for s in samples]), plan=torch.stack([s["plan"] for s in samples]),
-                index=torch.tensor([s["index"] for s in samples]), bad=[p for s in samples for p in s["bad"]])
+    batch = dict(image=torch.stack([s["image"] for s in samples]), plan=torch.stack([s["plan"] for s in samples]),
+                 index=torch.tensor([s["index"] for s in samples]), bad=[p for s in samples for p in s["bad"]])
+    if "target" in samples[0]:
+        batch["target"] = torch.stack([s["target"] for s in samples])
+    return batch
 
 
 class EpochSampler(Sampler):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .data import ImageDataset, scan_images
+from .data import ImageDataset
 from .loss import cosine_distance
 from .models import normalization, patch_tokens
 from .recipe import Recipe
@@ -24,9 +24,8 @@ class HeldOut:
 
     @classmethod
     @torch.no_grad()
-    def from_folder(cls, root, denoiser: DenoisedTeacher, recipe: Recipe, device, limit: int = 0,
-                    batch_size: int = 8) -> "HeldOut":
-        files, _ = scan_images(root)
+    def from_files(cls, files: list, denoiser: DenoisedTeacher, recipe: Recipe, device, limit: int = 0,
+                   batch_size: int = 8) -> "HeldOut":
         files = files[:limit] if limit else files
         mean, std = normalization(denoiser.teacher, recipe.model)
         data = ImageDataset(files, recipe.model.img_size, mean, std, recipe.seed, recipe.data.resize, train=False,

@@ -48,11 +48,9 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {detail[:300]}"
 
 
-def _create(name: str, img_size: int, **kwargs) -> VisionTransformer:
+def _create(name: str, **kwargs) -> VisionTransformer:
     try:
-        model = timm.create_model(name, img_size=img_size, **kwargs)
-    except UsageError:
-        raise
+        model = timm.create_model(name, **kwargs)
     except Exception as e:  # timm raises many types for unknown names, bad hubs, bad files
         raise UsageError(f"could not build model {name!r}: {_first_line(e)}") from None
     if not isinstance(model, VisionTransformer):
@@ -79,21 +77,19 @@ def load_teacher(cfg: ModelCfg) -> VisionTransformer:
     file = Path(cfg.checkpoint) if cfg.checkpoint else (None if source else find_local_weights(name))
     if cfg.checkpoint and not file.is_file():
         raise UsageError(f"model.checkpoint {file} not found")
+    check_img_size(_create(name, pretrained=False, device="meta"), size)  # architecture only: no weights, no memory
     if file is not None:
-        probe = _create(name, size, pretrained=False, device="meta")
-        check_img_size(probe, size)
         try:
             model = timm.create_model(name, img_size=size, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)))
         except Exception as e:
             raise UsageError(f"checkpoint {file} does not fit {name}: {_first_line(e)}") from None
     else:
         try:
-            model = _create(name, size, pretrained=True)
+            model = _create(name, img_size=size, pretrained=True)
         except UsageError as e:
             where = checkpoints_dir() / f"{name.split('.')[0]}.safetensors"
             raise UsageError(f"no weights for {name}: pass model.checkpoint=FILE or put the file at {where} "
                              f"(download failed: {str(e).split(': ', 2)[-1]})") from None
-    check_img_size(model, size)
     model.eval().requires_grad_(False)
     return model
 

@@ -44,6 +44,7 @@ class ModelCfg:
 class DataCfg:
     root: Optional[str] = None
     val_root: Optional[str] = None
+    val_split: float = opt(0.0, ge=0, lt=1)
     val_limit: int = opt(0, ge=0)
     resize: int = opt(0, ge=0)
     num_workers: int = opt(2, ge=0)
@@ -61,6 +62,14 @@ class ViewsCfg:
 
 
 @dataclass
+class CacheCfg:
+    enabled: bool = False
+    plans: int = opt(4, ge=1)
+    dtype: str = opt("float16", choices=("float16", "float32"))
+    dir: Optional[str] = None
+
+
+@dataclass
 class UnlockGroup:
     params: list[str] = opt(factory=list)
     lr_scale: float = opt(1.0, gt=0)
@@ -71,7 +80,7 @@ def paper_unlock() -> list[UnlockGroup]:
     """The paper's trainable subset. `cls_token` carries the class entry of the positional embedding once folded."""
     return [
         UnlockGroup(params=["reg_token", "cls_token", "pos_embed"], lr_scale=1.0),
-        UnlockGroup(params=["patch_embed.proj.weight", "patch_embed.proj.bias", "blocks.-1.*"], lr_scale=0.1),
+        UnlockGroup(params=["patch_embed.proj.*", "blocks.-1.*"], lr_scale=0.1),
     ]
 
 
@@ -105,6 +114,7 @@ class Recipe:
     model: ModelCfg = opt(factory=ModelCfg)
     data: DataCfg = opt(factory=DataCfg)
     views: ViewsCfg = opt(factory=ViewsCfg)
+    cache: CacheCfg = opt(factory=CacheCfg)
     train: TrainCfg = opt(factory=TrainCfg)
 
     def check(self) -> None:
@@ -156,6 +166,11 @@ def _convert(value: Any, tp, key: str, checks: dict):
         return [_convert(v, item, f"{key}[{i}]", {}) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):

@@ -29,6 +29,7 @@ class DenoisedTeacher(torch.nn.Module):
         self.cfg = views
         self.patch = teacher.patch_embed.patch_size[0]
         self.grid = tuple(teacher.patch_embed.grid_size)
+        self.num_patches, self.dim = self.grid[0] * self.grid[1], teacher.embed_dim
         self.register_buffer("fill", fill_value(views.fill, mean, std), persistent=False)
 
     def plan_fn(self):

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import __version__
-from .data import EpochSampler, ImageDataset, collate, scan_images
+from .cache import TargetCache, cache_key
+from .data import EpochSampler, ImageDataset, collate, scan_images, split_files
 from .errors import UsageError
 from .export import export_student
 from .heldout import HeldOut
@@ -120,6 +121,10 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
     acc = make_accelerator(recipe, cpu)
     say = (lambda *a: None) if quiet else acc.print
     files, unreadable = scan_images(recipe.data.root)
+    files, val_files = split_files(files, recipe.data.val_split, recipe.seed)
+    if recipe.data.val_root:
+        val_files, val_unreadable = scan_images(recipe.data.val_root)
+        unreadable += val_unreadable
     teacher = load_teacher(recipe.model)
     mean, std = normalization(teacher, recipe.model)
     m = recipe.model
@@ -130,8 +135,11 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
 
     data = ImageDataset(files, m.img_size, mean, std, recipe.seed, recipe.data.resize, train=True,
                         make_plan=targets.plan_fn())
-    sampler = EpochSampler(len(data), recipe.seed)
-    loader = DataLoader(data, cfg.batch_size, sampler=sampler, collate_fn=collate,
+    if recipe.cache.enabled:
+        folder = Path(recipe.cache.dir) if recipe.cache.dir else run / "target_cache"
+        data.cache = TargetCache.open_or_build(folder, cache_key(recipe, files), data, targets, acc,
+                                               recipe.cache.plans, recipe.cache.dtype, cfg.batch_size, quiet)
+    loader = DataLoader(data, cfg.batch_size, sampler=EpochSampler(len(data), recipe.seed), collate_fn=collate,
                         num_workers=recipe.data.num_workers, persistent_workers=recipe.data.num_workers > 0,
                         pin_memory=acc.device.type == "cuda")
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
@@ -143,7 +151,7 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lr_factor(cfg, total))
     state = TrainState()
     acc.register_for_checkpointing(scheduler, state)
-    heldout = HeldOut.from_folder(recipe.data.val_root, targets, recipe, acc.device) if recipe.data.val_root else None
+    heldout = HeldOut.from_files(val_files, targets, recipe, acc.device, recipe.data.val_limit) if val_files else None
 
     if resume:
         acc.load_state(str(checkpoint))
@@ -152,7 +160,7 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
         run.mkdir(parents=True, exist_ok=True)
         (run / "metrics.jsonl").unlink(missing_ok=True)
         save_recipe(recipe, run / "recipe.yaml")
-    say(f"{len(files)} images ({len(unreadable)} unreadable), {steps_per_epoch} steps/epoch, {total} steps, "
+    say(f"{len(files)} training images, {len(val_files)} held out, {len(unreadable)} unreadable; {steps_per_epoch} steps/epoch, {total} steps, "
         f"{acc.num_processes} process(es) on {acc.device}, precision {acc.mixed_precision}")
 
     params = [p for g in groups for p in g["params"]]
@@ -165,12 +173,15 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
     micro = 0
     while state.step < total:
         epoch, skip = divmod(state.step, steps_per_epoch)
-        sampler.set_epoch(epoch)
         batches = acc.skip_first_batches(loader, skip * cfg.grad_accum) if skip else loader
+        batches.set_epoch(epoch)  # Accelerate's loaders re-set the sampler's epoch from their own counter
         for batch in batches:
             with acc.accumulate(model):
-                with acc.autocast():
-                    target = targets(batch["image"], batch["plan"])
+                if "target" in batch:
+                    target = batch["target"]
+                else:
+                    with acc.autocast():
+                        target = targets(batch["image"], batch["plan"])
                 loss = distill_loss(model(batch["image"]), target, cfg.mse_weight)
                 acc.backward(loss)
                 if acc.sync_gradients:

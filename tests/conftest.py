@@ -1,0 +1,72 @@
+"""Shared fixtures. Real DINOv2-S weights and real photos come from ../shared/assets (CI always has it)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests never download: timm / huggingface_hub must fail fast instead of trying the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("PHREG_ASSETS", REPO.parent / "shared" / "assets"))
+DINOV2_S = ASSETS / "weights" / "dinov2_vits14.safetensors"
+CAMVID = ASSETS / "images" / "camvid_subset"
+MODEL = "vit_small_patch14_dinov2"
+
+
+def need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent: real weights/images live in ../shared/assets (set PHREG_ASSETS to move it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def dinov2_file() -> Path:
+    return need(DINOV2_S)
+
+
+@pytest.fixture
+def checkpoints(tmp_path, monkeypatch, dinov2_file) -> Path:
+    """A checkpoints folder holding DINOv2-S under its timm name, as `.ci/run` sets up the repo's own."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / f"{MODEL}.safetensors").symlink_to(dinov2_file)
+    monkeypatch.setenv("PHREG_CHECKPOINTS", str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def camvid(tmp_path_factory) -> dict[str, Path]:
+    """CamVid subset as train/ and val/ folders of links, split as in its manifest (52 / 15 frames)."""
+    need(CAMVID)
+    root = tmp_path_factory.mktemp("camvid")
+    with open(CAMVID / "manifest.csv") as f:
+        for row in csv.DictReader(f):
+            (root / row["split"]).mkdir(exist_ok=True)
+            (root / row["split"] / row["file"]).symlink_to(CAMVID / "images" / row["file"])
+    return {"train": root / "train", "val": root / "val", "masks": CAMVID / "masks", "root": CAMVID}
+
+
+@pytest.fixture(scope="session")
+def teacher224(dinov2_file):
+    from phreg.models import load_teacher
+    from phreg.recipe import ModelCfg
+
+    return load_teacher(ModelCfg(name=MODEL, checkpoint=str(dinov2_file), img_size=224))
+
+
+@pytest.fixture(scope="session")
+def photos(camvid) -> torch.Tensor:
+    """Four real CamVid frames, 224 px center crops in ImageNet normalization: (4, 3, 224, 224)."""
+    from phreg.data import ImageDataset, scan_images
+
+    files, _ = scan_images(camvid["val"])
+    data = ImageDataset(files[:4], 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), train=False)
+    return torch.stack([data[i]["image"] for i in range(len(data))])

@@ -1,0 +1,112 @@
+"""Teacher loading, the student with registers, the unlocked subset: on real DINOv2-S weights."""
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+from phreg.errors import UsageError
+from phreg.loss import cosine_distance
+from phreg.models import add_registers, load_teacher, patch_tokens, unlock
+from phreg.recipe import ModelCfg, UnlockGroup, paper_unlock
+
+from conftest import MODEL
+
+
+def test_student_without_registers_is_the_teacher(teacher224, photos):
+    student = add_registers(teacher224, 0)
+    assert student.num_reg_tokens == 0 and student.no_embed_class and student.pos_embed.shape[1] == 256
+    with torch.no_grad():
+        a, b = teacher224.forward_features(photos), student.forward_features(photos)
+    assert (a - b).abs().max().item() < 1e-5
+
+
+def test_registers_are_real_timm_registers(teacher224, photos):
+    student = add_registers(teacher224, 16)
+    assert isinstance(student, timm.models.vision_transformer.VisionTransformer)
+    assert student.num_prefix_tokens == 17 and student.reg_token.shape == (1, 16, 384)
+    assert student.blocks[3].attn.fused_attn  # registers keep timm's fused SDPA attention
+    with torch.no_grad():
+        assert student.forward_features(photos).shape == (4, 17 + 256, 384)
+
+
+def test_function_preserving_init_starts_near_the_teacher(teacher224, photos):
+    """Why pos_mean is the default: the paper's randn registers disturb every patch token at step 0."""
+    with torch.no_grad():
+        t = patch_tokens(teacher224, photos)
+        d = {init: cosine_distance(patch_tokens(add_registers(teacher224, 16, init), photos), t).mean().item()
+             for init in ("pos_mean", "randn")}
+    assert d["pos_mean"] < 0.02 and d["randn"] > 3 * d["pos_mean"], d
+
+
+def test_register_init_is_seeded(teacher224):
+    a, b, c = (add_registers(teacher224, 4, "pos_mean", 0.02, seed=s).reg_token for s in (0, 0, 1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert (a[0, 0] - a[0, 1]).abs().max() > 0  # noise breaks the symmetry between registers
+
+
+def test_unlock_freezes_everything_else(teacher224):
+    student = add_registers(teacher224, 16)
+    groups = unlock(student, paper_unlock(), lr=1e-4, weight_decay=0.01)
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    expected = {"reg_token", "cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"} | \
+        {n for n, _ in student.named_parameters() if n.startswith("blocks.11.")}
+    assert trainable == expected
+    assert [g["lr"] for g in groups] == pytest.approx([1e-4, 1e-5])
+    assert sum(len(g["params"]) for g in groups) == len(expected)
+
+
+@pytest.mark.parametrize("patterns,message", [
+    (["blocks.99.*"], "matches no parameter"),
+    (["pos_embed", "pos_*"], None),  # overlapping patterns inside one group are fine
+])
+def test_unlock_patterns(teacher224, patterns, message):
+    student = add_registers(teacher224, 1)
+    if message:
+        with pytest.raises(UsageError, match=message):
+            unlock(student, [UnlockGroup(params=patterns)], 1e-4, 0.0)
+    else:
+        assert len(unlock(student, [UnlockGroup(params=patterns)], 1e-4, 0.0)[0]["params"]) == 1
+    with pytest.raises(UsageError, match="matched by groups 0 and 1"):
+        unlock(student, [UnlockGroup(params=["pos_embed"]), UnlockGroup(params=["pos_*"])], 1e-4, 0.0)
+
+
+def test_weights_found_in_checkpoints_folder(checkpoints, teacher224, photos):
+    found = load_teacher(ModelCfg(name=MODEL, img_size=224))
+    tagged = load_teacher(ModelCfg(name=MODEL + ".lvd142m", img_size=224))  # tag stripped for the lookup
+    with torch.no_grad():
+        ref = teacher224.forward_features(photos)
+        assert torch.equal(found.forward_features(photos), ref) and torch.equal(tagged.forward_features(photos), ref)
+    assert not any(p.requires_grad for p in found.parameters()) and not found.training
+
+
+def test_official_dinov2_layout_and_pth(tmp_path, dinov2_file, teacher224, photos):
+    """Meta's release layout (mask_token, 518-px pos_embed) as .pth goes through timm's own checkpoint_filter_fn."""
+    sd = safetensors.torch.load_file(str(dinov2_file))
+    sd["mask_token"] = torch.zeros(1, 384)
+    torch.save(sd, tmp_path / "dinov2_vits14_pretrain.pth")
+    m = load_teacher(ModelCfg(name=MODEL, img_size=224, checkpoint=str(tmp_path / "dinov2_vits14_pretrain.pth")))
+    with torch.no_grad():
+        torch.testing.assert_close(m.forward_features(photos), teacher224.forward_features(photos))
+
+
+def test_resolution_is_resampled(dinov2_file):
+    m = load_teacher(ModelCfg(name=MODEL, img_size=168, checkpoint=str(dinov2_file)))
+    assert m.pos_embed.shape == (1, 1 + 12 * 12, 384)
+    with pytest.raises(UsageError, match=r"not a multiple of the patch size 14; nearest valid sizes: 224, 238"):
+        load_teacher(ModelCfg(name=MODEL, img_size=230, checkpoint=str(dinov2_file)))
+
+
+def test_load_errors_are_one_line(tmp_path, monkeypatch, dinov2_file):
+    monkeypatch.setenv("PHREG_CHECKPOINTS", str(tmp_path))
+    cases = [
+        (ModelCfg(name=MODEL), f"no weights for {MODEL}: pass model.checkpoint=FILE"),
+        (ModelCfg(name="vit_tiny_patch16_224", checkpoint=str(dinov2_file)), "does not fit vit_tiny_patch16_224"),
+        (ModelCfg(name="resnet50"), "is a ResNet; phreg distills timm VisionTransformer"),
+        (ModelCfg(name="no_such_model"), "is not a timm model"),
+        (ModelCfg(name=MODEL, checkpoint=str(tmp_path / "missing.safetensors")), "not found"),
+    ]
+    for cfg, message in cases:
+        with pytest.raises(UsageError) as e:
+            load_teacher(cfg)
+        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)

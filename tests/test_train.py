@@ -1,0 +1,174 @@
+"""The training loop: what trains, what must not, resume, non-finite steps, export, other backbones."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+import phreg.train
+from phreg.export import read_metadata
+from phreg.loss import distill_loss
+from phreg.models import add_registers, load_teacher, unlock
+from phreg.recipe import load_recipe, recipe_hash, save_recipe
+from phreg.train import Aborted, distill, lr_factor
+
+from conftest import MODEL
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Several runs share this process; give each a fresh Accelerator state as a new process would have."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def tiny(tmp_path: Path, weights: Path, *extra: str, name="run"):
+    """DINOv2-S at 56 px (a 4x4 grid) on the embedded photos: the whole loop in seconds."""
+    return load_recipe(None, [f"output_dir={tmp_path / name}", f"model.name={MODEL}", f"model.checkpoint={weights}",
+                              "model.img_size=56", "model.registers=4", "views.num=3", "data.num_workers=0",
+                              "train.batch_size=2", "train.epochs=1", "train.save_every=0", "train.log_every=1",
+                              *extra])
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(path))
+
+
+def initial_student(recipe):
+    teacher = load_teacher(recipe.model)
+    m = recipe.model
+    return add_registers(teacher, m.registers, m.register_init, m.register_noise, recipe.seed)
+
+
+def test_one_step_changes_exactly_the_unlocked_tensors(tmp_path, dinov2_file):
+    recipe = tiny(tmp_path, dinov2_file, "train.max_steps=1")
+    run = distill(recipe, quiet=True)
+    start = initial_student(recipe)
+    unlocked = {n for g in unlock(start, recipe.train.unlock, 1.0, 0.0) for n in g["names"]}
+    after = weights(run / "export" / "model.safetensors")
+    assert set(after) == set(start.state_dict())
+    for name, before in start.state_dict().items():
+        if name in unlocked:
+            assert not torch.equal(after[name], before), f"{name} is unlocked but did not change"
+        else:
+            assert torch.equal(after[name], before), f"{name} is frozen but changed"
+    assert len(unlocked) == 5 + 14  # 3 tokens/embeddings, patch conv (2), the 14 tensors of the last block
+
+
+def test_export_loads_in_stock_timm_and_equals_the_trained_student(tmp_path, dinov2_file):
+    recipe = tiny(tmp_path, dinov2_file, "train.max_steps=3")
+    run = distill(recipe, quiet=True)
+    exported = timm.create_model(f"local-dir:{run / 'export'}", pretrained=True).eval()
+    assert exported.num_reg_tokens == 4 and exported.no_embed_class and exported.patch_embed.img_size == (56, 56)
+    trained = initial_student(recipe)  # the student as the last training checkpoint holds it
+    ckpt = weights(next((run / "checkpoints").glob("step_*")) / "model.safetensors")
+    trained.load_state_dict({k.removeprefix("model."): v for k, v in ckpt.items()})
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        diff = (exported.forward_features(x) - trained.eval().forward_features(x)).abs().max().item()
+    assert diff < 1e-4
+    meta = read_metadata(run / "export" / "model.safetensors")
+    assert meta["base_model"] == MODEL and meta["recipe_hash"] == recipe_hash(recipe) and meta["phreg_version"]
+    cfg = json.loads((run / "export" / "config.json").read_text())
+    assert cfg["model_args"]["reg_tokens"] == 4 and cfg["model_args"]["no_embed_class"] is True
+    assert cfg["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["images_seen"] == 6
+    assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+CRASH = textwrap.dedent("""
+    import os, sys
+    import phreg.train as t
+    from phreg.recipe import load_recipe
+    real = t.save_checkpoint
+    def crash_after(acc, run, step, keep_last):
+        real(acc, run, step, keep_last)
+        if step == int(sys.argv[1]):
+            os._exit(9)  # as abrupt as a kill: no cleanup, no export
+    t.save_checkpoint = crash_after
+    t.distill(load_recipe(sys.argv[2], sys.argv[3:]), quiet=True)
+""")
+
+
+@pytest.mark.parametrize("mode", ["fresh_views", "cache_and_accumulation"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, dinov2_file, mode):
+    extra = ["train.batch_size=1", "train.max_steps=6", "train.save_every=2"]  # 4 photos: resume mid-epoch
+    if mode != "fresh_views":
+        extra += ["cache.enabled=true", "cache.plans=2", "train.grad_accum=2"]
+    recipe = save_recipe(tiny(tmp_path, dinov2_file, *extra), tmp_path / "recipe.yaml")
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+
+    def phreg(*args):
+        return subprocess.run([sys.executable, "-m", "phreg", "distill", str(recipe), "--quiet", *args],
+                              capture_output=True, text=True, check=True)
+
+    phreg(f"output_dir={straight}")
+    crashed = subprocess.run([sys.executable, "-c", CRASH, "2", str(recipe), f"output_dir={broken}"],
+                             capture_output=True, text=True)
+    assert crashed.returncode == 9, crashed.stderr
+    assert not (broken / "export").exists() and [p.name for p in (broken / "checkpoints").iterdir()] == ["step_00000002"]
+    phreg(f"output_dir={broken}", "--resume")
+    a, b = weights(straight / "export/model.safetensors"), weights(broken / "export/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(ln).get("step") for ln in (broken / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_nonfinite_steps_are_skipped_then_abort(tmp_path, dinov2_file, monkeypatch):
+    monkeypatch.setattr(phreg.train, "distill_loss", lambda s, t, w: distill_loss(s, t, w) * float("nan"))
+    recipe = tiny(tmp_path, dinov2_file, "train.max_steps=1", name="skip")
+    run = distill(recipe, quiet=True)
+    start = initial_student(recipe).state_dict()
+    after = weights(run / "export" / "model.safetensors")
+    assert all(torch.equal(after[k], v) for k, v in start.items())  # the NaN step changed nothing
+    assert json.loads((run / "summary.json").read_text())["nonfinite_steps"] == 1
+
+    recipe = tiny(tmp_path, dinov2_file, "train.max_steps=6", "train.max_nonfinite=2", name="abort")
+    with pytest.raises(Aborted, match="3 steps had a non-finite loss or gradient"):
+        distill(recipe, quiet=True)
+    assert not (Path(recipe.output_dir) / "export").exists()
+
+
+def test_schedules():
+    cfg = load_recipe(None, ["train.lr=1e-4", "train.end_lr=1e-6"]).train
+    f = lr_factor(cfg, 100)
+    assert f(0) == 1.0 and f(100) == pytest.approx(1e-2) and f(50) == pytest.approx(1e-1)
+    cfg = load_recipe(None, ["train.schedule=cosine", "train.warmup_steps=10", "train.end_lr=0"]).train
+    f = lr_factor(cfg, 110)
+    assert f(0) == pytest.approx(0.1) and f(9) == 1.0 and f(60) == pytest.approx(0.5) and f(110) == 0.0
+
+
+def test_loss_by_hand():
+    a = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    assert distill_loss(a, a).item() == 0.0
+    b = torch.tensor([[[0.0, 1.0], [0.0, 2.0]]])  # token 0 orthogonal (1 - cos = 1), token 1 identical
+    assert distill_loss(a, b, mse_weight=0.0).item() == pytest.approx(0.5)
+    assert distill_loss(a, b).item() == pytest.approx(0.5 + 2 / 4)  # MSE: (1 + 1) / 4 elements
+
+
+@pytest.mark.parametrize("arch", ["vit_base_patch16_clip_224.openai", "deit3_small_patch16_224.fb_in1k"])
+def test_other_backbones_run_the_whole_pipeline(tmp_path, arch):
+    """CLIP (pre-norm, projection head) and DeiT-III (no_embed_class, class head) with random weights."""
+    model = timm.create_model(arch, pretrained=False)
+    safetensors.torch.save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    recipe = load_recipe(None, [f"output_dir={tmp_path / 'run'}", f"model.name={arch}",
+                                f"model.checkpoint={tmp_path / 'w.safetensors'}", "model.img_size=64",
+                                "model.registers=2", "views.num=2", "data.num_workers=0", "train.batch_size=2",
+                                "train.max_steps=2", "train.save_every=0"])
+    run = distill(recipe, quiet=True)
+    student = timm.create_model(f"local-dir:{run / 'export'}", pretrained=True).eval()
+    assert student.num_reg_tokens == 2 and student.num_classes == model.num_classes
+    with torch.no_grad():
+        assert student(torch.randn(1, 3, 64, 64)).shape == (1, model.num_classes)
