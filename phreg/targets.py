@@ -7,9 +7,9 @@ import functools
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from .models import patch_tokens
 from .recipe import ViewsCfg
 from .views import make_views, merge_views, sample_plan
-from .models import patch_tokens
 
 
 def fill_value(fill, mean, std) -> torch.Tensor:

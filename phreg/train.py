@@ -11,6 +11,7 @@ import math
 import platform
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -25,11 +26,11 @@ from .cache import TargetCache, cache_key
 from .data import EpochSampler, ImageDataset, collate, scan_images, split_files
 from .errors import UsageError
 from .export import export_student
+from .files import write_json
 from .heldout import HeldOut
 from .loss import distill_loss
 from .models import PatchTokens, add_registers, load_teacher, normalization, unlock, unlocked_table
 from .recipe import Recipe, TrainCfg, load_recipe, recipe_hash, save_recipe, to_dict
-from .files import write_json
 from .targets import DenoisedTeacher
 
 
@@ -105,6 +106,54 @@ def make_accelerator(recipe: Recipe, cpu: bool = False) -> Accelerator:
                        dataloader_config=DataLoaderConfiguration(non_blocking=True))
 
 
+@dataclass
+class Parts:
+    """Everything a step needs, built the same way for training and for the benchmark."""
+    teacher: DenoisedTeacher
+    student: torch.nn.Module
+    model: PatchTokens
+    groups: list[dict]
+    optimizer: torch.optim.Optimizer
+    mean: tuple
+    std: tuple
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.groups for p in g["params"]]
+
+
+def build_parts(recipe: Recipe, device) -> Parts:
+    m, cfg = recipe.model, recipe.train
+    teacher = load_teacher(m)
+    mean, std = normalization(teacher, m)
+    student = add_registers(teacher, m.registers, m.register_init, m.register_noise, recipe.seed)
+    groups = unlock(student, cfg.unlock, cfg.lr, cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                  fused=True)
+    return Parts(DenoisedTeacher(teacher, recipe.views, mean, std).to(device), student,
+                 PatchTokens(student, recipe.views.tap), groups, optimizer, mean, std)
+
+
+def train_step(acc: Accelerator, model, teacher: DenoisedTeacher, optimizer, params, batch: dict,
+               cfg: TrainCfg) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One micro-batch: targets (cached, or the teacher's views), student forward, loss, backward; on the last
+    micro-batch of a step, clip and update. Returns the loss and, on update steps, the non-finite flag (on device)."""
+    found_inf = None
+    with acc.accumulate(model):
+        if "target" in batch:
+            target = batch["target"]
+        else:
+            with acc.autocast():
+                target = teacher(batch["image"], batch["plan"])
+        loss = distill_loss(model(batch["image"]), target, cfg.mse_weight)
+        acc.backward(loss)
+        if acc.sync_gradients:
+            found_inf = skip_if_nonfinite(optimizer, acc.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), found_inf
+
+
 def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool = False) -> Path:
     """Train a student for `recipe`; returns the run folder (with `export/` when it finished)."""
     run, cfg = Path(recipe.output_dir), recipe.train
@@ -125,15 +174,10 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
     if recipe.data.val_root:
         val_files, val_unreadable = scan_images(recipe.data.val_root)
         unreadable += val_unreadable
-    teacher = load_teacher(recipe.model)
-    mean, std = normalization(teacher, recipe.model)
-    m = recipe.model
-    student = add_registers(teacher, m.registers, m.register_init, m.register_noise, recipe.seed)
-    groups = unlock(student, cfg.unlock, cfg.lr, cfg.weight_decay)
-    say(unlocked_table(student, groups))
-    targets = DenoisedTeacher(teacher, recipe.views, mean, std).to(acc.device)
-
-    data = ImageDataset(files, m.img_size, mean, std, recipe.seed, recipe.data.resize, train=True,
+    parts = build_parts(recipe, acc.device)
+    targets, m = parts.teacher, recipe.model
+    say(unlocked_table(parts.student, parts.groups))
+    data = ImageDataset(files, m.img_size, parts.mean, parts.std, recipe.seed, recipe.data.resize, train=True,
                         make_plan=targets.plan_fn())
     if recipe.cache.enabled:
         folder = Path(recipe.cache.dir) if recipe.cache.dir else run / "target_cache"
@@ -142,10 +186,7 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
     loader = DataLoader(data, cfg.batch_size, sampler=EpochSampler(len(data), recipe.seed), collate_fn=collate,
                         num_workers=recipe.data.num_workers, persistent_workers=recipe.data.num_workers > 0,
                         pin_memory=acc.device.type == "cuda")
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                                  fused=True)
-    model = PatchTokens(student, recipe.views.tap)
-    model, optimizer, loader = acc.prepare(model, optimizer, loader)
+    model, optimizer, loader = acc.prepare(parts.model, parts.optimizer, loader)
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lr_factor(cfg, total))
@@ -160,10 +201,10 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
         run.mkdir(parents=True, exist_ok=True)
         (run / "metrics.jsonl").unlink(missing_ok=True)
         save_recipe(recipe, run / "recipe.yaml")
-    say(f"{len(files)} training images, {len(val_files)} held out, {len(unreadable)} unreadable; {steps_per_epoch} steps/epoch, {total} steps, "
-        f"{acc.num_processes} process(es) on {acc.device}, precision {acc.mixed_precision}")
+    say(f"{len(files)} training images, {len(val_files)} held out, {len(unreadable)} unreadable; "
+        f"{steps_per_epoch} steps/epoch, {total} steps, {acc.num_processes} process(es) on {acc.device}, "
+        f"precision {acc.mixed_precision}")
 
-    params = [p for g in groups for p in g["params"]]
     loss_sum = torch.zeros((), device=acc.device)
     nonfinite = torch.zeros((), device=acc.device)
     bad: set[str] = set()
@@ -176,25 +217,14 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
         batches = acc.skip_first_batches(loader, skip * cfg.grad_accum) if skip else loader
         batches.set_epoch(epoch)  # Accelerate's loaders re-set the sampler's epoch from their own counter
         for batch in batches:
-            with acc.accumulate(model):
-                if "target" in batch:
-                    target = batch["target"]
-                else:
-                    with acc.autocast():
-                        target = targets(batch["image"], batch["plan"])
-                loss = distill_loss(model(batch["image"]), target, cfg.mse_weight)
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    norm = acc.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
-                    nonfinite += skip_if_nonfinite(optimizer, norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
+            loss, found_inf = train_step(acc, model, targets, optimizer, parts.params, batch, cfg)
+            loss_sum += loss
             micro += 1
             seen += len(batch["image"]) * acc.num_processes
             bad.update(batch["bad"])
-            if not acc.sync_gradients:
+            if found_inf is None:  # accumulating
                 continue
+            nonfinite += found_inf
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             state.step += 1
@@ -218,7 +248,7 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
                     raise Aborted(f"{state.nonfinite} steps had a non-finite loss or gradient "
                                   f"(train.max_nonfinite={cfg.max_nonfinite}); lower train.lr or check the data")
             if heldout and cfg.eval_every and state.step % cfg.eval_every == 0:
-                _log_heldout(heldout, student, state.step, log, say)
+                _log_heldout(heldout, parts.student, state.step, log, say)
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total:
                 save_checkpoint(acc, run, state.step, cfg.keep_last)
             if state.step >= total:
@@ -226,11 +256,11 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
     bar.close()
     save_checkpoint(acc, run, state.step, cfg.keep_last)
     wall = time.perf_counter() - start
-    result = _log_heldout(heldout, student, state.step, log, say) if heldout else None
+    result = _log_heldout(heldout, parts.student, state.step, log, say) if heldout else None
     if acc.is_main_process:
         meta = dict(phreg_version=__version__, base_model=m.name, recipe_hash=recipe_hash(recipe),
                     registers=str(m.registers), steps=str(state.step))
-        export_student(acc.unwrap_model(model).model, run / "export", mean=mean, std=std, metadata=meta)
+        export_student(acc.unwrap_model(model).model, run / "export", mean=parts.mean, std=parts.std, metadata=meta)
         write_json(run / "summary.json", dict(
             phreg_version=__version__, base_model=m.name, recipe_hash=recipe_hash(recipe), steps=state.step,
             images_seen=state.images, wall_s=round(wall, 1), nonfinite_steps=state.nonfinite,

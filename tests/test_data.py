@@ -69,7 +69,7 @@ def test_truncated_file_is_replaced_and_reported(tmp_path):
     rng = np.random.default_rng(0)
     noisy = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
     a = save(noisy, tmp_path / "a.jpg", quality=95)
-    b = save(Image.new("RGB", (64, 64), (0, 255, 0)), tmp_path / "b.png")
+    save(Image.new("RGB", (64, 64), (0, 255, 0)), tmp_path / "b.png")
     a.write_bytes(a.read_bytes()[: len(a.read_bytes()) // 2])  # header fine, data cut: only decoding fails
     usable, bad = scan_images(tmp_path)
     assert len(usable) == 2 and not bad

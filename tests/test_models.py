@@ -4,13 +4,12 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from conftest import MODEL
 
 from phreg.errors import UsageError
 from phreg.loss import cosine_distance
 from phreg.models import add_registers, load_teacher, patch_tokens, unlock
 from phreg.recipe import ModelCfg, UnlockGroup, paper_unlock
-
-from conftest import MODEL
 
 
 def test_student_without_registers_is_the_teacher(teacher224, photos):

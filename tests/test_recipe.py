@@ -38,7 +38,8 @@ def test_recipe_loads_and_spells_out_every_key(path):
 
 def test_paper_recipes_follow_the_paper():
     b = load_recipe(Path(RECIPES[0]).parent / "dinov2_vitb14.yaml")
-    assert (b.model.img_size, b.views.num, b.model.registers, b.train.batch_size, b.train.epochs) == (518, 10, 16, 8, 100)
+    got = (b.model.img_size, b.views.num, b.model.registers, b.train.batch_size, b.train.epochs)
+    assert got == (518, 10, 16, 8, 100)
     assert (b.train.lr, b.train.end_lr, b.train.weight_decay, b.cache.enabled) == (1e-4, 5e-6, 1e-2, False)
     c = load_recipe(Path(RECIPES[0]).parent / "clip_vitb16.yaml")
     assert (c.model.img_size, c.train.lr, c.train.end_lr, c.train.batch_size, c.views.fill) == (448, 3e-4, 1e-5, 16,

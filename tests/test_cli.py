@@ -1,0 +1,93 @@
+"""The command line: user mistakes are one line on stderr, exit code 2, no traceback, nothing half-written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+from conftest import MODEL
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def phreg(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "phreg", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, cwd=cwd, timeout=300)
+
+
+def assert_usage_error(result: subprocess.CompletedProcess, message: str, run: Path | None = None):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    if run is not None:
+        assert not (run / "export").exists() and not (run / "checkpoints").exists()
+
+
+@pytest.fixture
+def quick(tmp_path, dinov2_file):
+    """Arguments for a tiny distill of the quickstart recipe into tmp_path/run."""
+    return [RECIPES / "quickstart.yaml", f"output_dir={tmp_path / 'run'}", f"model.checkpoint={dinov2_file}",
+            "model.img_size=56", "train.max_steps=1", "views.num=2", "data.num_workers=0"]
+
+
+def test_empty_folder(tmp_path, quick):
+    (tmp_path / "empty").mkdir()
+    assert_usage_error(phreg("distill", *quick, f"data.root={tmp_path / 'empty'}"), "no image files", tmp_path / "run")
+
+
+def test_only_corrupt_files(tmp_path, quick):
+    (tmp_path / "bad").mkdir()
+    for name in ("a.jpg", "b.png", "c.webp"):
+        (tmp_path / "bad" / name).write_bytes(os.urandom(300))
+    assert_usage_error(phreg("distill", *quick, f"data.root={tmp_path / 'bad'}"),
+                       "no usable image", tmp_path / "run")
+
+
+def test_unknown_recipe_key(tmp_path, quick):
+    assert_usage_error(phreg("distill", *quick, "train.learning_rate=1e-4"), "unknown recipe key train.learning_rate",
+                       tmp_path / "run")
+
+
+def test_resolution_not_a_multiple_of_the_patch(tmp_path, quick):
+    assert_usage_error(phreg("distill", *quick, "model.img_size=230"),
+                       "model.img_size=230 is not a multiple of the patch size 14; nearest valid sizes: 224, 238",
+                       tmp_path / "run")
+
+
+def test_missing_weights_offline(tmp_path, quick):
+    args = [a for a in quick if not str(a).startswith("model.checkpoint")]
+    result = phreg("distill", *args, env={"PHREG_CHECKPOINTS": str(tmp_path / "none")})
+    assert_usage_error(result, f"no weights for {MODEL}: pass model.checkpoint=FILE or put the file at",
+                       tmp_path / "run")
+
+
+def test_checkpoint_of_the_wrong_architecture(tmp_path, quick):
+    safetensors.torch.save_file(timm.create_model("vit_tiny_patch16_224").state_dict(), str(tmp_path / "t.safetensors"))
+    assert_usage_error(phreg("distill", *quick, f"model.checkpoint={tmp_path / 't.safetensors'}"),
+                       f"does not fit {MODEL}", tmp_path / "run")
+
+
+def test_recipe_file_missing_and_bad_override(tmp_path):
+    assert_usage_error(phreg("distill", tmp_path / "nope.yaml"), "not found")
+    assert_usage_error(phreg("distill", RECIPES / "quickstart.yaml", "train.epochs=many"),
+                       "recipe key train.epochs: expected an integer")
+
+
+def test_resume_without_checkpoint_and_rerun_into_a_used_folder(tmp_path, quick):
+    assert_usage_error(phreg("distill", *quick, "--resume"), "--resume: no checkpoint")
+    assert phreg("distill", *quick, "--quiet").returncode == 0
+    assert_usage_error(phreg("distill", *quick), "already holds a run; pass --resume")
+
+
+def test_help_and_version():
+    out = phreg("distill", "--help")
+    assert out.returncode == 0 and "key=value" in out.stdout and "--resume" in out.stdout
+    assert phreg("--version").stdout.startswith("phreg ")
+    assert phreg().returncode == 2
