@@ -6,6 +6,7 @@ features are view 0 of the same forward); scoring a student afterwards costs one
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .data import ImageDataset
@@ -23,24 +24,29 @@ class HeldOut:
         self.teacher_distance = self.teacher_distances.mean().item()
 
     @classmethod
-    @torch.no_grad()
     def from_files(cls, files: list, denoiser: DenoisedTeacher, recipe: Recipe, device, limit: int = 0,
                    batch_size: int = 8) -> "HeldOut":
         files = files[:limit] if limit else files
         mean, std = normalization(denoiser.teacher, recipe.model)
-        data = ImageDataset(files, recipe.model.img_size, mean, std, recipe.seed, recipe.data.resize, train=False,
-                            make_plan=denoiser.plan_fn())
-        images, targets, raw = [], [], []
-        for start in range(0, len(data), batch_size):
-            items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
-            x = torch.stack([s["image"] for s in items]).to(device)
-            plans = torch.stack([s["plan"] for s in items]).to(device)
+        data = ImageDataset(files, recipe.model.img_size, mean, std, recipe.seed, recipe.data.resize, train=False)
+        images = torch.stack([data[i]["image"] for i in range(len(data))])
+        return cls.from_images(images, denoiser, recipe.seed, device, recipe.views.tap, batch_size)
+
+    @classmethod
+    @torch.no_grad()
+    def from_images(cls, images: torch.Tensor, denoiser: DenoisedTeacher, seed: int, device, tap: str = "final",
+                    batch_size: int = 8) -> "HeldOut":
+        """View plans are drawn per image index from `seed`, as for training crops (epoch 0)."""
+        plan = denoiser.plan_fn()
+        plans = torch.stack([plan(rng=np.random.default_rng([seed, 0, i])) for i in range(len(images))])
+        targets, raw = [], []
+        for x, p in zip(images.split(batch_size), plans.split(batch_size)):
+            x, p = x.to(device), p.to(device)
             with _autocast(device):
-                feats = denoiser.views_features(x, plans)
-            targets.append(merge_views(feats, plans, denoiser.grid)[0].cpu())
-            raw.append(feats.view(len(x), plans.shape[1], *feats.shape[1:])[:, 0].float().cpu())
-            images.append(x.cpu())
-        return cls(torch.cat(images), torch.cat(targets), torch.cat(raw), recipe.views.tap, batch_size)
+                feats = denoiser.views_features(x, p)
+            targets.append(merge_views(feats, p, denoiser.grid)[0].cpu())
+            raw.append(feats.view(len(x), p.shape[1], *feats.shape[1:])[:, 0].float().cpu())
+        return cls(images, torch.cat(targets), torch.cat(raw), tap, batch_size)
 
     @torch.no_grad()
     def distances(self, model) -> torch.Tensor:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import json
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -197,3 +199,57 @@ class PatchTokens(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return patch_tokens(self.model, x, self.tap)
+
+
+@dataclass
+class Loaded:
+    """A model resolved from a user's spec, with what evaluating it needs."""
+    model: VisionTransformer
+    name: str
+    img_size: int
+    mean: tuple
+    std: tuple
+    run: Path | None = None  # the phreg run it came from, if any
+
+
+def run_recipe(run: Path):
+    from .recipe import load_recipe
+
+    return load_recipe(run / "recipe.yaml")
+
+
+def load_spec(spec: str, img_size: int | None = None, checkpoint: str | None = None) -> Loaded:
+    """Any model a user can name: timm name (+ checkpoint file), local-dir:/hf-hub:, an export folder, a run folder.
+
+    Resolution defaults to the run's recipe, else the export's own input size, else 224.
+    """
+    path = Path(spec)
+    run = None
+    if path.is_dir() and (path / "recipe.yaml").is_file():
+        run = path
+        if not (path / "export" / "config.json").is_file():
+            raise UsageError(f"{path} is a phreg run without a finished export (run it to the end, or `phreg export`)")
+        img_size = img_size or run_recipe(path).model.img_size
+        path = path / "export"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{path} is neither a phreg run nor a timm export folder (no config.json)")
+        spec = f"local-dir:{path}"
+        if img_size is None:
+            img_size = json.loads((path / "config.json").read_text())["pretrained_cfg"]["input_size"][-1]
+    elif ":" not in spec and not timm.is_model(spec) and path.suffix:
+        raise UsageError(f"model {spec}: no such folder, and not a timm model name")
+    img_size = img_size or 224
+    cfg = ModelCfg(name=spec, checkpoint=checkpoint, img_size=img_size)
+    model = load_teacher(cfg)
+    mean, std = normalization(model, cfg)
+    return Loaded(model, str(run or spec), img_size, mean, std, run)
+
+
+def load_run_teacher(run: Path, img_size: int | None = None) -> Loaded:
+    """The base model a run was distilled from, with its weights, as its recipe names them."""
+    m = run_recipe(run).model
+    cfg = ModelCfg(name=m.name, checkpoint=m.checkpoint, img_size=img_size or m.img_size, mean=m.mean, std=m.std)
+    model = load_teacher(cfg)
+    mean, std = normalization(model, cfg)
+    return Loaded(model, m.name, cfg.img_size, mean, std)
