@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from . import __version__
 from .errors import UsageError
@@ -20,6 +21,67 @@ def _distill(args) -> int:
     run = distill(recipe, resume=args.resume, cpu=args.cpu, quiet=args.quiet)
     print(f"done: {run / 'export'}")
     return 0
+
+
+def _inspect(args) -> int:
+    from .inspection import check_views, inspect_model, text_summary
+    from .models import load_spec
+
+    loaded = load_spec(args.model, args.img_size, args.checkpoint)
+    out = Path(args.out) if args.out else None
+    summary = inspect_model(loaded, args.images, out, check_views(args.views), args.limit, args.figures, args.seed,
+                            _device(args))
+    print(text_summary(summary))
+    if out:
+        print(f"wrote {out / 'inspect.json'} and {len(summary['figures'])} pictures in {summary['seconds']}s")
+    return 0
+
+
+def _eval(args) -> int:
+    from .evaluate import evaluate
+    from .inspection import check_views
+    from .models import load_run_teacher, load_spec
+
+    student = load_spec(args.student, args.img_size)
+    if args.teacher:
+        teacher = load_spec(args.teacher, student.img_size, args.teacher_checkpoint)
+    elif student.run is not None:
+        teacher = load_run_teacher(student.run, student.img_size)
+    else:
+        raise UsageError("--teacher is required unless --student is a phreg run folder")
+    if args.masks and args.num_classes is None:
+        raise UsageError("--masks needs --num-classes")
+    out = Path(args.out) if args.out else (student.run / "eval" if student.run else None)
+    if out is None:
+        raise UsageError("--out is required unless --student is a phreg run folder (default RUN/eval)")
+    r = evaluate(student, teacher, args.images, out, check_views(args.views), args.limit, args.figures, args.seed,
+                 args.masks, args.num_classes, args.ignore_index, args.split, _device(args))
+    print(f"{'metric':<52}{'teacher':>12}{'student':>12}  better")
+    for row in r["summary"]:
+        print(f"{row['label']:<52}{_num(row['teacher']):>12}{_num(row['student']):>12}  {row['better'] or ''}")
+    print(f"wrote {out / 'eval.json'}, {out / 'report.html'} and {len(r['figures'])} pictures in {r['seconds']}s")
+    return 0
+
+
+def _num(v) -> str:
+    if v is None or v != v or v in (float("inf"), float("-inf")):
+        return "-"
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+
+
+def _device(args) -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--img-size", type=int, help="resolution (default: the run's recipe, the export's, else 224)")
+    p.add_argument("--views", type=int, default=10, help="TTA views for the denoised features (default 10)")
+    p.add_argument("--limit", type=int, default=0, help="use at most this many images (sorted by path)")
+    p.add_argument("--figures", type=int, default=8, help="pictures for the first N images (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the view plans")
+    p.add_argument("--cpu", action="store_true", help="stay on the CPU even if a GPU is present")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +101,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     p.add_argument("--quiet", action="store_true", help="no progress bar or tables")
     p.set_defaults(func=_distill)
+
+    p = sub.add_parser("inspect", help="token norms, high-norm outliers, TTA noise and pictures for one model",
+                       description="Does this checkpoint need registers? Writes OUT/inspect.json and PNGs.",
+                       epilog="MODEL: a timm name (weights looked up as for distill), local-dir:DIR, hf-hub:ID, "
+                              "a timm export folder, or a phreg run folder")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--images", required=True, help="folder of images (recursive)")
+    p.add_argument("--out", help="folder for inspect.json and pictures (default: print only)")
+    p.add_argument("--checkpoint", help="weights file for a timm model name")
+    _model_args(p)
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("eval", help="teacher vs student: artifacts, denoised distance, probe, cost, report",
+                       description="Compare a distilled student with its teacher on the same images, seeds and "
+                                   "view plans. Writes OUT/eval.json, OUT/report.html and PNGs.",
+                       epilog="example: phreg eval --student runs/quickstart --images DIR  (teacher and --out "
+                              "default to the run's base model and RUN/eval)")
+    p.add_argument("--student", required=True, help="a phreg run or export folder, local-dir:/hf-hub:, ...")
+    p.add_argument("--teacher", help="default: the run's base model and weights, from its recipe")
+    p.add_argument("--teacher-checkpoint", help="weights file when --teacher is a timm model name")
+    p.add_argument("--images", required=True, help="folder of images (recursive)")
+    p.add_argument("--masks", help="single-channel integer PNG masks with the images' file stems")
+    p.add_argument("--num-classes", type=int, help="classes in the masks (needed with --masks)")
+    p.add_argument("--ignore-index", type=int, help="mask value to ignore (e.g. 11 for CamVid's void)")
+    p.add_argument("--split", help="train/val split file (CSV file,split or 'name split' lines); "
+                                   "default: every 4th image is val")
+    p.add_argument("--out", help="output folder (default RUN/eval for a run)")
+    _model_args(p)
+    p.set_defaults(func=_eval)
     return parser
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -36,8 +37,19 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     return path
 
 
+def _finite(obj):
+    """JSON has no inf/nan: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj) -> Path:
-    return write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    return write_atomic(path, json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n")
 
 
 @contextlib.contextmanager

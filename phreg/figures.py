@@ -1,0 +1,65 @@
+"""Pictures for inspect and eval: image | patch-norm map | PCA of patch features | CLS attention, and norm histograms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .files import write_atomic  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return write_atomic(path, buf.getvalue())
+
+
+def panels(image: np.ndarray, rows: list[tuple[str, dict]], path: Path, norm_max: float | None = None) -> Path:
+    """One row per model: image | patch-norm map (last block, pre-norm) | PCA-to-RGB | CLS attention.
+    Norm maps share one color scale so a teacher's artifacts and a student's absence of them compare directly."""
+    vmax = norm_max or max(float(m["norm"].max()) for _, m in rows)
+    fig, axes = plt.subplots(len(rows), 4, figsize=(11, 2.9 * len(rows)), squeeze=False)
+    for r, (label, m) in enumerate(rows):
+        ax = axes[r]
+        ax[0].imshow(image)
+        ax[0].set_ylabel(label, fontsize=10)
+        im = ax[1].imshow(m["norm"].numpy(), cmap="inferno", vmin=0, vmax=vmax)
+        fig.colorbar(im, ax=ax[1], fraction=0.046, pad=0.02)
+        ax[2].imshow(m["pca"].numpy(), interpolation="nearest")
+        if m["attn"] is not None:
+            ax[3].imshow(m["attn"].numpy(), cmap="viridis")
+        for a, title in zip(ax, ["image", "patch norm (last block)", "PCA of patch features", "CLS attention"]):
+            a.set_xticks([])
+            a.set_yticks([])
+            if r == 0:
+                a.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def norm_histogram(series: list[tuple[str, dict]], path: Path, threshold: float | None = None) -> Path:
+    """Histogram of last-block token norms per kind (log counts), one panel per model, with the outlier threshold."""
+    fig, axes = plt.subplots(1, len(series), figsize=(5.5 * len(series), 3.4), squeeze=False)
+    top = max(float(v.max()) for _, kinds in series for v in kinds.values() if v.numel())
+    bins = np.linspace(0, top * 1.02, 80)
+    for ax, (label, kinds) in zip(axes[0], series):
+        for kind, color in (("patch", "tab:blue"), ("cls", "tab:orange"), ("reg", "tab:green")):
+            v = kinds.get(kind)
+            if v is not None and v.numel():
+                ax.hist(v.flatten().numpy(), bins=bins, color=color, alpha=0.6, label=f"{kind} ({v.numel()})")
+        if threshold is not None and np.isfinite(threshold):
+            ax.axvline(threshold, color="red", ls="--", lw=1, label=f"outlier threshold {threshold:.0f}")
+        ax.set_yscale("log")
+        ax.set_xlabel("token norm (last block, pre-norm)")
+        ax.set_title(label, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)

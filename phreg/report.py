@@ -1,0 +1,93 @@
+"""A self-contained report.html (pictures inlined as base64) for `phreg eval`."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from .files import write_atomic
+
+CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1{font-size:1.5em} h2{font-size:1.15em;margin-top:2em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.5em 0} td,th{padding:4px 10px;border-bottom:1px solid #eee;text-align:right}
+td:first-child,th:first-child{text-align:left} .good{color:#0a7d32;font-weight:600} .bad{color:#b3261e}
+img{max-width:100%;border:1px solid #eee;margin:.4em 0} .muted{color:#777;font-size:.9em}
+code{background:#f4f4f4;padding:1px 4px;border-radius:3px}
+"""
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if v != v or v in (float("inf"), float("-inf")):
+            return "–"
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def _verdict_class(row: dict) -> str:
+    t, s, better = row.get("teacher"), row.get("student"), row.get("better")
+    if not isinstance(t, (int, float)) or not isinstance(s, (int, float)) or better not in ("lower", "higher"):
+        return ""
+    if abs(s - t) <= 1e-9 * max(1.0, abs(t)):
+        return ""
+    return "good" if (s < t) == (better == "lower") else "bad"
+
+
+def summary_table(rows: list[dict]) -> str:
+    out = ["<table><tr><th>metric</th><th>teacher</th><th>student</th><th>better</th></tr>"]
+    for r in rows:
+        out.append(f"<tr><td>{html.escape(r['label'])}</td><td>{_fmt(r['teacher'])}</td>"
+                   f"<td class='{_verdict_class(r)}'>{_fmt(r['student'])}</td><td>{r['better'] or ''}</td></tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f"<img src='data:image/png;base64,{data}' alt='{html.escape(path.name)}'>"
+
+
+def write_report(r: dict, path: Path) -> Path:
+    folder = path.parent
+    t, s = r["teacher"], r["student"]
+    norms = []
+    for role in ("teacher", "student"):
+        for layer, kinds in r[role]["inspect"]["norms"].items():
+            for kind, st in kinds.items():
+                norms.append(f"<tr><td>{role}</td><td>{layer}</td><td>{kind}</td><td>{_fmt(st['median'])}</td>"
+                             f"<td>{_fmt(st['p99'])}</td><td>{_fmt(st['max'])}</td></tr>")
+    mass = r["high_norm_mass"]
+    mass_rows = [f"<tr><td>{role}</td><td>{kind}</td><td>{_fmt(v['mean_norm'])}</td>"
+                 f"<td>{_fmt(100 * v['squared_norm_share'])}%</td><td>{_fmt(100 * v['above_teacher_threshold'])}%</td></tr>"
+                 for role in ("teacher", "student") for kind, v in mass[role].items()]
+    probe = ""
+    if "probe" in r:
+        p = r["probe"]
+        probe = (f"<h2>Dense linear probe</h2><p class='muted'>1x1 linear head on frozen patch features, trained on "
+                 f"{p['train_images']} images, scored on {p['val_images']} at the masks' resolution "
+                 f"({p['num_classes']} classes, ignore index {p['ignore_index']}).</p>"
+                 f"<table><tr><th></th><th>mIoU</th><th>pixel accuracy</th></tr>"
+                 f"<tr><td>teacher</td><td>{_fmt(p['teacher']['miou'])}</td><td>{_fmt(p['teacher']['pixel_accuracy'])}</td></tr>"
+                 f"<tr><td>student</td><td>{_fmt(p['student']['miou'])}</td><td>{_fmt(p['student']['pixel_accuracy'])}</td></tr>"
+                 f"</table>")
+    pictures = "\n".join(_img(folder / f) for f in r["figures"] if (folder / f).is_file())
+    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>phreg eval</title><style>{CSS}</style></head><body>
+<h1>phreg eval: {html.escape(Path(s['name']).name)} vs {html.escape(t['name'])}</h1>
+<p class="muted">{r['images']} images at {r['img_size']} px, {r['views']} TTA views, seed {r['seed']};
+same images, crops and view plans for both models. phreg {r['phreg_version']}, {r['seconds']} s.</p>
+<p><b>teacher:</b> {html.escape(t['verdict'])}<br><b>student:</b> {html.escape(s['verdict'])}</p>
+<h2>Summary</h2>{summary_table(r['summary'])}
+<p class="muted">Green: the student is better than its teacher on that row; red: worse.</p>
+<h2>Where the high norms went ({html.escape(mass['layer'])}, pre-norm)</h2>
+<table><tr><th>model</th><th>tokens</th><th>mean norm</th><th>share of squared norm</th><th>above teacher threshold</th></tr>
+{''.join(mass_rows)}</table>
+{probe}
+<h2>Teacher (top) vs student (bottom), same images</h2>{pictures}
+<h2>Token norms</h2><table><tr><th>model</th><th>layer</th><th>kind</th><th>median</th><th>p99</th><th>max</th></tr>
+{''.join(norms)}</table>
+</body></html>"""
+    return write_atomic(path, body)
