@@ -22,6 +22,13 @@ def _distill(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .export import export_run
+
+    print(f"exported {export_run(args.run, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="phreg", description="Give a pretrained Vision Transformer register tokens after the fact (PH-Reg).")
@@ -39,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     p.add_argument("--quiet", action="store_true", help="no progress bar or tables")
     p.set_defaults(func=_distill)
+
+    p = sub.add_parser("export", help="(re)build a run's export folder from its latest checkpoint",
+                       description="Write RUN/export/{model.safetensors,config.json} (or --out DIR) from the run's "
+                                   "latest checkpoint, as distill does at the end; the teacher's weights are not needed.")
+    p.add_argument("run", help="run folder (output_dir of phreg distill)")
+    p.add_argument("--out", metavar="DIR", help="where to write the export (default: RUN/export), replaced atomically")
+    p.set_defaults(func=_export)
     return parser
 
 
