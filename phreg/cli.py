@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", metavar="BRANCH", help="commit to this branch, created if missing (default: main)")
     p.add_argument("--commit-message", metavar="MSG", help="default: phreg VERSION: TEACHER + R registers, N steps")
     p.add_argument("--dry-run", metavar="DIR", help="write the exact upload folder to DIR and upload nothing")
-    p.add_argument("--tries", type=int, default=4, help="attempts per Hub call on network errors, 429 and 5xx")
+    p.add_argument("--tries", type=int, default=4, metavar="N", help="attempts per Hub call on network errors, 429 and 5xx")
     p.add_argument("--retry-wait", type=float, default=2.0, metavar="S", help="first wait between tries, doubling")
     p.set_defaults(func=_push)
     return parser
