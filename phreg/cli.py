@@ -84,6 +84,32 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even if a GPU is present")
 
 
+
+def _export(args) -> int:
+    from .export import export_run
+
+    print(f"exported {export_run(args.run, args.out)}")
+    return 0
+
+
+def _push(args) -> int:
+    from .publish import PushError, dry_run, push
+
+    if args.dry_run:
+        names = dry_run(args.run, args.repo_id, args.dry_run)
+        print(f"dry run: wrote {', '.join(names)} to {args.dry_run}; nothing uploaded")
+        return 0
+    if args.tries < 1 or args.retry_wait < 0:
+        raise UsageError("--tries must be >= 1 and --retry-wait >= 0")
+    try:
+        print(push(args.run, args.repo_id, private=args.private, revision=args.revision,
+                   commit_message=args.commit_message, tries=args.tries, wait=args.retry_wait))
+    except PushError as e:
+        print(f"phreg: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="phreg", description="Give a pretrained Vision Transformer register tokens after the fact (PH-Reg).")
@@ -130,6 +156,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default RUN/eval for a run)")
     _model_args(p)
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("export", help="(re)build a run's export folder from its latest checkpoint",
+                       description="Write RUN/export/{model.safetensors,config.json} (or --out DIR) from the run's "
+                                   "latest checkpoint, as distill does at the end; the teacher's weights are not needed.")
+    p.add_argument("run", help="run folder (output_dir of phreg distill)")
+    p.add_argument("--out", metavar="DIR", help="where to write the export (default: RUN/export), replaced atomically")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("push", help="upload a finished run to the Hugging Face Hub (model card included)",
+                       description="Upload RUN/export with its recipe.yaml, a model card README.md and, when RUN/eval "
+                                   "has a report, its table and first figure, as one commit. The token comes from "
+                                   "HF_TOKEN or the cached login (`hf auth login`); HF_ENDPOINT picks another Hub.",
+                       epilog="example: phreg push runs/quickstart --repo-id alice/dinov2-small-reg16 --dry-run hub/")
+    p.add_argument("run", help="run folder with a finished export/")
+    p.add_argument("--repo-id", required=True, metavar="OWNER/NAME", help="model repository, created if missing")
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its own)")
+    p.add_argument("--revision", metavar="BRANCH", help="commit to this branch, created if missing (default: main)")
+    p.add_argument("--commit-message", metavar="MSG", help="default: phreg VERSION: TEACHER + R registers, N steps")
+    p.add_argument("--dry-run", metavar="DIR", help="write the exact upload folder to DIR and upload nothing")
+    p.add_argument("--tries", type=int, default=4, metavar="N", help="attempts per Hub call on network errors, 429 and 5xx")
+    p.add_argument("--retry-wait", type=float, default=2.0, metavar="S", help="first wait between tries, doubling")
+    p.set_defaults(func=_push)
     return parser
 
 

@@ -6,15 +6,27 @@ The folder is written whole or not at all (see `files.atomic_dir`).
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import safetensors.torch
 from timm.models._hub import save_config_for_hf
 from timm.models.vision_transformer import VisionTransformer
 
-from .files import atomic_dir
+from . import __version__
+from .errors import UsageError
+from .files import atomic_dir, replaceable
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+def export_metadata(recipe, steps: int) -> dict[str, str]:
+    """What the weights' header says about where they came from (str -> str, as safetensors wants)."""
+    from .recipe import recipe_hash
+
+    return dict(phreg_version=__version__, base_model=recipe.model.name, recipe_hash=recipe_hash(recipe),
+                registers=str(recipe.model.registers), steps=str(steps))
 
 
 def export_student(student: VisionTransformer, out: str | Path, mean, std, metadata: dict[str, str]) -> Path:
@@ -23,11 +35,67 @@ def export_student(student: VisionTransformer, out: str | Path, mean, std, metad
     with atomic_dir(out) as tmp:
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in student.state_dict().items()}
         safetensors.torch.save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt", **metadata})
+        _sort_metadata(tmp / WEIGHTS)
         save_config_for_hf(student, tmp / CONFIG,
                            model_config=dict(pretrained_cfg=dict(mean=tuple(mean), std=tuple(std))))
     return out
 
 
+def _sort_metadata(path: Path) -> None:
+    """Sort the header's metadata keys in place, so the same student always exports to the same bytes.
+
+    safetensors writes its metadata from a Rust HashMap, in an order that changes from process to process. Sorting
+    only reorders keys, so the header keeps its length and every tensor offset stays valid.
+    """
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        header = json.loads(raw)
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(new) <= n:  # always equal for keys safetensors wrote; never grow the header
+            f.seek(8)
+            f.write(new.ljust(n, b" "))
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
     with safetensors.safe_open(str(path), "pt") as f:
         return dict(f.metadata() or {})
+
+
+def export_run(run: str | Path, out: str | Path | None = None) -> Path:
+    """(Re)build a run's export from its latest checkpoint, as `distill` would have written it at that step.
+
+    The checkpoint holds every student tensor, so the teacher's weights are not needed: the architecture is built
+    empty, given its registers, and overwritten whole (strict load: a checkpoint of another recipe is refused).
+    """
+    from .models import _create, add_registers, check_img_size, normalization
+    from .recipe import load_recipe
+    from .train import latest_checkpoint
+
+    run = Path(run)
+    if not (run / "recipe.yaml").is_file():
+        raise UsageError(f"{run} is not a phreg run folder (no recipe.yaml)")
+    checkpoint = latest_checkpoint(run)
+    if checkpoint is None or not (checkpoint / WEIGHTS).is_file():
+        raise UsageError(f"{run} has no checkpoint to export (expected {run / 'checkpoints' / 'step_N' / WEIGHTS})")
+    out = Path(out) if out is not None else run / "export"
+    if not replaceable(out, {WEIGHTS, CONFIG}):
+        raise UsageError(f"refusing to replace {out}: it exists and is not an export folder; choose a new folder")
+    recipe = load_recipe(run / "recipe.yaml")
+    m = recipe.model
+    try:
+        saved = safetensors.torch.load_file(str(checkpoint / WEIGHTS))
+    except Exception as e:  # a truncated or foreign file: safetensors raises its own error types
+        raise UsageError(f"checkpoint {checkpoint / WEIGHTS} does not load: {type(e).__name__}: {e}") from None
+    check_img_size(_create(m.name, pretrained=False, device="meta"), m.img_size)
+    empty = _create(m.name, pretrained=False, img_size=m.img_size).eval()
+    student = add_registers(empty, m.registers, m.register_init, m.register_noise, recipe.seed)
+    try:
+        student.load_state_dict({k.removeprefix("model."): v for k, v in saved.items()})
+    except RuntimeError as e:
+        raise UsageError(f"checkpoint {checkpoint} does not fit the run's recipe: {str(e).splitlines()[0]}") from None
+    mean, std = normalization(empty, m)
+    steps = int(checkpoint.name.split("_")[1])
+    return export_student(student, out, mean, std, export_metadata(recipe, steps))

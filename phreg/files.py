@@ -77,3 +77,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replaceable(path: str | Path, names: set[str]) -> bool:
+    """May `atomic_dir(path)` replace what is there? Only if it is absent, or a folder holding nothing but `names`
+    (an earlier output of the same command): a mistyped `--out ~` must never delete a folder of the user's."""
+    path = Path(path)
+    if not path.exists():
+        return True
+    return path.is_dir() and not path.is_symlink() and all(p.name in names and p.is_file() for p in path.iterdir())

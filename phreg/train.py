@@ -25,7 +25,7 @@ from . import __version__
 from .cache import TargetCache, cache_key
 from .data import EpochSampler, ImageDataset, collate, scan_images, split_files
 from .errors import UsageError
-from .export import export_student
+from .export import export_metadata, export_student
 from .files import write_json
 from .heldout import HeldOut
 from .loss import distill_loss
@@ -258,9 +258,8 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
     wall = time.perf_counter() - start
     result = _log_heldout(heldout, parts.student, state.step, log, say) if heldout else None
     if acc.is_main_process:
-        meta = dict(phreg_version=__version__, base_model=m.name, recipe_hash=recipe_hash(recipe),
-                    registers=str(m.registers), steps=str(state.step))
-        export_student(acc.unwrap_model(model).model, run / "export", mean=parts.mean, std=parts.std, metadata=meta)
+        export_student(acc.unwrap_model(model).model, run / "export", mean=parts.mean, std=parts.std,
+                       metadata=export_metadata(recipe, state.step))
         write_json(run / "summary.json", dict(
             phreg_version=__version__, base_model=m.name, recipe_hash=recipe_hash(recipe), steps=state.step,
             images_seen=state.images, wall_s=round(wall, 1), nonfinite_steps=state.nonfinite,

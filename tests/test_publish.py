@@ -1,0 +1,347 @@
+"""Publishing: `phreg export`, the dry-run folder, the model card, and the one commit a stand-in Hub receives."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from conftest import MODEL
+from PIL import Image
+
+from phreg.cli import main
+from phreg.data import embedded_photos
+from phreg.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "hf_phregTestSecret0123456789abcdefXYZ"
+UPLOAD = ["README.md", "config.json", "model.safetensors", "recipe.yaml"]
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory, dinov2_file) -> Path:
+    """A finished tiny run (DINOv2-S at 56 px, 4 registers, 2 steps). Shared: tests must only read it."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from phreg.train import distill
+
+    folder = tmp_path_factory.mktemp("publish") / "run"
+    recipe = load_recipe(None, [f"output_dir={folder}", f"model.name={MODEL}", f"model.checkpoint={dinov2_file}",
+                                "model.img_size=56", "model.registers=4", "views.num=2", "data.num_workers=0",
+                                "train.batch_size=2", "train.max_steps=2", "train.save_every=0"])
+    AcceleratorState._reset_state(True)
+    try:
+        distill(recipe, quiet=True)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    return folder
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Every entry under `folder` with the sha256 of its bytes: equal trees are byte-identical."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+def light_copy(run: Path, dst: Path) -> Path:
+    """A run folder for tests that add to it: its own recipe/summary, the export's files linked, no checkpoints."""
+    (dst / "export").mkdir(parents=True)
+    for name in ("recipe.yaml", "summary.json"):
+        (dst / name).write_bytes((run / name).read_bytes())
+    for name in ("model.safetensors", "config.json"):
+        (dst / "export" / name).symlink_to(run / "export" / name)
+    return dst
+
+
+def write_eval(run: Path) -> bytes:
+    """An eval report as `phreg eval` writes it (schema phreg.eval/1); returns the first figure's bytes."""
+    (run / "eval").mkdir()
+    for i, color in enumerate(("red", "blue")):
+        Image.new("RGB", (8, 4), color).save(run / "eval" / f"compare_{i}.png")
+    (run / "eval" / "eval.json").write_text(json.dumps({
+        "schema": "phreg.eval/1", "teacher": {"name": MODEL}, "student": {"name": str(run)}, "images": 15,
+        "summary": [
+            {"metric": "denoised_distance", "label": "mean 1 - cos to TTA-denoised teacher features",
+             "teacher": 0.0220, "student": 0.0140, "better": "lower"},
+            {"metric": "miou", "label": "linear-probe mIoU (val)", "teacher": 0.41, "student": None,
+             "better": "higher"}],
+        "figures": ["compare_0.png", "compare_1.png"]}))
+    return (run / "eval" / "compare_0.png").read_bytes()
+
+
+def dry(run: Path, out: Path, repo_id="alice/dinov2-small-reg4") -> Path:
+    assert main(["push", str(run), "--repo-id", repo_id, "--dry-run", str(out)]) == 0
+    return out
+
+
+def card(folder: Path) -> tuple[dict, str]:
+    text = (folder / "README.md").read_text()
+    _, front, body = text.split("---\n", 2)
+    return yaml.safe_load(front), body
+
+
+def features(folder: Path, x: torch.Tensor) -> torch.Tensor:
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    with torch.no_grad():
+        return model.forward_features(x)
+
+
+# ------------------------------------------------------------------------------------------------ export, dry run
+
+def test_export_rebuilds_the_same_bytes_from_the_checkpoint(run, tmp_path):
+    before = tree(run)
+    assert main(["export", str(run), "--out", str(tmp_path / "again")]) == 0
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "again" / name).read_bytes() == (run / "export" / name).read_bytes(), name
+    assert tree(run) == before
+
+
+def test_dry_run_is_the_export_plus_recipe_and_card_and_loads_in_timm(run, tmp_path):
+    before = tree(run)
+    out = dry(run, tmp_path / "hub")
+    assert sorted(p.name for p in out.iterdir()) == UPLOAD
+    assert (out / "recipe.yaml").read_bytes() == (run / "recipe.yaml").read_bytes()
+    model = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert model.num_reg_tokens == 4 and model.num_prefix_tokens == 5
+    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    assert (features(out, x) - features(run / "export", x)).abs().max().item() < 1e-6
+    assert tree(run) == before
+    dry(run, out)  # a second dry run replaces the first
+    assert sorted(p.name for p in out.iterdir()) == UPLOAD
+
+
+def test_model_card_front_matter_and_body(run, tmp_path):
+    front, body = card(dry(run, tmp_path / "hub"))
+    assert front["library_name"] == "timm" and front["pipeline_tag"] == "image-feature-extraction"
+    assert front["base_model"] == "timm/vit_small_patch14_dinov2.lvd142m" and front["license"] == "apache-2.0"
+    assert {"phreg", "registers", "image-feature-extraction", "timm"} <= set(front["tags"])
+    assert "timm.create_model(\"hf-hub:alice/dinov2-small-reg4\", pretrained=True)" in body
+    assert "forward_features" in body and "model.num_prefix_tokens" in body
+    for fact in ("| resolution | 56 x 56 px", "| registers | 4 ", "| views per image | 2 ", "| steps | 2 ",
+                 "| wall time |", "| hardware | CPU"):
+        assert fact in body, fact
+    assert "## Evaluation" not in body and "eval.png" not in body
+
+
+def test_model_card_usage_snippet_runs(run, tmp_path):
+    out = dry(run, tmp_path / "hub")
+    code = re.search(r"```python\n(.*?)```", card(out)[1], re.S).group(1)
+    photo = embedded_photos() / "chelsea.png"
+    code = code.replace("hf-hub:alice/dinov2-small-reg4", f"local-dir:{out}").replace("image.jpg", str(photo))
+    scope: dict = {}
+    exec(code, scope)
+    assert scope["patches"].shape == (1, 16, 384) and scope["tokens"].shape == (1, 21, 384)
+
+
+def test_eval_table_and_figure_when_the_run_has_an_eval_report(run, tmp_path):
+    copy = light_copy(run, tmp_path / "run")
+    figure = write_eval(copy)
+    out = dry(copy, tmp_path / "hub")
+    assert sorted(p.name for p in out.iterdir()) == sorted(UPLOAD + ["eval.png"])
+    assert (out / "eval.png").read_bytes() == figure
+    front, body = card(out)
+    assert front["library_name"] == "timm" and "## Evaluation" in body and "![teacher vs student](eval.png)" in body
+    assert "| metric | teacher | student | better |" in body
+    assert "| mean 1 - cos to TTA-denoised teacher features | 0.022 | **0.014** | lower |" in body
+    assert "| linear-probe mIoU (val) | 0.41 | – | higher |" in body
+
+
+@pytest.mark.parametrize("case", ["repo_id", "no_export", "bad_weights", "mismatch", "bad_eval", "inside_run",
+                                  "no_token"])
+def test_refusals_are_one_line_exit_2_and_leave_the_run_alone(run, tmp_path, capsys, monkeypatch, case):
+    import huggingface_hub
+
+    copy, repo_id, out = light_copy(run, tmp_path / "run"), "alice/reg4", str(tmp_path / "hub")
+    args = ["--dry-run", out]
+    message = {"repo_id": "expected OWNER/NAME", "no_export": "has no finished export",
+               "bad_weights": "does not load", "mismatch": "model.safetensors does not fit config.json",
+               "bad_eval": "is not a phreg eval report",
+               "inside_run": "outside the run folder", "no_token": "no Hugging Face token"}[case]
+    if case == "repo_id":
+        repo_id = "alice/reg4/extra"
+    elif case == "no_export":
+        (copy / "export" / "model.safetensors").unlink()
+    elif case == "bad_weights":
+        (copy / "export" / "model.safetensors").unlink()
+        (copy / "export" / "model.safetensors").write_bytes((run / "export" / "model.safetensors").read_bytes()[:4096])
+    elif case == "mismatch":  # a config.json that asks for 5 registers
+        config = (run / "export" / "config.json").read_text().replace('"reg_tokens": 4', '"reg_tokens": 5')
+        (copy / "export" / "config.json").unlink()
+        (copy / "export" / "config.json").write_text(config)
+    elif case == "bad_eval":
+        (copy / "eval").mkdir()
+        (copy / "eval" / "eval.json").write_text('{"schema": "something/else"}')
+    elif case == "inside_run":
+        args = ["--dry-run", str(copy / "hub")]
+    else:
+        monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+        args = []
+    before = tree(copy)
+    capsys.readouterr()
+    assert main(["push", str(copy), "--repo-id", repo_id, *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("phreg: error: ") and message in err[0], err
+    assert tree(copy) == before and not Path(out).exists()
+
+
+# ---------------------------------------------------------------------------------------------- a stand-in Hub
+
+class StandInHub:
+    """Just the routes huggingface_hub calls to create a repo and a branch and make one commit of regular files.
+
+    `fail(n, method, path)` may return an HTTP status to answer the n-th request (0-based) with instead.
+    """
+
+    def __init__(self, fail=lambda n, method, path: None):
+        self.requests: list[dict] = []
+        self.fail = fail
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                hub.answer(self)
+
+            def do_POST(self):
+                hub.answer(self)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    @property
+    def commits(self) -> list[dict]:
+        return [r for r in self.requests if "/commit/" in r["path"]]
+
+    def answer(self, h: BaseHTTPRequestHandler):
+        body = h.rfile.read(int(h.headers.get("Content-Length") or 0))
+        path = h.path.split("?")[0]
+        self.requests.append(dict(method=h.command, path=path, auth=h.headers.get("Authorization"), body=body))
+        status = self.fail(len(self.requests) - 1, h.command, path)
+        if status:
+            return self.send(h, status, {"error": f"stand-in failure {status}"})
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit|branch)/(.+)", path)
+        if h.command == "POST" and path == "/api/repos/create":
+            req = json.loads(body)
+            return self.send(h, 200, {"url": f"{self.url}/{req['organization']}/{req['name']}"})
+        if h.command == "POST" and path == "/api/validate-yaml":
+            return self.send(h, 200, {"errors": [], "warnings": []})
+        if h.command == "POST" and m and m.group(2) == "branch":
+            return self.send(h, 200, {})
+        if h.command == "POST" and m and m.group(2) == "preupload":
+            files = [dict(path=f["path"], uploadMode="regular", shouldIgnore=False, oid=None)
+                     for f in json.loads(body)["files"]]
+            return self.send(h, 200, {"files": files})
+        if h.command == "POST" and m and m.group(2) == "commit":
+            oid = hashlib.sha1(body).hexdigest()
+            return self.send(h, 200, {"commitUrl": f"{self.url}/{m.group(1)}/commit/{oid}", "commitOid": oid,
+                                      "pullRequestUrl": None})
+        return self.send(h, 404, {"error": "not a route of the stand-in Hub"})
+
+    @staticmethod
+    def send(h: BaseHTTPRequestHandler, status: int, obj: dict):
+        data = json.dumps(obj).encode()
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+
+def phreg_push(run: Path, endpoint: str, home: Path, *args: str, debug=False) -> subprocess.CompletedProcess:
+    """`phreg push` as a user runs it, online against `endpoint`, with HF_TOKEN set (and huggingface_hub's debug
+    log on stderr if `debug`)."""
+    env = dict(os.environ, HF_ENDPOINT=endpoint, HF_TOKEN=TOKEN, HF_HOME=str(home), HF_HUB_OFFLINE="0",
+               HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.pop("HF_HUB_VERBOSITY", None)
+    if debug:
+        env["HF_HUB_VERBOSITY"] = "debug"
+    return subprocess.run([sys.executable, "-m", "phreg", "push", str(run), *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=300)
+
+
+def assert_no_token(*texts: str, folders: tuple[Path, ...] = ()):
+    for text in texts:
+        assert TOKEN not in text and TOKEN[3:20] not in text
+    for folder in folders:
+        for p in folder.rglob("*"):
+            assert not p.is_file() or TOKEN.encode() not in p.read_bytes(), p
+
+
+def test_push_is_one_commit_of_exactly_the_dry_run_folder(run, tmp_path):
+    """The first request fails with 503 and is retried; then repo, branch, README check, preupload, ONE commit."""
+    out = dry(run, tmp_path / "hub", repo_id="alice/reg4")
+    before = tree(run)
+    with StandInHub(fail=lambda n, method, path: 503 if n == 0 else None) as hub:
+        result = phreg_push(run, hub.url, tmp_path / "home", "--repo-id", "alice/reg4", "--private",
+                            "--revision", "dev", "--commit-message", "first student", "--retry-wait", "0.01", debug=True)
+    assert result.returncode == 0, result.stderr
+    assert [(r["method"], r["path"]) for r in hub.requests] == [
+        ("POST", "/api/repos/create"), ("POST", "/api/repos/create"), ("POST", "/api/models/alice/reg4/branch/dev"),
+        ("POST", "/api/validate-yaml"), ("POST", "/api/models/alice/reg4/preupload/dev"),
+        ("POST", "/api/models/alice/reg4/commit/dev")]
+    assert json.loads(hub.requests[1]["body"]) == {"name": "reg4", "organization": "alice", "visibility": "private"}
+    assert all(r["auth"] == f"Bearer {TOKEN}" for r in hub.requests)  # the token was used ...
+    (commit,) = hub.commits
+    lines = [json.loads(line) for line in commit["body"].decode().splitlines()]
+    assert lines[0] == {"key": "header", "value": {"summary": "first student", "description": ""}}
+    sent = {v["value"]["path"]: base64.b64decode(v["value"]["content"]) for v in lines[1:] if v["key"] == "file"}
+    assert len(lines) == 1 + len(UPLOAD) and sorted(sent) == UPLOAD
+    assert all(sent[name] == (out / name).read_bytes() for name in UPLOAD)
+    assert "retrying" in result.stdout and "/commit/" in result.stdout.strip().splitlines()[-1]
+    assert "authenticated: True" in result.stderr  # huggingface_hub's debug log was on
+    assert_no_token(result.stdout, result.stderr, folders=(run, out, tmp_path / "home"))  # ... and never shown
+    assert tree(run) == before
+
+
+@pytest.mark.parametrize("status", [500, 401, None])
+def test_push_failure_is_one_line_nonzero_and_leaves_the_run_untouched(run, tmp_path, status):
+    """500 on every call (retried, then given up), 401 (not retried), no server at all (connection refused)."""
+    before = tree(run)
+    hub = StandInHub(fail=lambda n, method, path: status)
+    url = hub.url
+    if status is None:
+        hub.server.server_close()  # nothing listens there any more: connection refused
+    else:
+        hub.__enter__()
+    try:
+        result = phreg_push(run, url, tmp_path / "home", "--repo-id", "alice/reg4", "--tries", "3",
+                            "--retry-wait", "0.01")
+    finally:
+        if status is not None:
+            hub.__exit__()
+    assert result.returncode == 1
+    err = result.stderr.strip().splitlines()
+    expected = {500: "(create repo, 3 tries): 500 Internal Server Error", 401: "(create repo): 401 Unauthorized",
+                None: f"(create repo, 3 tries): cannot reach {url}"}[status]
+    assert len(err) == 1 and err[0].startswith(f"phreg: error: push to alice/reg4 failed {expected}"), err
+    assert "Traceback" not in result.stderr + result.stdout
+    assert status != 401 or "(check HF_TOKEN" in err[0]
+    assert not hub.commits and len([r for r in hub.requests if r["path"] == "/api/repos/create"]) == \
+        {500: 3, 401: 1, None: 0}[status]
+    assert_no_token(result.stdout, result.stderr, folders=(run, tmp_path / "home"))
+    assert tree(run) == before
