@@ -16,7 +16,7 @@ from .heldout import HeldOut
 from .models import Loaded
 from .recipe import ViewsCfg
 from .targets import DenoisedTeacher
-from .tokens import DARCET_THRESHOLD, cls_attention, collect, neighbour_cosine, outlier_threshold, pca_rgb
+from .tokens import DARCET_THRESHOLD, cls_attention, collect, neighbour_cosine, outlier_threshold
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Analysis:
     neighbour_cos: torch.Tensor  # (B, L), final patch features
     cls_final: torch.Tensor | None  # (B, D) final normalized class token
     tta: HeldOut  # raw vs own TTA-denoised features
-    maps: list[dict] = field(default_factory=list)  # per pictured image: norm (gh, gw), pca (gh, gw, 3), attn
+    maps: list[dict] = field(default_factory=list)  # per pictured image: norm (gh, gw), patches (L, D), attn
 
     @property
     def patch_norms(self) -> torch.Tensor:
@@ -90,7 +90,7 @@ def analyze(loaded: Loaded, images: torch.Tensor, views: ViewsCfg, seed: int = 0
             attn = cls_attention(model, tok.blocks[depth - 1]) if tok.num_cls else None
             last = tok.kind(tok.blocks[depth], "patch").float().norm(dim=-1)
             for i in range(min(len(x), pictures - len(maps))):
-                maps.append(dict(norm=last[i].view(tok.grid).cpu(), pca=pca_rgb(patches[i], tok.grid).cpu(),
+                maps.append(dict(norm=last[i].view(tok.grid).cpu(), patches=patches[i].float().cpu(),
                                  attn=attn[i].view(tok.grid).cpu() if attn is not None else None))
     norms_t = {layer: {k: torch.cat(v) for k, v in kinds.items()} for layer, kinds in norms.items()}
     denoiser = DenoisedTeacher(model, views, loaded.mean, loaded.std).to(device)

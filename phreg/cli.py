@@ -84,7 +84,6 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even if a GPU is present")
 
 
-
 def _export(args) -> int:
     from .export import export_run
 

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .files import write_atomic  # noqa: E402
+from .tokens import pca_basis, pca_rgb  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
@@ -24,8 +25,9 @@ def _save(fig, path: Path) -> Path:
 
 def panels(image: np.ndarray, rows: list[tuple[str, dict]], path: Path, norm_max: float | None = None) -> Path:
     """One row per model: image | patch-norm map (last block, pre-norm) | PCA-to-RGB | CLS attention.
-    Norm maps share one color scale so a teacher's artifacts and a student's absence of them compare directly."""
+    Rows share the norm colour scale and the first row's PCA basis, so teacher and student compare directly."""
     vmax = norm_max or max(float(m["norm"].max()) for _, m in rows)
+    basis = pca_basis(rows[0][1]["patches"])
     fig, axes = plt.subplots(len(rows), 4, figsize=(11, 2.9 * len(rows)), squeeze=False)
     for r, (label, m) in enumerate(rows):
         ax = axes[r]
@@ -33,7 +35,7 @@ def panels(image: np.ndarray, rows: list[tuple[str, dict]], path: Path, norm_max
         ax[0].set_ylabel(label, fontsize=10)
         im = ax[1].imshow(m["norm"].numpy(), cmap="inferno", vmin=0, vmax=vmax)
         fig.colorbar(im, ax=ax[1], fraction=0.046, pad=0.02)
-        ax[2].imshow(m["pca"].numpy(), interpolation="nearest")
+        ax[2].imshow(pca_rgb(m["patches"], m["norm"].shape, basis).numpy(), interpolation="nearest")
         if m["attn"] is not None:
             ax[3].imshow(m["attn"].numpy(), cmap="viridis")
         for a, title in zip(ax, ["image", "patch norm (last block)", "PCA of patch features", "CLS attention"]):

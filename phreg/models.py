@@ -237,7 +237,7 @@ def load_spec(spec: str, img_size: int | None = None, checkpoint: str | None = N
         spec = f"local-dir:{path}"
         if img_size is None:
             img_size = json.loads((path / "config.json").read_text())["pretrained_cfg"]["input_size"][-1]
-    elif ":" not in spec and not timm.is_model(spec) and path.suffix:
+    elif ":" not in spec and not timm.is_model(spec):
         raise UsageError(f"model {spec}: no such folder, and not a timm model name")
     img_size = img_size or 224
     cfg = ModelCfg(name=spec, checkpoint=checkpoint, img_size=img_size)

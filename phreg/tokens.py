@@ -112,10 +112,18 @@ def cls_attention(model: VisionTransformer, block_input: torch.Tensor) -> torch.
     return weights.mean(1)[:, 0, model.num_prefix_tokens:]
 
 
-def pca_rgb(patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(L, D) patch features -> (gh, gw, 3) in [0, 1]: the first three principal components, robustly scaled."""
-    x = patches.float() - patches.float().mean(0)
-    _, _, v = torch.pca_lowrank(x, q=3, center=False, niter=4)
-    p = x @ v[:, :3]
-    lo, hi = p.quantile(0.01, dim=0), p.quantile(0.99, dim=0)
+def pca_basis(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, first three principal directions, and robust (1%, 99%) ranges of (L, D) patch features."""
+    x = patches.float()
+    mean = x.mean(0)
+    _, _, v = torch.pca_lowrank(x - mean, q=3, center=False, niter=4)
+    p = (x - mean) @ v[:, :3]
+    return mean, v[:, :3], p.quantile(0.01, dim=0), p.quantile(0.99, dim=0)
+
+
+def pca_rgb(patches: torch.Tensor, grid: tuple[int, int], basis=None) -> torch.Tensor:
+    """(L, D) patch features -> (gh, gw, 3) in [0, 1]: the first three principal components as colours.
+    Pass another model's `pca_basis` to colour two models' features in the same space."""
+    mean, v, lo, hi = basis or pca_basis(patches)
+    p = (patches.float() - mean) @ v
     return ((p - lo) / (hi - lo).clamp(min=1e-6)).clamp(0, 1).view(*grid, 3)
