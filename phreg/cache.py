@@ -1,7 +1,9 @@
 """Teacher-target cache: the teacher is frozen, so its denoised targets for a fixed (crop, view plan) never change.
 
 With `cache.enabled`, each image gets K variants (crop + view plan drawn for key (seed, k, index)); their targets are
-computed once into a memory-mapped float16 `.npy` of shape (K, N, L, D), and epoch e trains on variant e mod K.
+computed once into a memory-mapped float16 `.npy` of shape (K, N, L, D), next to the uint8 crops and plans, and epoch
+e trains on variant e mod K without decoding a single image. Normalizing the stored uint8 crop gives exactly the
+tensor the uncached path computes.
 The folder carries a key over everything the targets depend on; a folder with another key is rebuilt, a complete one is
 reused (across `--resume` and across runs that point `cache.dir` at it).
 """
@@ -15,19 +17,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from .files import write_json
 from .recipe import Recipe
 
-ARRAY, META = "targets.npy", "meta.json"
+ARRAY, CROPS, PLANS, META = "targets.npy", "crops.npy", "plans.npy", "meta.json"
 
 
 def cache_key(recipe: Recipe, files: list[Path]) -> str:
     """Everything a target depends on: weights, resolution, views, crops, the files themselves."""
     m, v, d = recipe.model, recipe.views, recipe.data
     stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    parts = dict(name=m.name, checkpoint=m.checkpoint, img_size=m.img_size, mean=m.mean, std=m.std,
+    parts = dict(format=2, name=m.name, checkpoint=m.checkpoint, img_size=m.img_size, mean=m.mean, std=m.std,
                  views={k: getattr(v, k) for k in ("num", "max_shift", "flip", "candidates", "fill", "tap")},
                  resize=d.resize, seed=recipe.seed, plans=recipe.cache.plans, dtype=recipe.cache.dtype, files=stats)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -38,20 +41,18 @@ class TargetCache:
         self.folder = Path(folder)
         self.meta = json.loads((self.folder / META).read_text())
         self.plans = self.meta["plans"]
-        self._array = None  # opened lazily, once per data worker
-
-    @property
-    def array(self) -> np.ndarray:
-        if self._array is None:
-            self._array = np.load(self.folder / ARRAY, mmap_mode="r")
-        return self._array
+        self._arrays = None  # memory maps, opened lazily once per data worker
 
     def __getstate__(self):
-        return dict(self.__dict__, _array=None)
+        return dict(self.__dict__, _arrays=None)
 
-    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+        """(target (L, D), uint8 crop (S, S, 3), plan (V, 3)) of variant k of image `index`."""
+        if self._arrays is None:
+            self._arrays = [np.load(self.folder / name, mmap_mode="r") for name in (ARRAY, CROPS, PLANS)]
         k, index = key
-        return torch.from_numpy(np.array(self.array[k, index]))
+        target, crop, plan = (a[k, index] for a in self._arrays)
+        return torch.from_numpy(np.array(target)), np.array(crop), torch.from_numpy(plan.astype(np.int64))
 
     @classmethod
     def open_or_build(cls, folder: Path, key: str, dataset, denoiser, acc, plans: int, dtype: str = "float16",
@@ -64,31 +65,42 @@ class TargetCache:
         n = len(dataset)
         shape = (plans, n, denoiser.num_patches, denoiser.dim)
         dtype = np.dtype(dtype)
-        tmp = folder / f".{ARRAY}.tmp"
+        size, views = dataset.size, denoiser.cfg.num
+        specs = {ARRAY: (dtype, shape), CROPS: (np.uint8, (plans, n, size, size, 3)),
+                 PLANS: (np.int16, (plans, n, views, 3))}
+        tmp = {name: folder / f".{name}.tmp" for name in specs}
         if acc.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
             meta.unlink(missing_ok=True)
-            np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape).flush()
+            for name, (dt, sh) in specs.items():
+                np.lib.format.open_memmap(tmp[name], mode="w+", dtype=dt, shape=sh).flush()
         acc.wait_for_everyone()
-        out = np.load(tmp, mmap_mode="r+")
+        out, crops, plan_out = (np.load(tmp[name], mmap_mode="r+") for name in (ARRAY, CROPS, PLANS))
         keys = [(k, i) for k in range(plans) for i in range(n)][acc.process_index::acc.num_processes]
         bar = tqdm(total=len(keys), disable=quiet or not acc.is_local_main_process, desc="teacher targets")
+        bad: set[str] = set()
         for start in range(0, len(keys), batch_size):
-            items = [dataset.item(*key) for key in keys[start:start + batch_size]]
+            items = [dataset.item(*key, keep_crop=True) for key in keys[start:start + batch_size]]
             x = torch.stack([s["image"] for s in items]).to(acc.device)
             plan = torch.stack([s["plan"] for s in items]).to(acc.device)
-            with acc.autocast():
-                t = denoiser(x, plan).to("cpu", torch.float32).numpy()
-            for (k, i), ti in zip(keys[start:start + batch_size], t):
-                out[k, i] = ti
+            t = denoiser(x, plan).to("cpu", torch.float32).numpy()
+            for (k, i), ti, item in zip(keys[start:start + batch_size], t, items):
+                out[k, i], crops[k, i], plan_out[k, i] = ti, item["crop"], item["plan"].numpy()
+                bad.update(item["bad"])
             bar.update(len(items))
         bar.close()
-        out.flush()
-        del out
+        for array in (out, crops, plan_out):
+            array.flush()
+        del out, crops, plan_out
+        bad = set(gather_object(sorted(bad)))  # every process's undecodable files
         acc.wait_for_everyone()
         if acc.is_main_process:
-            os.replace(tmp, folder / ARRAY)
+            for name in specs:
+                os.replace(tmp[name], folder / name)
+            per_image = sum(int(np.prod(sh[2:])) * np.dtype(dt).itemsize for dt, sh in specs.values())
             write_json(meta, dict(key=key, plans=plans, images=n, shape=list(shape), dtype=dtype.name,
-                                  bytes_per_image_plan=int(np.prod(shape[2:])) * dtype.itemsize))
+                                  bytes_per_image_plan=per_image,
+                                  target_bytes_per_image_plan=int(np.prod(shape[2:])) * dtype.itemsize,
+                                  undecodable_files=sorted(bad)))
         acc.wait_for_everyone()
         return cls(folder)

@@ -112,10 +112,15 @@ class ImageDataset(Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         if self.cache is None:
             return self.item(epoch, index)
-        variant = epoch % self.cache.plans
-        return dict(self.item(variant, index), target=self.cache[variant, index])
+        target, crop, plan = self.cache[epoch % self.cache.plans, index]
+        return dict(image=self.normalize(crop), plan=plan, index=index, bad=[], target=target)
 
-    def item(self, epoch: int, index: int) -> dict:
+    def normalize(self, crop: np.ndarray) -> torch.Tensor:
+        """uint8 (S, S, 3) -> normalized float (3, S, S)."""
+        arr = (np.asarray(crop, dtype=np.float32) / 255.0 - self.mean) / self.std
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+    def item(self, epoch: int, index: int, keep_crop: bool = False) -> dict:
         bad = []
         for k in range(len(self.files)):
             i = (index + k) % len(self.files)
@@ -133,10 +138,10 @@ class ImageDataset(Dataset):
             x0, y0 = int(rng.integers(0, w - self.size + 1)), int(rng.integers(0, h - self.size + 1))
         else:
             x0, y0 = (w - self.size) // 2, (h - self.size) // 2
-        crop = img.crop((x0, y0, x0 + self.size, y0 + self.size))
-        arr = (np.asarray(crop, dtype=np.float32) / 255.0 - self.mean) / self.std
+        crop = np.asarray(img.crop((x0, y0, x0 + self.size, y0 + self.size)))
         plan = self.make_plan(rng=rng) if self.make_plan else torch.zeros(0, 3, dtype=torch.long)
-        return dict(image=torch.from_numpy(arr).permute(2, 0, 1).contiguous(), plan=plan, index=index, bad=bad)
+        out = dict(image=self.normalize(crop), plan=plan, index=index, bad=bad)
+        return dict(out, crop=crop) if keep_crop else out
 
 
 def collate(samples: list[dict]) -> dict:

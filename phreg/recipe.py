@@ -58,7 +58,7 @@ class ViewsCfg:
     candidates: int = opt(64, ge=1)
     fill: Union[str, list[float]] = "white"
     tap: str = opt("final", choices=("final", "last_block"))
-    chunk: int = opt(0, ge=0)
+    chunk: int = opt(0, ge=0)  # 0 = as many views per forward as memory allows
 
 
 @dataclass
@@ -67,6 +67,13 @@ class CacheCfg:
     plans: int = opt(4, ge=1)
     dtype: str = opt("float16", choices=("float16", "float32"))
     dir: Optional[str] = None
+
+
+@dataclass
+class SpeedCfg:
+    fused_attn: bool = True
+    compile: Union[bool, str] = "auto"
+    teacher_precision: str = opt("auto", choices=("auto", "bf16", "fp32"))
 
 
 @dataclass
@@ -115,6 +122,7 @@ class Recipe:
     data: DataCfg = opt(factory=DataCfg)
     views: ViewsCfg = opt(factory=ViewsCfg)
     cache: CacheCfg = opt(factory=CacheCfg)
+    speed: SpeedCfg = opt(factory=SpeedCfg)
     train: TrainCfg = opt(factory=TrainCfg)
 
     def check(self) -> None:
@@ -130,6 +138,8 @@ class Recipe:
             v = getattr(m, key)
             if v is not None and (len(v) != 3 or (key == "std" and min(v) <= 0)):
                 raise UsageError(f"recipe key model.{key}: expected three numbers (std > 0), got {v}")
+        if isinstance(self.speed.compile, str) and self.speed.compile != "auto":
+            raise UsageError(f"recipe key speed.compile: expected true, false or auto, got {self.speed.compile!r}")
         fill = self.views.fill
         if isinstance(fill, str) and fill not in FILLS:
             raise UsageError(f"recipe key views.fill: expected one of {', '.join(FILLS)} or [r, g, b], got {fill!r}")

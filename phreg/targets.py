@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from .models import patch_tokens
+from .fastpath import auto_chunk
+from .models import PatchTokens
 from .recipe import ViewsCfg
 from .views import make_views, merge_views, sample_plan
 
@@ -21,16 +23,24 @@ def fill_value(fill, mean, std) -> torch.Tensor:
 
 
 class DenoisedTeacher(torch.nn.Module):
-    """All views of a batch in one forward (split into `chunk`-view pieces only to bound memory), then merged."""
+    """All views of a batch in one forward (split into chunks only to fit memory), then merged.
 
-    def __init__(self, teacher: VisionTransformer, views: ViewsCfg, mean, std):
+    `autocast` is the teacher's own precision context (it may differ from the student's); `compile` wraps the
+    teacher's forward in torch.compile.
+    """
+
+    def __init__(self, teacher: VisionTransformer, views: ViewsCfg, mean, std,
+                 autocast=contextlib.nullcontext, compile: bool = False):
         super().__init__()
         self.teacher = teacher.eval().requires_grad_(False)
-        self.cfg = views
+        self.cfg, self.autocast = views, autocast
         self.patch = teacher.patch_embed.patch_size[0]
         self.grid = tuple(teacher.patch_embed.grid_size)
         self.num_patches, self.dim = self.grid[0] * self.grid[1], teacher.embed_dim
+        tokens = PatchTokens(teacher, views.tap)
+        self.tokens = torch.compile(tokens) if compile else tokens
         self.register_buffer("fill", fill_value(views.fill, mean, std), persistent=False)
+        self._chunk = views.chunk
 
     def plan_fn(self):
         """A picklable `plan(rng=...)` for the data workers."""
@@ -38,11 +48,17 @@ class DenoisedTeacher(torch.nn.Module):
         return functools.partial(sample_plan, grid=self.grid, num_views=c.num, max_shift=c.max_shift, flip_p=c.flip,
                                  candidates=c.candidates)
 
+    def chunk(self, device: torch.device) -> int:
+        if not self._chunk:
+            bf16 = torch.is_autocast_enabled(device.type) or self.autocast is not contextlib.nullcontext
+            self._chunk = auto_chunk(self.teacher, device, bf16)
+        return self._chunk
+
     @torch.no_grad()
     def views_features(self, images: torch.Tensor, plans: torch.Tensor) -> torch.Tensor:
         views = make_views(images, plans, self.patch, self.fill)
-        n = self.cfg.chunk or len(views)
-        return torch.cat([patch_tokens(self.teacher, v, self.cfg.tap) for v in views.split(n)])
+        with self.autocast():
+            return torch.cat([self.tokens(v) for v in views.split(self.chunk(views.device))])
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, plans: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from .cache import TargetCache, cache_key
 from .data import EpochSampler, ImageDataset, collate, scan_images, split_files
 from .errors import UsageError
 from .export import export_metadata, export_student
+from .fastpath import set_fused_attention, teacher_autocast, use_compile
 from .files import write_json
 from .heldout import HeldOut
 from .loss import distill_loss
@@ -98,11 +99,16 @@ def save_checkpoint(acc: Accelerator, run: Path, step: int, keep_last: int) -> N
 
 
 def make_accelerator(recipe: Recipe, cpu: bool = False) -> Accelerator:
+    """bf16 autocast on GPU (fp32 master weights and loss), fp32 on CPU; torch.compile of the student through
+    Accelerate's dynamo plugin (after DDP wrapping) when speed.compile says so."""
+    gpu = torch.cuda.is_available() and not cpu
     precision = recipe.train.precision
     if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and not cpu else "fp32"
+        precision = "bf16" if gpu else "fp32"
+    compile_ = use_compile(recipe.speed, torch.device("cuda" if gpu else "cpu"))
     return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=cpu,
                        gradient_accumulation_steps=recipe.train.grad_accum,
+                       dynamo_backend="inductor" if compile_ else "no",
                        dataloader_config=DataLoaderConfiguration(non_blocking=True))
 
 
@@ -122,16 +128,19 @@ class Parts:
         return [p for g in self.groups for p in g["params"]]
 
 
-def build_parts(recipe: Recipe, device) -> Parts:
-    m, cfg = recipe.model, recipe.train
+def build_parts(recipe: Recipe, device: torch.device, precision: str = "fp32") -> Parts:
+    m, cfg, speed = recipe.model, recipe.train, recipe.speed
     teacher = load_teacher(m)
     mean, std = normalization(teacher, m)
     student = add_registers(teacher, m.registers, m.register_init, m.register_noise, recipe.seed)
+    for model in (teacher, student):
+        set_fused_attention(model, speed.fused_attn)
     groups = unlock(student, cfg.unlock, cfg.lr, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                   fused=True)
-    return Parts(DenoisedTeacher(teacher, recipe.views, mean, std).to(device), student,
-                 PatchTokens(student, recipe.views.tap), groups, optimizer, mean, std)
+    denoiser = DenoisedTeacher(teacher, recipe.views, mean, std, teacher_autocast(speed, device, precision),
+                               compile=use_compile(speed, device))
+    return Parts(denoiser.to(device), student, PatchTokens(student, recipe.views.tap), groups, optimizer, mean, std)
 
 
 def train_step(acc: Accelerator, model, teacher: DenoisedTeacher, optimizer, params, batch: dict,
@@ -140,11 +149,7 @@ def train_step(acc: Accelerator, model, teacher: DenoisedTeacher, optimizer, par
     micro-batch of a step, clip and update. Returns the loss and, on update steps, the non-finite flag (on device)."""
     found_inf = None
     with acc.accumulate(model):
-        if "target" in batch:
-            target = batch["target"]
-        else:
-            with acc.autocast():
-                target = teacher(batch["image"], batch["plan"])
+        target = batch["target"] if "target" in batch else teacher(batch["image"], batch["plan"])
         loss = distill_loss(model(batch["image"]), target, cfg.mse_weight)
         acc.backward(loss)
         if acc.sync_gradients:
@@ -167,6 +172,7 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
         if saved.is_file() and recipe_hash(load_recipe(saved)) != recipe_hash(recipe):
             raise UsageError(f"--resume: the recipe differs from the one {run} was started with ({saved})")
 
+    began = time.perf_counter()
     acc = make_accelerator(recipe, cpu)
     say = (lambda *a: None) if quiet else acc.print
     files, unreadable = scan_images(recipe.data.root)
@@ -174,17 +180,20 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
     if recipe.data.val_root:
         val_files, val_unreadable = scan_images(recipe.data.val_root)
         unreadable += val_unreadable
-    parts = build_parts(recipe, acc.device)
+    parts = build_parts(recipe, acc.device, "bf16" if acc.mixed_precision == "bf16" else "fp32")
     targets, m = parts.teacher, recipe.model
     say(unlocked_table(parts.student, parts.groups))
     data = ImageDataset(files, m.img_size, parts.mean, parts.std, recipe.seed, recipe.data.resize, train=True,
                         make_plan=targets.plan_fn())
+    cache_s = time.perf_counter()
     if recipe.cache.enabled:
         folder = Path(recipe.cache.dir) if recipe.cache.dir else run / "target_cache"
         data.cache = TargetCache.open_or_build(folder, cache_key(recipe, files), data, targets, acc,
                                                recipe.cache.plans, recipe.cache.dtype, cfg.batch_size, quiet)
+    cache_s = time.perf_counter() - cache_s
+    workers = 0 if data.cache else recipe.data.num_workers  # cached batches are memory-map reads: no decoding
     loader = DataLoader(data, cfg.batch_size, sampler=EpochSampler(len(data), recipe.seed), collate_fn=collate,
-                        num_workers=recipe.data.num_workers, persistent_workers=recipe.data.num_workers > 0,
+                        num_workers=workers, persistent_workers=workers > 0,
                         pin_memory=acc.device.type == "cuda")
     model, optimizer, loader = acc.prepare(parts.model, parts.optimizer, loader)
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
@@ -207,7 +216,7 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
 
     loss_sum = torch.zeros((), device=acc.device)
     nonfinite = torch.zeros((), device=acc.device)
-    bad: set[str] = set()
+    bad: set[str] = set(data.cache.meta.get("undecodable_files", [])) if data.cache else set()
     log = open(run / "metrics.jsonl", "a") if acc.is_main_process else None
     bar = tqdm(total=total, initial=state.step, disable=quiet or not acc.is_local_main_process, desc="distill")
     tick, seen, start = time.perf_counter(), 0, time.perf_counter()
@@ -264,7 +273,9 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
             phreg_version=__version__, base_model=m.name, recipe_hash=recipe_hash(recipe), steps=state.step,
             images_seen=state.images, wall_s=round(wall, 1), nonfinite_steps=state.nonfinite,
             unreadable_files=[str(p) for p in unreadable], undecodable_files=sorted(bad),
-            heldout=result, hardware=_hardware(acc), versions=dict(torch=torch.__version__, timm=timm.__version__),
+            heldout=result, hardware=_hardware(acc),
+            timings=dict(total_s=round(time.perf_counter() - began, 1), cache_s=round(cache_s, 1),
+                         train_s=round(wall, 1)), versions=dict(torch=torch.__version__, timm=timm.__version__),
             recipe=to_dict(recipe)))
         if log:
             log.close()

@@ -1,0 +1,54 @@
+"""The target cache holds exactly what the uncached path computes, and survives what users do to it."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+
+from phreg.cache import TargetCache, cache_key
+from phreg.data import ImageDataset, scan_images
+from phreg.models import load_teacher, normalization
+from phreg.recipe import load_recipe
+from phreg.targets import DenoisedTeacher
+
+from conftest import MODEL
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float16", 2e-3)])  # float32: batch-size rounding only
+def test_cached_batches_equal_the_uncached_path(tmp_path, dinov2_file, dtype, tol):
+    recipe = load_recipe(None, [f"model.name={MODEL}", f"model.checkpoint={dinov2_file}", "model.img_size=56",
+                                "views.num=3", "cache.plans=2", f"cache.dtype={dtype}"])
+    teacher = load_teacher(recipe.model)
+    mean, std = normalization(teacher, recipe.model)
+    denoiser = DenoisedTeacher(teacher, recipe.views, mean, std)
+    files, _ = scan_images(None)
+    data = ImageDataset(files, 56, mean, std, recipe.seed, make_plan=denoiser.plan_fn())
+    cache = TargetCache.open_or_build(tmp_path, cache_key(recipe, files), data, denoiser, Accelerator(cpu=True),
+                                      plans=2, dtype=dtype, batch_size=3, quiet=True)
+    cached = ImageDataset(files, 56, mean, std, recipe.seed, make_plan=denoiser.plan_fn())
+    cached.cache = cache
+    for epoch, index in [(0, 0), (1, 3), (2, 0), (5, 2)]:  # epoch e uses variant e mod K
+        fresh, hit = data[(epoch % 2, index)], cached[(epoch, index)]
+        assert torch.equal(fresh["image"], hit["image"]) and torch.equal(fresh["plan"], hit["plan"])
+        target = denoiser(fresh["image"][None], fresh["plan"][None])[0]
+        err = ((hit["target"].float() - target).abs().max() / target.abs().max()).item()
+        assert err <= tol, err
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["target_bytes_per_image_plan"] == 16 * 384 * (4 if dtype == "float32" else 2)
+    assert meta["bytes_per_image_plan"] == meta["target_bytes_per_image_plan"] + 56 * 56 * 3 + 3 * 3 * 2
+
+    before = (tmp_path / "targets.npy").stat().st_mtime_ns  # same key: reused, not rebuilt
+    TargetCache.open_or_build(tmp_path, cache_key(recipe, files), data, denoiser, Accelerator(cpu=True), plans=2,
+                              dtype=dtype, quiet=True)
+    assert (tmp_path / "targets.npy").stat().st_mtime_ns == before
+    other = load_recipe(None, [f"model.name={MODEL}", "model.img_size=56", "views.num=4", "cache.plans=2"])
+    assert cache_key(other, files) != cache_key(recipe, files)  # another view count: another cache
+
+
+def test_crops_round_trip_exactly():
+    files, _ = scan_images(None)
+    data = ImageDataset(files, 56, (0.4, 0.5, 0.6), (0.2, 0.3, 0.25), seed=3)
+    item = data.item(1, 2, keep_crop=True)
+    assert item["crop"].dtype == np.uint8 and torch.equal(data.normalize(item["crop"]), item["image"])

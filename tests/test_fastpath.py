@@ -1,0 +1,71 @@
+"""The fast path changes speed, not results: each switch checked against the plain path."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import safetensors.torch
+import timm
+import torch
+
+from phreg.fastpath import auto_chunk, set_fused_attention, teacher_autocast
+from phreg.models import add_registers, unlock
+from phreg.recipe import SpeedCfg, ViewsCfg
+from phreg.targets import DenoisedTeacher
+from phreg.train import distill
+
+from test_train import initial_student, tiny, weights
+
+
+def test_fused_and_eager_attention_agree(teacher224, photos):
+    student = add_registers(teacher224, 16)
+    with torch.no_grad():
+        fused = student.forward_features(photos)
+        set_fused_attention(student, False)
+        assert not student.blocks[0].attn.fused_attn
+        eager = student.forward_features(photos)
+    assert (fused - eager).abs().max().item() < 1e-4
+
+
+def test_chunked_teacher_views_equal_one_forward(teacher224, photos):
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    plans = torch.tensor([[[0, 0, 0], [1, -2, 1], [-2, 2, 0]]]).expand(2, -1, -1)
+    one = DenoisedTeacher(teacher224, ViewsCfg(num=3, chunk=6), mean, std)(photos[:2], plans)
+    chunked = DenoisedTeacher(teacher224, ViewsCfg(num=3, chunk=1), mean, std)(photos[:2], plans)
+    assert (one - chunked).abs().max().item() < 1e-4
+
+
+def test_auto_choices_on_cpu(teacher224):
+    cpu = torch.device("cpu")
+    assert auto_chunk(teacher224, cpu, bf16=False) == 2048 // 257  # ~2K tokens per forward on a CPU
+    assert teacher_autocast(SpeedCfg(), cpu, "fp32") is contextlib.nullcontext  # bf16 is slower there
+    with teacher_autocast(SpeedCfg(teacher_precision="bf16"), cpu, "fp32")():
+        assert torch.is_autocast_enabled("cpu")
+
+
+def test_engine_is_correct_with_every_fast_path_switch_on(tmp_path, dinov2_file):
+    """compile (teacher and student), a bf16 teacher, one view per teacher forward, fused attention, cached targets."""
+    fast = ["speed.compile=true", "speed.teacher_precision=bf16", "speed.fused_attn=true", "views.chunk=1",
+            "cache.enabled=true", "cache.plans=1", "train.max_steps=2", "train.save_every=1"]
+    recipe = tiny(tmp_path, dinov2_file, *fast, name="fast")
+    run = distill(recipe, quiet=True)
+    plain = distill(tiny(tmp_path, dinov2_file, "train.max_steps=2", "speed.compile=false", "cache.enabled=true",
+                         "cache.plans=1", name="plain"), quiet=True)
+
+    start = initial_student(recipe)
+    unlocked = {n for g in unlock(start, recipe.train.unlock, 1.0, 0.0) for n in g["names"]}
+    after = weights(run / "export" / "model.safetensors")
+    for name, before in start.state_dict().items():
+        assert torch.equal(after[name], before) != (name in unlocked), name  # frozen: bitwise; unlocked: moved
+
+    exported = timm.create_model(f"local-dir:{run / 'export'}", pretrained=True).eval()
+    trained = initial_student(recipe)
+    ckpt = safetensors.torch.load_file(str(sorted((run / "checkpoints").glob("step_*"))[-1] / "model.safetensors"))
+    trained.load_state_dict({k.removeprefix("_orig_mod.").removeprefix("model."): v for k, v in ckpt.items()})
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        assert (exported.forward_features(x) - trained.eval().forward_features(x)).abs().max().item() < 1e-4
+
+    losses = [[json.loads(ln)["loss"] for ln in (r / "metrics.jsonl").read_text().splitlines()] for r in (run, plain)]
+    assert abs(losses[0][0] - losses[1][0]) < 0.02 * losses[1][0], losses  # bf16 teacher: targets to ~1e-2
