@@ -77,6 +77,49 @@ class TrainState:
         self.step, self.nonfinite, self.images = d["step"], d["nonfinite"], d["images"]
 
 
+class Progress:
+    """Loss, non-finite steps and throughput between log lines. They accumulate on the device and are read back (one
+    host sync) only when a line is written to metrics.jsonl."""
+
+    def __init__(self, acc: Accelerator, path: Path, total: int, initial: int, quiet: bool):
+        self.acc, self.start = acc, time.perf_counter()
+        self.loss, self.nonfinite = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
+        self.micro, self.seen, self.tick = 0, 0, self.start
+        self.file = open(path, "a") if acc.is_main_process else None
+        self.bar = tqdm(total=total, initial=initial, disable=quiet or not acc.is_local_main_process, desc="distill")
+
+    def add(self, loss: torch.Tensor, images: int, found_inf: torch.Tensor | None) -> None:
+        self.loss += loss
+        self.micro += 1
+        self.seen += images
+        if found_inf is not None:
+            self.nonfinite += found_inf
+            self.bar.update(1)
+
+    def log(self, state: TrainState, epoch: int, lr: float) -> None:
+        state.nonfinite += int(self.acc.reduce(self.nonfinite, "max").item())
+        mean_loss = self.acc.reduce(self.loss, "mean").item() / self.micro
+        now = time.perf_counter()
+        state.images += self.seen
+        self.write(dict(step=state.step, epoch=epoch, loss=round(mean_loss, 6), lr=lr,
+                        images_per_s=round(self.seen / (now - self.tick), 3), nonfinite=state.nonfinite,
+                        elapsed_s=round(now - self.start, 1)))
+        self.bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{self.seen / (now - self.tick):.2f}")
+        self.loss.zero_()
+        self.nonfinite.zero_()
+        self.micro, self.seen, self.tick = 0, 0, now
+
+    def write(self, row: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file:
+            self.file.close()
+
+
 def latest_checkpoint(run: Path) -> Path | None:
     done = sorted((run / "checkpoints").glob("step_*[0-9]"), key=lambda p: int(p.name.split("_")[1]))
     return done[-1] if done else None
@@ -214,58 +257,36 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
         f"{steps_per_epoch} steps/epoch, {total} steps, {acc.num_processes} process(es) on {acc.device}, "
         f"precision {acc.mixed_precision}")
 
-    loss_sum = torch.zeros((), device=acc.device)
-    nonfinite = torch.zeros((), device=acc.device)
     bad: set[str] = set(data.cache.meta.get("undecodable_files", [])) if data.cache else set()
-    log = open(run / "metrics.jsonl", "a") if acc.is_main_process else None
-    bar = tqdm(total=total, initial=state.step, disable=quiet or not acc.is_local_main_process, desc="distill")
-    tick, seen, start = time.perf_counter(), 0, time.perf_counter()
-    micro = 0
+    progress = Progress(acc, run / "metrics.jsonl", total, state.step, quiet)
     while state.step < total:
         epoch, skip = divmod(state.step, steps_per_epoch)
         batches = acc.skip_first_batches(loader, skip * cfg.grad_accum) if skip else loader
         batches.set_epoch(epoch)  # Accelerate's loaders re-set the sampler's epoch from their own counter
         for batch in batches:
             loss, found_inf = train_step(acc, model, targets, optimizer, parts.params, batch, cfg)
-            loss_sum += loss
-            micro += 1
-            seen += len(batch["image"]) * acc.num_processes
+            progress.add(loss, len(batch["image"]) * acc.num_processes, found_inf)
             bad.update(batch["bad"])
-            if found_inf is None:  # accumulating
+            if found_inf is None:  # accumulating gradients
                 continue
-            nonfinite += found_inf
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             state.step += 1
-            bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == total:
-                state.nonfinite += int(acc.reduce(nonfinite, "max").item())
-                nonfinite.zero_()
-                mean_loss = acc.reduce(loss_sum, "mean").item() / micro
-                now = time.perf_counter()
-                state.images += seen
-                row = dict(step=state.step, epoch=epoch, loss=round(mean_loss, 6),
-                           lr=lr, images_per_s=round(seen / (now - tick), 3),
-                           nonfinite=state.nonfinite, elapsed_s=round(now - start, 1))
-                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{row['images_per_s']:.2f}")
-                if log:
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                loss_sum.zero_()
-                tick, seen, micro = now, 0, 0
+                progress.log(state, epoch, lr)
                 if state.nonfinite > cfg.max_nonfinite:
                     raise Aborted(f"{state.nonfinite} steps had a non-finite loss or gradient "
                                   f"(train.max_nonfinite={cfg.max_nonfinite}); lower train.lr or check the data")
             if heldout and cfg.eval_every and state.step % cfg.eval_every == 0:
-                _log_heldout(heldout, parts.student, state.step, log, say)
+                _score_heldout(heldout, parts.student, state.step, progress, say)
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total:
                 save_checkpoint(acc, run, state.step, cfg.keep_last)
             if state.step >= total:
                 break
-    bar.close()
     save_checkpoint(acc, run, state.step, cfg.keep_last)
-    wall = time.perf_counter() - start
-    result = _log_heldout(heldout, parts.student, state.step, log, say) if heldout else None
+    wall = time.perf_counter() - progress.start
+    result = _score_heldout(heldout, parts.student, state.step, progress, say) if heldout else None
+    progress.close()
     if acc.is_main_process:
         export_student(acc.unwrap_model(model).model, run / "export", mean=parts.mean, std=parts.std,
                        metadata=export_metadata(recipe, state.step))
@@ -277,8 +298,6 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
             timings=dict(total_s=round(time.perf_counter() - began, 1), cache_s=round(cache_s, 1),
                          train_s=round(wall, 1)), versions=dict(torch=torch.__version__, timm=timm.__version__),
             recipe=to_dict(recipe)))
-        if log:
-            log.close()
         if unreadable or bad:
             say(f"skipped {len(unreadable) + len(bad)} unreadable image file(s); see {run / 'summary.json'}")
         say(f"exported {run / 'export'} in {wall:.0f}s")
@@ -287,12 +306,10 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
     return run
 
 
-def _log_heldout(heldout: HeldOut, student, step: int, log, say) -> dict:
+def _score_heldout(heldout: HeldOut, student, step: int, progress: Progress, say) -> dict:
     result = dict(step=step, teacher=heldout.teacher_distance, student=heldout.score(student))
     say(f"held-out mean 1-cos to denoised targets: teacher {result['teacher']:.4f}  student {result['student']:.4f}")
-    if log:
-        log.write(json.dumps(dict(heldout=result)) + "\n")
-        log.flush()
+    progress.write(dict(heldout=result))
     return result
 
 
