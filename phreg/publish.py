@@ -191,6 +191,15 @@ def _duration(seconds) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
+def _wall_time(summary: dict) -> str:
+    """The whole run, with the part spent filling the target cache named when there was one."""
+    t = summary.get("timings") or {}
+    if not t:
+        return _duration(summary.get("wall_s"))
+    cache = f" ({_duration(t['cache_s'])} of it computing cached teacher targets)" if t.get("cache_s", 0) >= 1 else ""
+    return _duration(t.get("total_s")) + cache
+
+
 def _hardware(hw: dict | None) -> str:
     if not hw:
         return "–"
@@ -227,7 +236,7 @@ def model_card(run: Run, repo_id: str) -> str:
         ("trained parameters", unlocked),
         ("optimizer", f"AdamW, lr {r.train.lr:g} -> {r.train.end_lr:g} ({r.train.schedule}), batch {batch}"),
         ("steps", f"{steps} ({summary['images_seen']} images seen)" if "images_seen" in summary else str(steps)),
-        ("wall time", _duration(summary.get("wall_s"))),
+        ("wall time", _wall_time(summary)),
         ("hardware", _hardware(summary.get("hardware"))),
         ("phreg", f"{run.metadata.get('phreg_version', __version__)}, recipe hash "
                   f"`{run.metadata.get('recipe_hash', '–')}` ([recipe.yaml](recipe.yaml))"),

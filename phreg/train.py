@@ -259,6 +259,7 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
 
     bad: set[str] = set(data.cache.meta.get("undecodable_files", [])) if data.cache else set()
     progress = Progress(acc, run / "metrics.jsonl", total, state.step, quiet)
+    scored = None  # the latest held-out score
     while state.step < total:
         epoch, skip = divmod(state.step, steps_per_epoch)
         batches = acc.skip_first_batches(loader, skip * cfg.grad_accum) if skip else loader
@@ -278,14 +279,15 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
                     raise Aborted(f"{state.nonfinite} steps had a non-finite loss or gradient "
                                   f"(train.max_nonfinite={cfg.max_nonfinite}); lower train.lr or check the data")
             if heldout and cfg.eval_every and state.step % cfg.eval_every == 0:
-                _score_heldout(heldout, parts.student, state.step, progress, say)
+                scored = _score_heldout(heldout, parts.student, state.step, progress, say)
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total:
                 save_checkpoint(acc, run, state.step, cfg.keep_last)
             if state.step >= total:
                 break
     save_checkpoint(acc, run, state.step, cfg.keep_last)
     wall = time.perf_counter() - progress.start
-    result = _score_heldout(heldout, parts.student, state.step, progress, say) if heldout else None
+    if heldout and not (scored and scored["step"] == state.step):
+        scored = _score_heldout(heldout, parts.student, state.step, progress, say)
     progress.close()
     if acc.is_main_process:
         export_student(acc.unwrap_model(model).model, run / "export", mean=parts.mean, std=parts.std,
@@ -294,7 +296,7 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
             phreg_version=__version__, base_model=m.name, recipe_hash=recipe_hash(recipe), steps=state.step,
             images_seen=state.images, wall_s=round(wall, 1), nonfinite_steps=state.nonfinite,
             unreadable_files=[str(p) for p in unreadable], undecodable_files=sorted(bad),
-            heldout=result, hardware=_hardware(acc),
+            heldout=scored, hardware=_hardware(acc),
             timings=dict(total_s=round(time.perf_counter() - began, 1), cache_s=round(cache_s, 1),
                          train_s=round(wall, 1)), versions=dict(torch=torch.__version__, timm=timm.__version__),
             recipe=to_dict(recipe)))
