@@ -19,7 +19,8 @@ def _distill(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     run = distill(recipe, resume=args.resume, cpu=args.cpu, quiet=args.quiet)
-    print(f"done: {run / 'export'}")
+    if int(os.environ.get("RANK", 0)) == 0:  # one line per launch, not one per process
+        print(f"done: {run / 'export'}")
     return 0
 
 

@@ -145,6 +145,7 @@ def make_accelerator(recipe: Recipe, cpu: bool = False) -> Accelerator:
     """bf16 autocast on GPU (fp32 master weights and loss), fp32 on CPU; torch.compile of the student through
     Accelerate's dynamo plugin (after DDP wrapping) when speed.compile says so."""
     gpu = torch.cuda.is_available() and not cpu
+    cpu = cpu or not gpu  # Accelerate only sees `torchrun` processes on a GPU-less machine as MULTI_CPU when told
     precision = recipe.train.precision
     if precision == "auto":
         precision = "bf16" if gpu else "fp32"
