@@ -39,7 +39,7 @@ from reference import ReferenceStep  # noqa: E402
 from phreg.data import EpochSampler, ImageDataset, collate, scan_images  # noqa: E402
 from phreg.errors import UsageError  # noqa: E402
 from phreg.recipe import load_recipe  # noqa: E402
-from phreg.train import build_parts, distill, make_accelerator, train_step  # noqa: E402
+from phreg.distill.loop import build_parts, distill, make_accelerator, train_step  # noqa: E402
 
 # dense bf16 peak TFLOP/s of common accelerators, for MFU
 PEAK_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0, "4090": 165.0}

@@ -15,7 +15,7 @@ from .errors import UsageError
 
 def _distill(args) -> int:
     from .recipe import load_recipe
-    from .train import distill
+    from .distill.loop import distill
 
     recipe = load_recipe(args.recipe, args.overrides)
     run = distill(recipe, resume=args.resume, cpu=args.cpu, quiet=args.quiet)
@@ -25,7 +25,7 @@ def _distill(args) -> int:
 
 
 def _inspect(args) -> int:
-    from .inspection import check_views, inspect_model, text_summary
+    from .eval.inspection import check_views, inspect_model, text_summary
     from .models import load_spec
 
     loaded = load_spec(args.model, args.img_size, args.checkpoint)
@@ -39,8 +39,8 @@ def _inspect(args) -> int:
 
 
 def _eval(args) -> int:
-    from .evaluate import evaluate
-    from .inspection import check_views
+    from .eval.evaluate import evaluate
+    from .eval.inspection import check_views
     from .models import load_run_teacher, load_spec
 
     student = load_spec(args.student, args.img_size)
@@ -86,14 +86,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _export(args) -> int:
-    from .export import export_run
+    from .hub.export import export_run
 
     print(f"exported {export_run(args.run, args.out)}")
     return 0
 
 
 def _push(args) -> int:
-    from .publish import PushError, dry_run, push
+    from .hub.publish import PushError, dry_run, push
 
     if args.dry_run:
         names = dry_run(args.run, args.repo_id, args.dry_run)
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides += extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from .train import Aborted
+    from .distill.loop import Aborted
 
     try:
         return args.func(args)

@@ -7,11 +7,11 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from phreg.cache import TargetCache, cache_key
+from phreg.distill.cache import TargetCache, cache_key
 from phreg.data import ImageDataset, scan_images
 from phreg.models import load_teacher, normalization
 from phreg.recipe import load_recipe
-from phreg.targets import DenoisedTeacher
+from phreg.denoise.targets import DenoisedTeacher
 
 from conftest import MODEL
 

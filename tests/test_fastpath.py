@@ -12,8 +12,8 @@ import torch
 from phreg.fastpath import auto_chunk, set_fused_attention, teacher_autocast
 from phreg.models import add_registers, unlock
 from phreg.recipe import SpeedCfg, ViewsCfg
-from phreg.targets import DenoisedTeacher
-from phreg.train import distill
+from phreg.denoise.targets import DenoisedTeacher
+from phreg.distill.loop import distill
 
 from test_train import initial_student, tiny, weights
 

@@ -11,11 +11,11 @@ import pytest
 import safetensors.torch
 import torch
 
-from phreg.fixture import calibration_images, implant_artifacts
-from phreg.inspection import inspect_model
+from phreg.eval.fixture import calibration_images, implant_artifacts
+from phreg.eval.inspection import inspect_model
 from phreg.models import load_spec, load_teacher, normalization
 from phreg.recipe import ModelCfg, load_recipe
-from phreg.train import distill
+from phreg.distill.loop import distill
 
 from conftest import MODEL
 
@@ -24,7 +24,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 @pytest.fixture(scope="session")
 def artifact_checkpoint(tmp_path_factory, dinov2_file) -> Path:
-    """DINOv2-S/14 at 224 px with implanted high-norm artifacts (phreg.fixture), built once per session."""
+    """DINOv2-S/14 at 224 px with implanted high-norm artifacts (phreg.eval.fixture), built once per session."""
     cfg = ModelCfg(name=MODEL, checkpoint=str(dinov2_file), img_size=224)
     model = load_teacher(cfg)
     info = implant_artifacts(model, calibration_images(224, *normalization(model, cfg)))

@@ -10,8 +10,8 @@ from PIL import Image
 
 from phreg.errors import UsageError
 from phreg.files import write_json
-from phreg.probe import confusion, fit_probe, load_masks, scores, split_indices
-from phreg.tokens import neighbour_cosine, otsu, outlier_threshold, pca_rgb
+from phreg.eval.probe import confusion, fit_probe, load_masks, scores, split_indices
+from phreg.eval.tokens import neighbour_cosine, otsu, outlier_threshold, pca_rgb
 
 
 def test_otsu_splits_two_clusters_in_the_gap():

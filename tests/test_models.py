@@ -7,7 +7,7 @@ import torch
 from conftest import MODEL
 
 from phreg.errors import UsageError
-from phreg.loss import cosine_distance
+from phreg.denoise.heldout import cosine_distance
 from phreg.models import add_registers, load_teacher, patch_tokens, unlock
 from phreg.recipe import ModelCfg, UnlockGroup, paper_unlock
 

@@ -34,7 +34,7 @@ def run(tmp_path_factory, dinov2_file) -> Path:
     """A finished tiny run (DINOv2-S at 56 px, 4 registers, 2 steps). Shared: tests must only read it."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from phreg.train import distill
+    from phreg.distill.loop import distill
 
     folder = tmp_path_factory.mktemp("publish") / "run"
     recipe = load_recipe(None, [f"output_dir={folder}", f"model.name={MODEL}", f"model.checkpoint={dinov2_file}",

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from phreg.recipe import load_recipe
-from phreg.train import distill
+from phreg.distill.loop import distill
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -15,12 +15,12 @@ import timm
 import torch
 from conftest import MODEL
 
-import phreg.train
-from phreg.export import read_metadata
-from phreg.loss import distill_loss
+import phreg.distill.loop
+from phreg.hub.export import read_metadata
+from phreg.distill.loss import distill_loss
 from phreg.models import add_registers, load_teacher, unlock
 from phreg.recipe import load_recipe, recipe_hash, save_recipe
-from phreg.train import Aborted, distill, lr_factor
+from phreg.distill.loop import Aborted, distill, lr_factor
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +90,7 @@ def test_export_loads_in_stock_timm_and_equals_the_trained_student(tmp_path, din
 
 CRASH = textwrap.dedent("""
     import os, sys
-    import phreg.train as t
+    import phreg.distill.loop as t
     from phreg.recipe import load_recipe
     real = t.save_checkpoint
     def crash_after(acc, run, step, keep_last):
@@ -128,7 +128,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, dinov2_
 
 
 def test_nonfinite_steps_are_skipped_then_abort(tmp_path, dinov2_file, monkeypatch):
-    monkeypatch.setattr(phreg.train, "distill_loss", lambda s, t, w: distill_loss(s, t, w) * float("nan"))
+    monkeypatch.setattr(phreg.distill.loop, "distill_loss", lambda s, t, w: distill_loss(s, t, w) * float("nan"))
     recipe = tiny(tmp_path, dinov2_file, "train.max_steps=1", name="skip")
     run = distill(recipe, quiet=True)
     start = initial_student(recipe).state_dict()

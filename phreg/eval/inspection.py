@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 
 from .analysis import Analysis, analyze, to_rgb
-from .data import ImageDataset, scan_images
-from .errors import UsageError
+from ..data import ImageDataset, scan_images
+from ..errors import UsageError
 from .figures import norm_histogram, panels
-from .files import write_json
-from .models import Loaded
-from .recipe import ViewsCfg
+from ..files import write_json
+from ..models import Loaded
+from ..recipe import ViewsCfg
 
 SCHEMA = "phreg.inspect/1"
 

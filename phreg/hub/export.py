@@ -14,16 +14,16 @@ import safetensors.torch
 from timm.models._hub import save_config_for_hf
 from timm.models.vision_transformer import VisionTransformer
 
-from . import __version__
-from .errors import UsageError
-from .files import atomic_dir, replaceable
+from .. import __version__
+from ..errors import UsageError
+from ..files import atomic_dir, replaceable
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
 def export_metadata(recipe, steps: int) -> dict[str, str]:
     """What the weights' header says about where they came from (str -> str, as safetensors wants)."""
-    from .recipe import recipe_hash
+    from ..recipe import recipe_hash
 
     return dict(phreg_version=__version__, base_model=recipe.model.name, recipe_hash=recipe_hash(recipe),
                 registers=str(recipe.model.registers), steps=str(steps))
@@ -70,9 +70,9 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
     The checkpoint holds every student tensor, so the teacher's weights are not needed: the architecture is built
     empty, given its registers, and overwritten whole (strict load: a checkpoint of another recipe is refused).
     """
-    from .models import _create, add_registers, check_img_size, normalization
-    from .recipe import load_recipe
-    from .train import latest_checkpoint
+    from ..models import _create, add_registers, check_img_size, normalization
+    from ..recipe import load_recipe
+    from ..distill.checkpoints import latest_checkpoint
 
     run = Path(run)
     if not (run / "recipe.yaml").is_file():

@@ -9,7 +9,3 @@ def distill_loss(student: torch.Tensor, target: torch.Tensor, mse_weight: float 
     s, t = student.float(), target.float()
     return (1 - F.cosine_similarity(s, t, dim=-1).mean()) + mse_weight * F.mse_loss(s, t)
 
-
-def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean 1 - cosine over tokens, per image: (B, L, D) x2 -> (B,)."""
-    return 1 - F.cosine_similarity(a.float(), b.float(), dim=-1).mean(-1)

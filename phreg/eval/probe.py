@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .data import IMAGE_SUFFIXES, load_rgb
-from .errors import UsageError
+from ..data import IMAGE_SUFFIXES, load_rgb
+from ..errors import UsageError
 
 
 def load_masks(files: list[Path], masks_dir: str | Path, num_classes: int, ignore_index: int | None) -> list[torch.Tensor]:

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from .data import ImageDataset
-from .loss import cosine_distance
-from .models import normalization, patch_tokens
-from .recipe import Recipe
+from ..data import ImageDataset
+from ..models import normalization, patch_tokens
+from ..recipe import Recipe
 from .targets import DenoisedTeacher
 from .views import merge_views
+
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean 1 - cosine over tokens, per image: (B, L, D) x2 -> (B,)."""
+    return 1 - F.cosine_similarity(a.float(), b.float(), dim=-1).mean(-1)
 
 
 class HeldOut:

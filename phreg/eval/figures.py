@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .files import write_atomic  # noqa: E402
+from ..files import write_atomic  # noqa: E402
 from .tokens import pca_basis, pca_rgb  # noqa: E402
 
 

@@ -20,8 +20,8 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from .files import write_json
-from .recipe import Recipe
+from ..files import write_json
+from ..recipe import Recipe
 
 ARRAY, CROPS, PLANS, META = "targets.npy", "crops.npy", "plans.npy", "meta.json"
 

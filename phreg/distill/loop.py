@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import platform
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,18 +20,19 @@ from accelerate.utils import DataLoaderConfiguration
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import __version__
+from .. import __version__
 from .cache import TargetCache, cache_key
-from .data import EpochSampler, ImageDataset, collate, scan_images, split_files
-from .errors import UsageError
-from .export import export_metadata, export_student
-from .fastpath import set_fused_attention, teacher_autocast, use_compile
-from .files import write_json
-from .heldout import HeldOut
+from .checkpoints import latest_checkpoint, save_checkpoint
+from ..data import EpochSampler, ImageDataset, collate, scan_images, split_files
+from ..errors import UsageError
+from ..hub.export import export_metadata, export_student
+from ..fastpath import set_fused_attention, teacher_autocast, use_compile
+from ..files import write_json
+from ..denoise.heldout import HeldOut
 from .loss import distill_loss
-from .models import PatchTokens, add_registers, load_teacher, normalization, unlock, unlocked_table
-from .recipe import Recipe, TrainCfg, load_recipe, recipe_hash, save_recipe, to_dict
-from .targets import DenoisedTeacher
+from ..models import PatchTokens, add_registers, load_teacher, normalization, unlock, unlocked_table
+from ..recipe import Recipe, TrainCfg, load_recipe, recipe_hash, save_recipe, to_dict
+from ..denoise.targets import DenoisedTeacher
 
 
 class Aborted(RuntimeError):
@@ -118,27 +118,6 @@ class Progress:
         self.bar.close()
         if self.file:
             self.file.close()
-
-
-def latest_checkpoint(run: Path) -> Path | None:
-    done = sorted((run / "checkpoints").glob("step_*[0-9]"), key=lambda p: int(p.name.split("_")[1]))
-    return done[-1] if done else None
-
-
-def save_checkpoint(acc: Accelerator, run: Path, step: int, keep_last: int) -> None:
-    """`save_state` into a temporary folder, renamed when complete, so --resume never sees half a checkpoint."""
-    final, tmp = run / "checkpoints" / f"step_{step:08d}", run / "checkpoints" / f".step_{step:08d}.tmp"
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in sorted((run / "checkpoints").glob("step_*[0-9]"))[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
 
 
 def make_accelerator(recipe: Recipe, cpu: bool = False) -> Accelerator:

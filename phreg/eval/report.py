@@ -6,7 +6,7 @@ import base64
 import html
 from pathlib import Path
 
-from .files import write_atomic
+from ..files import write_atomic
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}

@@ -21,10 +21,10 @@ from pathlib import Path
 import safetensors
 import yaml
 
-from . import __version__
-from .errors import UsageError
+from .. import __version__
+from ..errors import UsageError
 from .export import CONFIG, WEIGHTS, read_metadata
-from .files import atomic_dir, replaceable
+from ..files import atomic_dir, replaceable
 
 RECIPE, CARD, FIGURE = "recipe.yaml", "README.md", "eval.png"
 FILES = (WEIGHTS, CONFIG, RECIPE, CARD, FIGURE)
@@ -64,8 +64,8 @@ def read_run(run: str | Path) -> Run:
     """Check that `run` holds a finished export that loads in stock timm, and gather what the card says."""
     import timm
 
-    from .models import _first_line, resolve_patterns
-    from .recipe import load_recipe, recipe_hash
+    from ..models import _first_line, resolve_patterns
+    from ..recipe import load_recipe, recipe_hash
 
     run = Path(run)
     if not run.is_dir():

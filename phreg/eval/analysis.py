@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .heldout import HeldOut
-from .models import Loaded
-from .recipe import ViewsCfg
-from .targets import DenoisedTeacher
+from ..denoise.heldout import HeldOut
+from ..models import Loaded
+from ..recipe import ViewsCfg
+from ..denoise.targets import DenoisedTeacher
 from .tokens import DARCET_THRESHOLD, cls_attention, collect, neighbour_cosine, outlier_threshold
 
 

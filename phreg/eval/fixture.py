@@ -19,7 +19,7 @@ Concretely, for a timm ViT at one resolution (all choices seeded):
    direction (divided by LayerScale).
 
 Everything is a plain weight edit: the result is still a stock timm VisionTransformer, saved as safetensors.
-`python -m phreg.fixture --out artifacts.safetensors` builds the one the tests use (DINOv2-S/14 at 224 px,
+`python -m phreg.eval.fixture --out artifacts.safetensors` builds the one the tests use (DINOv2-S/14 at 224 px,
 calibrated on the embedded photos).
 """
 
@@ -32,7 +32,7 @@ import safetensors.torch
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from .data import ImageDataset, embedded_photos, scan_images
+from ..data import ImageDataset, embedded_photos, scan_images
 
 
 def calibration_images(img_size: int, mean, std, crops: int = 8, seed: int = 0) -> torch.Tensor:
@@ -134,10 +134,10 @@ def _final_patch_norm(model: VisionTransformer, images: torch.Tensor) -> float:
 
 
 def main(argv=None) -> None:
-    from .models import load_teacher, normalization
-    from .recipe import ModelCfg
+    from ..models import load_teacher, normalization
+    from ..recipe import ModelCfg
 
-    ap = argparse.ArgumentParser(prog="python -m phreg.fixture", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m phreg.eval.fixture", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="vit_small_patch14_dinov2")
     ap.add_argument("--checkpoint", help="clean weights (default: looked up as phreg does)")
     ap.add_argument("--img-size", type=int, default=224)

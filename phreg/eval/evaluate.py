@@ -13,14 +13,14 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import __version__
+from .. import __version__
 from .analysis import Analysis, analyze, to_rgb
 from .figures import norm_histogram, panels
-from .files import write_json
+from ..files import write_json
 from .inspection import load_images, verdict
-from .models import Loaded, patch_tokens
+from ..models import Loaded, patch_tokens
 from .probe import confusion, fit_probe, load_masks, scores, split_indices, squashed_images
-from .recipe import ViewsCfg
+from ..recipe import ViewsCfg
 from .report import write_report
 
 SCHEMA = "phreg.eval/1"

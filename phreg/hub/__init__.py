@@ -1,0 +1,1 @@
+"""export and publish: timm-loadable safetensors, model cards, one-commit uploads to the Hugging Face Hub."""
