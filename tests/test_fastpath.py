@@ -10,7 +10,8 @@ import timm
 import torch
 
 from phreg.fastpath import auto_chunk, set_fused_attention, teacher_autocast
-from phreg.models import add_registers, unlock
+from phreg.backbones import add_registers
+from phreg.distill.unlock import unlock
 from phreg.recipe import SpeedCfg, ViewsCfg
 from phreg.denoise.targets import DenoisedTeacher
 from phreg.distill.loop import distill

@@ -8,7 +8,9 @@ from conftest import MODEL
 
 from phreg.errors import UsageError
 from phreg.denoise.heldout import cosine_distance
-from phreg.models import add_registers, load_teacher, patch_tokens, unlock
+from phreg.backbones import add_registers, patch_tokens
+from phreg.distill.unlock import unlock
+from phreg.models import load_teacher
 from phreg.recipe import ModelCfg, UnlockGroup, paper_unlock
 
 
@@ -101,7 +103,7 @@ def test_load_errors_are_one_line(tmp_path, monkeypatch, dinov2_file):
     cases = [
         (ModelCfg(name=MODEL), f"no weights for {MODEL}: pass model.checkpoint=FILE"),
         (ModelCfg(name="vit_tiny_patch16_224", checkpoint=str(dinov2_file)), "does not fit vit_tiny_patch16_224"),
-        (ModelCfg(name="resnet50"), "is a ResNet; phreg distills timm VisionTransformer"),
+        (ModelCfg(name="resnet50"), "is a ResNet; phreg distills timm"),
         (ModelCfg(name="no_such_model"), "is not a timm model"),
         (ModelCfg(name=MODEL, checkpoint=str(tmp_path / "missing.safetensors")), "not found"),
     ]

@@ -18,7 +18,9 @@ from conftest import MODEL
 import phreg.distill.loop
 from phreg.hub.export import read_metadata
 from phreg.distill.loss import distill_loss
-from phreg.models import add_registers, load_teacher, unlock
+from phreg.backbones import add_registers
+from phreg.distill.unlock import unlock
+from phreg.models import load_teacher
 from phreg.recipe import load_recipe, recipe_hash, save_recipe
 from phreg.distill.loop import Aborted, distill, lr_factor
 

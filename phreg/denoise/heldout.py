@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data import ImageDataset
-from ..models import normalization, patch_tokens
+from ..backbones import patch_tokens
+from ..models import normalization
 from ..recipe import Recipe
 from .targets import DenoisedTeacher
 from .views import merge_views

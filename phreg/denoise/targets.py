@@ -9,7 +9,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from ..fastpath import auto_chunk
-from ..models import PatchTokens
+from ..backbones import PatchTokens
 from ..recipe import ViewsCfg
 from .views import make_views, merge_views, sample_plan
 

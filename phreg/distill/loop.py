@@ -30,7 +30,9 @@ from ..fastpath import set_fused_attention, teacher_autocast, use_compile
 from ..files import write_json
 from ..denoise.heldout import HeldOut
 from .loss import distill_loss
-from ..models import PatchTokens, add_registers, load_teacher, normalization, unlock, unlocked_table
+from .unlock import unlock, unlocked_table
+from ..backbones import PatchTokens, add_registers
+from ..models import load_teacher, normalization
 from ..recipe import Recipe, TrainCfg, load_recipe, recipe_hash, save_recipe, to_dict
 from ..denoise.targets import DenoisedTeacher
 
@@ -153,7 +155,7 @@ class Parts:
 
 def build_parts(recipe: Recipe, device: torch.device, precision: str = "fp32") -> Parts:
     m, cfg, speed = recipe.model, recipe.train, recipe.speed
-    teacher = load_teacher(m)
+    teacher = load_teacher(m).to(device)  # first, so the student's frozen tensors are the teacher's on the device too
     mean, std = normalization(teacher, m)
     student = add_registers(teacher, m.registers, m.register_init, m.register_noise, recipe.seed)
     for model in (teacher, student):

@@ -18,7 +18,8 @@ from .analysis import Analysis, analyze, to_rgb
 from .figures import norm_histogram, panels
 from ..files import write_json
 from .inspection import load_images, verdict
-from ..models import Loaded, patch_tokens
+from ..backbones import patch_tokens
+from ..models import Loaded
 from .probe import confusion, fit_probe, load_masks, scores, split_indices, squashed_images
 from ..recipe import ViewsCfg
 from .report import write_report

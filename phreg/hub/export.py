@@ -70,7 +70,8 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
     The checkpoint holds every student tensor, so the teacher's weights are not needed: the architecture is built
     empty, given its registers, and overwritten whole (strict load: a checkpoint of another recipe is refused).
     """
-    from ..models import _create, add_registers, check_img_size, normalization
+    from ..backbones import add_registers
+    from ..models import _create, check_img_size, normalization
     from ..recipe import load_recipe
     from ..distill.checkpoints import latest_checkpoint
 

@@ -64,7 +64,8 @@ def read_run(run: str | Path) -> Run:
     """Check that `run` holds a finished export that loads in stock timm, and gather what the card says."""
     import timm
 
-    from ..models import _first_line, resolve_patterns
+    from ..distill.unlock import resolve_patterns
+    from ..models import _first_line
     from ..recipe import load_recipe, recipe_hash
 
     run = Path(run)
