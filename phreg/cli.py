@@ -3,25 +3,58 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
 
 from . import __version__
-from .errors import UsageError
+from .errors import DiskError, UsageError
+
+# Exit codes of `phreg distill` besides 0 (done), 1 (runtime failure) and 2 (usage): stopped on a signal after
+# writing a checkpoint; 75 is sysexits' EX_TEMPFAIL ("try again later"), 130 the shell's code for Ctrl-C.
+EXIT_PREEMPTED, EXIT_INTERRUPTED = 75, 130
 
 
 def _distill(args) -> int:
     from .recipe import load_recipe
+    from .distill.checkpoints import latest_checkpoint
     from .distill.loop import distill
+    from .distill.preempt import Preempted
 
     recipe = load_recipe(args.recipe, args.overrides)
-    run = distill(recipe, resume=args.resume, cpu=args.cpu, quiet=args.quiet)
-    if int(os.environ.get("RANK", 0)) == 0:  # one line per launch, not one per process
+    main_process = int(os.environ.get("RANK", 0)) == 0  # one line per launch, not one per process
+    again = _resume_command(args)
+    try:
+        run = distill(recipe, resume=args.resume, cpu=args.cpu, quiet=args.quiet, auto_resume=args.auto_resume)
+    except Preempted as e:
+        if main_process:
+            print(f"phreg: preempted at step {e.step} by {e.signame}, checkpoint {e.checkpoint}; resume with: {again}",
+                  file=sys.stderr)
+        return EXIT_INTERRUPTED if e.signame == "SIGINT" else EXIT_PREEMPTED
+    except KeyboardInterrupt:  # a second Ctrl-C: no new checkpoint
+        last = latest_checkpoint(Path(recipe.output_dir))
+        if main_process:
+            print("phreg: interrupted" + (f"; the last checkpoint is {last}; resume with: {again}" if last else ""),
+                  file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if main_process:
         print(f"done: {run / 'export'}")
     return 0
+
+
+def _resume_command(args) -> str:
+    """The command that continues this run (the same one when it already says --auto-resume)."""
+    words = ["phreg", "distill", args.recipe, *args.overrides]
+    words += [w for w, on in (("--auto-resume", args.auto_resume), ("--cpu", args.cpu), ("--quiet", args.quiet)) if on]
+    if not args.auto_resume:
+        words.append("--resume")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        words[:1] = ["accelerate", "launch", "-m", "phreg"]
+    return shlex.join(map(str, words))
 
 
 def _inspect(args) -> int:
@@ -119,11 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="distill registers into a pretrained ViT following a recipe",
                        description="Train a student with register tokens to reproduce the teacher's denoised "
                                    "features; writes RUN/{recipe.yaml,metrics.jsonl,checkpoints/,export/}.",
-                       epilog="example: phreg distill recipes/quickstart.yaml train.epochs=1 output_dir=runs/try")
+                       epilog="example: phreg distill recipes/quickstart.yaml train.epochs=1 output_dir=runs/try. "
+                              "Exit codes: 0 done, 1 runtime failure (full or read-only disk, ...), 2 bad input, "
+                              "75 stopped by a signal (SIGTERM, SIGUSR1) after writing a checkpoint, 130 Ctrl-C.")
     p.add_argument("recipe", help="YAML recipe (see recipes/)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted recipe overrides, e.g. data.root=DIR model.checkpoint=FILE output_dir=RUN")
-    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in output_dir from its newest valid checkpoint (train.epochs / "
+                        "train.max_steps may grow to extend a run)")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="resume when output_dir has a checkpoint, else start fresh: the same command for the first "
+                        "run and every requeue")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     p.add_argument("--quiet", action="store_true", help="no progress bar or tables")
     p.set_defaults(func=_distill)
@@ -201,6 +241,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Aborted as e:
         print(f"phreg: aborted: {e}", file=sys.stderr)
+        return 1
+    except DiskError as e:
+        print(f"phreg: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a write not wrapped in `writing`: still one line
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        print(f"phreg: error: {e.strerror}: {e.filename}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("phreg: interrupted", file=sys.stderr)

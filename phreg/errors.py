@@ -3,3 +3,7 @@
 
 class UsageError(Exception):
     """A bad recipe, path, model or argument: the CLI prints it as one line and exits with code 2."""
+
+
+class DiskError(Exception):
+    """A full, read-only or forbidden output folder: the CLI prints it as one line and exits with code 1."""

@@ -111,7 +111,10 @@ class TrainCfg:
     log_every: int = opt(10, ge=1)
     eval_every: int = opt(0, ge=0)
     save_every: int = opt(500, ge=0)
+    save_every_minutes: float = opt(10.0, ge=0)
     keep_last: int = opt(2, ge=1)
+    trackers: list[str] = opt(factory=list)
+    stop_signals: list[str] = opt(factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 @dataclass
@@ -140,6 +143,13 @@ class Recipe:
                 raise UsageError(f"recipe key model.{key}: expected three numbers (std > 0), got {v}")
         if isinstance(self.speed.compile, str) and self.speed.compile != "auto":
             raise UsageError(f"recipe key speed.compile: expected true, false or auto, got {self.speed.compile!r}")
+        for name in t.trackers:
+            if name not in TRACKERS:
+                raise UsageError(f"recipe key train.trackers: expected some of {', '.join(TRACKERS)}, got {name!r}")
+        for name in t.stop_signals:
+            if name not in STOP_SIGNALS:
+                raise UsageError(f"recipe key train.stop_signals: expected some of {', '.join(STOP_SIGNALS)}, got "
+                                 f"{name!r} (Ctrl-C, SIGINT, is always handled)")
         fill = self.views.fill
         if isinstance(fill, str) and fill not in FILLS:
             raise UsageError(f"recipe key views.fill: expected one of {', '.join(FILLS)} or [r, g, b], got {fill!r}")
@@ -148,6 +158,9 @@ class Recipe:
 
 
 FILLS = ("white", "black", "mean")
+# Accelerate's tracker names (`log_with`)
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT", "SIGXCPU")
 
 
 # ----------------------------------------------------------------------------------------------- parsing and checks

@@ -95,8 +95,8 @@ CRASH = textwrap.dedent("""
     import phreg.distill.loop as t
     from phreg.recipe import load_recipe
     real = t.save_checkpoint
-    def crash_after(acc, run, step, keep_last):
-        real(acc, run, step, keep_last)
+    def crash_after(acc, run, step, *args):
+        real(acc, run, step, *args)
         if step == int(sys.argv[1]):
             os._exit(9)  # as abrupt as a kill: no cleanup, no export
     t.save_checkpoint = crash_after

@@ -10,6 +10,7 @@ reused (across `--resume` and across runs that point `cache.dir` at it).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from ..files import write_json
+from .disk import writing
 from ..recipe import Recipe
 
 ARRAY, CROPS, PLANS, META = "targets.npy", "crops.npy", "plans.npy", "meta.json"
@@ -69,12 +71,26 @@ class TargetCache:
         specs = {ARRAY: (dtype, shape), CROPS: (np.uint8, (plans, n, size, size, 3)),
                  PLANS: (np.int16, (plans, n, views, 3))}
         tmp = {name: folder / f".{name}.tmp" for name in specs}
-        if acc.is_main_process:
-            folder.mkdir(parents=True, exist_ok=True)
-            meta.unlink(missing_ok=True)
-            for name, (dt, sh) in specs.items():
-                np.lib.format.open_memmap(tmp[name], mode="w+", dtype=dt, shape=sh).flush()
-        acc.wait_for_everyone()
+        try:
+            if acc.is_main_process:
+                with writing("the target cache", folder):
+                    folder.mkdir(parents=True, exist_ok=True)
+                    meta.unlink(missing_ok=True)
+                    for name, (dt, sh) in specs.items():
+                        np.lib.format.open_memmap(tmp[name], mode="w+", dtype=dt, shape=sh).flush()
+                        _allocate(tmp[name])
+            acc.wait_for_everyone()
+            return cls._build(folder, key, dataset, denoiser, acc, plans, specs, tmp, shape, dtype, batch_size,
+                              quiet)
+        except BaseException:
+            if acc.is_main_process:  # a cache that was not finished is only in the way (and may fill the disk)
+                for path in tmp.values():
+                    path.unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def _build(cls, folder, key, dataset, denoiser, acc, plans, specs, tmp, shape, dtype, batch_size, quiet):
+        meta, n = folder / META, len(dataset)
         out, crops, plan_out = (np.load(tmp[name], mmap_mode="r+") for name in (ARRAY, CROPS, PLANS))
         keys = [(k, i) for k in range(plans) for i in range(n)][acc.process_index::acc.num_processes]
         bar = tqdm(total=len(keys), disable=quiet or not acc.is_local_main_process, desc="teacher targets")
@@ -97,6 +113,7 @@ class TargetCache:
         if acc.is_main_process:
             for name in specs:
                 os.replace(tmp[name], folder / name)
+            tmp.clear()
             per_image = sum(int(np.prod(sh[2:])) * np.dtype(dt).itemsize for dt, sh in specs.values())
             write_json(meta, dict(key=key, plans=plans, images=n, shape=list(shape), dtype=dtype.name,
                                   bytes_per_image_plan=per_image,
@@ -104,3 +121,16 @@ class TargetCache:
                                   undecodable_files=sorted(bad)))
         acc.wait_for_everyone()
         return cls(folder)
+
+
+def _allocate(path: Path) -> None:
+    """Reserve the memory map's blocks now: a full disk is then an OSError here, not a SIGBUS in the middle of the
+    build (a memory-mapped write has no way to report it)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):  # filesystems without fallocate
+            raise
+    finally:
+        os.close(fd)

@@ -16,13 +16,16 @@ from pathlib import Path
 import timm
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .. import __version__
-from .cache import TargetCache, cache_key
-from .checkpoints import latest_checkpoint, save_checkpoint
+from .cache import META, TargetCache, cache_key
+from .checkpoints import (checkpoint_dirs, checkpoint_step, latest_checkpoint, load_checkpoint, newest_valid,
+                          save_checkpoint)
+from .disk import check_space, writing
+from .preempt import Preempted, StopRequests
 from ..data import EpochSampler, ImageDataset, collate, scan_images, split_files
 from ..errors import UsageError
 from ..hub.export import export_metadata, export_student
@@ -67,7 +70,7 @@ def skip_if_nonfinite(optimizer, grad_norm: torch.Tensor) -> torch.Tensor:
 
 
 class TrainState:
-    """What a checkpoint must remember besides weights, optimizer and schedule."""
+    """What a checkpoint must remember besides weights and optimizer (the lr schedule is a function of the step)."""
 
     def __init__(self):
         self.step, self.nonfinite, self.images = 0, 0, 0
@@ -84,10 +87,11 @@ class Progress:
     host sync) only when a line is written to metrics.jsonl."""
 
     def __init__(self, acc: Accelerator, path: Path, total: int, initial: int, quiet: bool):
-        self.acc, self.start = acc, time.perf_counter()
+        self.acc, self.start, self.path = acc, time.perf_counter(), path
         self.loss, self.nonfinite = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
         self.micro, self.seen, self.tick = 0, 0, self.start
-        self.file = open(path, "a") if acc.is_main_process else None
+        with writing("metrics", path):
+            self.file = open(path, "a") if acc.is_main_process else None
         self.bar = tqdm(total=total, initial=initial, disable=quiet or not acc.is_local_main_process, desc="distill")
 
     def add(self, loss: torch.Tensor, images: int, found_inf: torch.Tensor | None) -> None:
@@ -112,9 +116,15 @@ class Progress:
         self.micro, self.seen, self.tick = 0, 0, now
 
     def write(self, row: dict) -> None:
+        """One line of metrics.jsonl; the same numbers go to the experiment trackers (`train.trackers`)."""
         if self.file:
-            self.file.write(json.dumps(row) + "\n")
-            self.file.flush()
+            with writing("metrics", self.path):
+                self.file.write(json.dumps(row) + "\n")
+                self.file.flush()
+        if self.acc.trackers:
+            flat = {f"heldout/{k}": v for k, v in row["heldout"].items() if k != "step"} if "heldout" in row else row
+            self.acc.log({k: v for k, v in flat.items() if k != "step"},
+                         step=row["heldout"]["step"] if "heldout" in row else row["step"])
 
     def close(self) -> None:
         self.bar.close()
@@ -122,9 +132,10 @@ class Progress:
             self.file.close()
 
 
-def make_accelerator(recipe: Recipe, cpu: bool = False) -> Accelerator:
+def make_accelerator(recipe: Recipe, cpu: bool = False, run: Path | None = None) -> Accelerator:
     """bf16 autocast on GPU (fp32 master weights and loss), fp32 on CPU; torch.compile of the student through
-    Accelerate's dynamo plugin (after DDP wrapping) when speed.compile says so."""
+    Accelerate's dynamo plugin (after DDP wrapping) when speed.compile says so; `train.trackers` through Accelerate's
+    own tracker support, logging under RUN/logs (TensorBoard: RUN/logs/phreg/)."""
     gpu = torch.cuda.is_available() and not cpu
     cpu = cpu or not gpu  # Accelerate only sees `torchrun` processes on a GPU-less machine as MULTI_CPU when told
     precision = recipe.train.precision
@@ -134,7 +145,10 @@ def make_accelerator(recipe: Recipe, cpu: bool = False) -> Accelerator:
     return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=cpu,
                        gradient_accumulation_steps=recipe.train.grad_accum,
                        dynamo_backend="inductor" if compile_ else "no",
-                       dataloader_config=DataLoaderConfiguration(non_blocking=True))
+                       dataloader_config=DataLoaderConfiguration(non_blocking=True),
+                       log_with=list(recipe.train.trackers) if run is not None and recipe.train.trackers else None,
+                       project_config=ProjectConfiguration(project_dir=str(run), logging_dir=str(run / "logs"))
+                       if run is not None else None)
 
 
 @dataclass
@@ -184,22 +198,94 @@ def train_step(acc: Accelerator, model, teacher: DenoisedTeacher, optimizer, par
     return loss.detach(), found_inf
 
 
-def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool = False) -> Path:
-    """Train a student for `recipe`; returns the run folder (with `export/` when it finished)."""
+# Keys a resumed run may change: where and how often it reports and checkpoints (they do not change the weights),
+# and, to extend a run, how long it trains.
+BOOKKEEPING = {"output_dir", "data.num_workers", "train.log_every", "train.eval_every", "train.save_every",
+               "train.save_every_minutes", "train.keep_last", "train.trackers", "train.stop_signals"}
+LENGTH = {"train.epochs", "train.max_steps"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def changed_keys(old: Recipe, new: Recipe) -> set[str]:
+    a, b = _flat(to_dict(old)), _flat(to_dict(new))
+    return {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+
+
+def started_with(run: Path, recipe: Recipe, flag: str) -> Recipe | None:
+    """The recipe `run` was started with, if any; refuses one that differs in more than length and bookkeeping."""
+    saved = run / "recipe.yaml"
+    if not saved.is_file():
+        return None
+    old = load_recipe(saved)
+    differs = changed_keys(old, recipe) - BOOKKEEPING - LENGTH
+    if differs:
+        raise UsageError(f"{flag}: the recipe differs from the one {run} was started with ({saved}) in "
+                         f"{', '.join(sorted(differs))}; a resumed run may only train longer (train.epochs, "
+                         f"train.max_steps)")
+    return old
+
+
+def _finished(run: Path, checkpoint: Path) -> bool:
+    """Did the run export at the step of its newest checkpoint (a requeued job of a run that is done)?"""
+    try:
+        summary = json.loads((run / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (run / "export" / "model.safetensors").is_file() and summary.get("steps") == checkpoint_step(checkpoint)
+
+
+def _plan(cfg: TrainCfg, steps_per_epoch: int) -> int:
+    return cfg.max_steps or cfg.epochs * steps_per_epoch
+
+
+def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool = False,
+            auto_resume: bool = False) -> Path:
+    """Train a student for `recipe`; returns the run folder (with `export/` when it finished).
+
+    resume: continue from the newest valid checkpoint (damaged ones are moved aside). auto_resume: resume when the run
+    folder has a checkpoint, start fresh when it has none. A resumed recipe may raise train.epochs / train.max_steps:
+    the lr schedule is then the one the longer plan defines at each step (see README, "Long runs and clusters").
+    Stops with `Preempted` after writing a checkpoint on a stop signal or Ctrl-C.
+    """
     run, cfg = Path(recipe.output_dir), recipe.train
-    checkpoint = latest_checkpoint(run)
-    if resume and checkpoint is None:
+    flag = "--auto-resume" if auto_resume and not resume else "--resume"
+    found = latest_checkpoint(run)
+    resume = resume or (auto_resume and found is not None)
+    if resume and found is None:
         raise UsageError(f"--resume: no checkpoint in {run / 'checkpoints'}")
-    if not resume and checkpoint is not None:
+    if not resume and found is not None:
         raise UsageError(f"{run} already holds a run; pass --resume to continue it or choose another output_dir")
+    old = None
     if resume:
-        saved = run / "recipe.yaml"
-        if saved.is_file() and recipe_hash(load_recipe(saved)) != recipe_hash(recipe):
-            raise UsageError(f"--resume: the recipe differs from the one {run} was started with ({saved})")
+        old = started_with(run, recipe, flag)
+        if old is not None and _finished(run, found) and not changed_keys(old, recipe) & LENGTH:
+            if not quiet:
+                print(f"{run} already finished at step {checkpoint_step(found)}; nothing to do")
+            return run
+    elif auto_resume and (run / "export").is_dir():  # no checkpoint left, but a finished export
+        started_with(run, recipe, flag)
 
     began = time.perf_counter()
-    acc = make_accelerator(recipe, cpu)
+    acc = make_accelerator(recipe, cpu, run)
     say = (lambda *a: None) if quiet else acc.print
+    checkpoint = None
+    if resume:  # the main process verifies and moves damaged checkpoints aside; then all see the same newest one
+        if acc.is_main_process:
+            newest_valid(run)
+        acc.wait_for_everyone()
+        checkpoint = latest_checkpoint(run)
+        if checkpoint is None:
+            raise UsageError(f"{flag}: no valid checkpoint left in {run / 'checkpoints'} (damaged ones were moved "
+                             f"aside, see above); start again without {flag} into another output_dir")
     files, unreadable = scan_images(recipe.data.root)
     files, val_files = split_files(files, recipe.data.val_split, recipe.seed)
     if recipe.data.val_root:
@@ -210,11 +296,14 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
     say(unlocked_table(parts.student, parts.groups))
     data = ImageDataset(files, m.img_size, parts.mean, parts.std, recipe.seed, recipe.data.resize, train=True,
                         make_plan=targets.plan_fn())
+    cache_folder = (Path(recipe.cache.dir) if recipe.cache.dir else run / "target_cache") if recipe.cache.enabled \
+        else None
+    key = cache_key(recipe, files) if cache_folder else None
+    space = check_space(_disk_needs(recipe, parts, data, run, cache_folder, key))
     cache_s = time.perf_counter()
-    if recipe.cache.enabled:
-        folder = Path(recipe.cache.dir) if recipe.cache.dir else run / "target_cache"
-        data.cache = TargetCache.open_or_build(folder, cache_key(recipe, files), data, targets, acc,
-                                               recipe.cache.plans, recipe.cache.dtype, cfg.batch_size, quiet)
+    if cache_folder:
+        data.cache = TargetCache.open_or_build(cache_folder, key, data, targets, acc, recipe.cache.plans,
+                                               recipe.cache.dtype, cfg.batch_size, quiet)
     cache_s = time.perf_counter() - cache_s
     workers = 0 if data.cache else recipe.data.num_workers  # cached batches are memory-map reads: no decoding
     loader = DataLoader(data, cfg.batch_size, sampler=EpochSampler(len(data), recipe.seed), collate_fn=collate,
@@ -222,51 +311,84 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
                         pin_memory=acc.device.type == "cuda")
     model, optimizer, loader = acc.prepare(parts.model, parts.optimizer, loader)
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lr_factor(cfg, total))
+    total = _plan(cfg, steps_per_epoch)
     state = TrainState()
-    acc.register_for_checkpointing(scheduler, state)
     heldout = HeldOut.from_files(val_files, targets, recipe, acc.device, recipe.data.val_limit) if val_files else None
 
     if resume:
-        acc.load_state(str(checkpoint))
-        say(f"resumed from {checkpoint} at step {state.step}")
-    elif acc.is_main_process:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "metrics.jsonl").unlink(missing_ok=True)
-        save_recipe(recipe, run / "recipe.yaml")
+        state.load_state_dict(load_checkpoint(acc, checkpoint, model, optimizer)["train"])
+        planned = _plan(old.train, steps_per_epoch) if old else total
+        if total < max(planned, state.step):
+            raise UsageError(f"{flag}: {run} was planned for {planned} steps and is at step {state.step}; a resumed "
+                             f"run can train longer (train.epochs, train.max_steps) but not shorter ({total} steps)")
+        say(f"resumed from {checkpoint} at step {state.step}" + (f", extended to {total} steps" if total > planned
+                                                                else ""))
+    if acc.is_main_process:
+        with writing("the run's recipe", run / "recipe.yaml"):
+            run.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                (run / "metrics.jsonl").unlink(missing_ok=True)
+            save_recipe(recipe, run / "recipe.yaml")
+    # LambdaLR from the step: a fresh run starts at 0; a resumed one continues at its step (with the optimizer's
+    # `initial_lr`), on the schedule of `total`, which is longer than the saved one when the run is extended.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lr_factor(cfg, total), last_epoch=state.step - 1)
+    if cfg.trackers:
+        acc.init_trackers("phreg", config=_tracker_config(recipe),
+                          init_kwargs={"wandb": {"name": run.name}, "mlflow": {"run_name": run.name}})
     say(f"{len(files)} training images, {len(val_files)} held out, {len(unreadable)} unreadable; "
         f"{steps_per_epoch} steps/epoch, {total} steps, {acc.num_processes} process(es) on {acc.device}, "
         f"precision {acc.mixed_precision}")
+    say(f"disk: {space}")
 
     bad: set[str] = set(data.cache.meta.get("undecodable_files", [])) if data.cache else set()
     progress = Progress(acc, run / "metrics.jsonl", total, state.step, quiet)
     scored = None  # the latest held-out score
-    while state.step < total:
-        epoch, skip = divmod(state.step, steps_per_epoch)
-        batches = acc.skip_first_batches(loader, skip * cfg.grad_accum) if skip else loader
-        batches.set_epoch(epoch)  # Accelerate's loaders re-set the sampler's epoch from their own counter
-        for batch in batches:
-            loss, found_inf = train_step(acc, model, targets, optimizer, parts.params, batch, cfg)
-            progress.add(loss, len(batch["image"]) * acc.num_processes, found_inf)
-            bad.update(batch["bad"])
-            if found_inf is None:  # accumulating gradients
-                continue
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            state.step += 1
-            if state.step % cfg.log_every == 0 or state.step == total:
-                progress.log(state, epoch, lr)
-                if state.nonfinite > cfg.max_nonfinite:
-                    raise Aborted(f"{state.nonfinite} steps had a non-finite loss or gradient "
-                                  f"(train.max_nonfinite={cfg.max_nonfinite}); lower train.lr or check the data")
-            if heldout and cfg.eval_every and state.step % cfg.eval_every == 0:
-                scored = _score_heldout(heldout, parts.student, state.step, progress, say)
-            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total:
-                save_checkpoint(acc, run, state.step, cfg.keep_last)
-            if state.step >= total:
-                break
-    save_checkpoint(acc, run, state.step, cfg.keep_last)
+    saved_step = state.step if resume else None
+
+    def save(stop: StopRequests) -> Path:
+        stop.saving = True  # signals now wait until the checkpoint is complete
+        try:
+            return save_checkpoint(acc, run, state.step, cfg.keep_last, model, optimizer,
+                                   dict(train=state.state_dict()))
+        finally:
+            stop.saving = False
+            stop.saved()
+
+    with StopRequests(acc, cfg.stop_signals, cfg.save_every_minutes) as stop:
+        while state.step < total:
+            epoch, skip = divmod(state.step, steps_per_epoch)
+            batches = acc.skip_first_batches(loader, skip * cfg.grad_accum) if skip else loader
+            batches.set_epoch(epoch)  # Accelerate's loaders re-set the sampler's epoch from their own counter
+            for batch in batches:
+                loss, found_inf = train_step(acc, model, targets, optimizer, parts.params, batch, cfg)
+                progress.add(loss, len(batch["image"]) * acc.num_processes, found_inf)
+                bad.update(batch["bad"])
+                if found_inf is None:  # accumulating gradients
+                    continue
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                state.step += 1
+                if state.step % cfg.log_every == 0 or state.step == total:
+                    progress.log(state, epoch, lr)
+                    if state.nonfinite > cfg.max_nonfinite:
+                        raise Aborted(f"{state.nonfinite} steps had a non-finite loss or gradient "
+                                      f"(train.max_nonfinite={cfg.max_nonfinite}); lower train.lr or check the data")
+                if heldout and cfg.eval_every and state.step % cfg.eval_every == 0:
+                    scored = _score_heldout(heldout, parts.student, state.step, progress, say)
+                stopping, due = stop.poll()
+                if state.step >= total:
+                    break
+                if stopping:
+                    if progress.micro:
+                        progress.log(state, epoch, lr)
+                    where = save(stop)
+                    progress.close()
+                    acc.end_training()
+                    raise Preempted(state.step, where, stop.requested or "a stop signal to another process")
+                if due or (cfg.save_every and state.step % cfg.save_every == 0):
+                    save(stop)
+        if saved_step != state.step:  # not when a finished run was resumed at its last step
+            save(stop)
     wall = time.perf_counter() - progress.start
     if heldout and not (scored and scored["step"] == state.step):
         scored = _score_heldout(heldout, parts.student, state.step, progress, say)
@@ -274,20 +396,48 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
     if acc.is_main_process:
         export_student(acc.unwrap_model(model).model, run / "export", mean=parts.mean, std=parts.std,
                        metadata=export_metadata(recipe, state.step))
-        write_json(run / "summary.json", dict(
-            phreg_version=__version__, base_model=m.name, recipe_hash=recipe_hash(recipe), steps=state.step,
-            images_seen=state.images, wall_s=round(wall, 1), nonfinite_steps=state.nonfinite,
-            unreadable_files=[str(p) for p in unreadable], undecodable_files=sorted(bad),
-            heldout=scored, hardware=_hardware(acc),
-            timings=dict(total_s=round(time.perf_counter() - began, 1), cache_s=round(cache_s, 1),
-                         train_s=round(wall, 1)), versions=dict(torch=torch.__version__, timm=timm.__version__),
-            recipe=to_dict(recipe)))
+        with writing("the run summary", run / "summary.json"):
+            write_json(run / "summary.json", dict(
+                phreg_version=__version__, base_model=m.name, recipe_hash=recipe_hash(recipe), steps=state.step,
+                images_seen=state.images, wall_s=round(wall, 1), nonfinite_steps=state.nonfinite,
+                unreadable_files=[str(p) for p in unreadable], undecodable_files=sorted(bad),
+                heldout=scored, hardware=_hardware(acc),
+                timings=dict(total_s=round(time.perf_counter() - began, 1), cache_s=round(cache_s, 1),
+                             train_s=round(wall, 1)), versions=dict(torch=torch.__version__, timm=timm.__version__),
+                recipe=to_dict(recipe)))
         if unreadable or bad:
             say(f"skipped {len(unreadable) + len(bad)} unreadable image file(s); see {run / 'summary.json'}")
         say(f"exported {run / 'export'} in {wall:.0f}s")
     acc.wait_for_everyone()
     acc.end_training()
     return run
+
+
+def _disk_needs(recipe: Recipe, parts: Parts, data: ImageDataset, run: Path, cache_folder: Path | None,
+                key: str | None) -> list[tuple[Path, int, str]]:
+    """What the run will still write: keep_last + 1 checkpoints at the peak (the new one lands before the oldest
+    goes), the target cache unless it is already complete, and the export."""
+    weights = sum(t.numel() * 4 for t in parts.student.state_dict().values())  # float32 in checkpoint and export
+    moments = sum(p.numel() * 4 * 2 for p in parts.params)  # AdamW: exp_avg, exp_avg_sq
+    checkpoint = weights + moments + (64 << 10)
+    count = max(1, recipe.train.keep_last + 1 - len(checkpoint_dirs(run)))
+    needs = [(run / "checkpoints", count * checkpoint, f"{count} checkpoint{'s' if count > 1 else ''}"),
+             (run / "export", weights, "export")]
+    if cache_folder is not None:
+        meta = cache_folder / META
+        done = meta.is_file() and json.loads(meta.read_text()).get("key") == key
+        if not done:
+            t, n = parts.teacher, len(data)
+            per = (t.num_patches * t.dim * (2 if recipe.cache.dtype == "float16" else 4) + data.size ** 2 * 3
+                   + recipe.views.num * 3 * 2)
+            needs.append((cache_folder, recipe.cache.plans * n * per, "target cache"))
+    return needs
+
+
+def _tracker_config(recipe: Recipe) -> dict:
+    """The recipe as flat scalars (TensorBoard's hparams take no lists or None)."""
+    flat = _flat(to_dict(recipe))
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in flat.items()}
 
 
 def _score_heldout(heldout: HeldOut, student, step: int, progress: Progress, say) -> dict:

@@ -31,10 +31,13 @@ def export_metadata(recipe, steps: int) -> dict[str, str]:
 
 def export_student(student: VisionTransformer, out: str | Path, mean, std, metadata: dict[str, str]) -> Path:
     """Write the export folder atomically; `metadata` (str -> str) goes into the safetensors header."""
+    from ..distill.disk import writing
+
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with writing("the export", out), atomic_dir(out) as tmp:
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in student.state_dict().items()}
-        safetensors.torch.save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt", **metadata})
+        # written by Python, not by safetensors' Rust writer: a full disk is then an OSError with its errno
+        (tmp / WEIGHTS).write_bytes(safetensors.torch.save(tensors, metadata={"format": "pt", **metadata}))
         _sort_metadata(tmp / WEIGHTS)
         save_config_for_hf(student, tmp / CONFIG,
                            model_config=dict(pretrained_cfg=dict(mean=tuple(mean), std=tuple(std))))
@@ -73,14 +76,15 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
     from ..backbones import add_registers
     from ..models import _create, check_img_size, normalization
     from ..recipe import load_recipe
-    from ..distill.checkpoints import latest_checkpoint
+    from ..distill.checkpoints import checkpoint_step, newest_valid
 
     run = Path(run)
     if not (run / "recipe.yaml").is_file():
         raise UsageError(f"{run} is not a phreg run folder (no recipe.yaml)")
-    checkpoint = latest_checkpoint(run)
-    if checkpoint is None or not (checkpoint / WEIGHTS).is_file():
-        raise UsageError(f"{run} has no checkpoint to export (expected {run / 'checkpoints' / 'step_N' / WEIGHTS})")
+    checkpoint = newest_valid(run, move_aside=False)  # a damaged newer one is reported and skipped
+    if checkpoint is None:
+        raise UsageError(f"{run} has no valid checkpoint to export (expected {run / 'checkpoints' / 'step_N'} with "
+                         f"its manifest.json)")
     out = Path(out) if out is not None else run / "export"
     if not replaceable(out, {WEIGHTS, CONFIG}):
         raise UsageError(f"refusing to replace {out}: it exists and is not an export folder; choose a new folder")
@@ -98,5 +102,5 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
     except RuntimeError as e:
         raise UsageError(f"checkpoint {checkpoint} does not fit the run's recipe: {str(e).splitlines()[0]}") from None
     mean, std = normalization(empty, m)
-    steps = int(checkpoint.name.split("_")[1])
+    steps = checkpoint_step(checkpoint)
     return export_student(student, out, mean, std, export_metadata(recipe, steps))

@@ -1,0 +1,96 @@
+"""Stopping cleanly: preemption signals, Ctrl-C and timed checkpoints, agreed on by every process.
+
+Clusters announce the end of a job with a signal (SLURM `--signal`, Kubernetes and spot instances SIGTERM) and kill it
+a little later. On such a signal (`train.stop_signals`, default SIGTERM and SIGUSR1) or a first Ctrl-C the loop
+finishes the optimizer step it is in, writes a checkpoint and stops with `Preempted`; a second Ctrl-C before the
+checkpoint starts quits at once (the previous checkpoint stays valid), and signals that arrive while the checkpoint is
+being written wait until it is complete.
+
+Under DDP every process must stop (and save) after the same step. Each process keeps two local flags, "stop" and "a
+timed checkpoint is due", and the flags are max-reduced at step boundaries through an asynchronous all-reduce on the
+CPU (gloo): the result of step t's reduce is read at step t+1, so it costs no host-device sync and never waits for a
+slow rank, and every process reads the same result, so all of them stop after the same step.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after writing a checkpoint; the CLI prints how to resume."""
+
+    def __init__(self, step: int, checkpoint, signame: str):
+        super().__init__(f"preempted at step {step} by {signame}")
+        self.step, self.checkpoint, self.signame = step, checkpoint, signame
+
+
+def signal_number(name: str) -> int:
+    name = name.upper()
+    return getattr(signal, name if name.startswith("SIG") else f"SIG{name}")
+
+
+class StopRequests:
+    """Install with `with StopRequests(...) as stop:`; call `stop.poll()` once per optimizer step (every process).
+
+    poll() -> (stop, save_due): stop after this step / write a timed checkpoint now."""
+
+    def __init__(self, acc, signals: list[str], save_every_minutes: float, say=None):
+        self.acc, self.say = acc, say or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.signals = [signal.SIGINT, *(signal_number(s) for s in signals)]
+        self.every_s = save_every_minutes * 60
+        self.requested: str | None = None  # name of the first signal received
+        self.saving = False
+        self.last_save = time.monotonic()
+        self.old = {}
+        self.group, self.pending = None, None
+        if acc.num_processes > 1:
+            # flags travel through gloo on the CPU: an NCCL reduce would need a device tensor and a sync to read it
+            self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+            self.flags = torch.zeros(2)
+
+    def __enter__(self) -> "StopRequests":
+        for sig in self.signals:
+            self.old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested is None:
+            self.requested = name
+            if self.acc.is_local_main_process:
+                extra = "; Ctrl-C again to quit without one" if signum == signal.SIGINT else ""
+                self.say(f"phreg: {name}: stopping after this step with a checkpoint{extra}")
+        elif signum == signal.SIGINT and not self.saving:
+            raise KeyboardInterrupt  # the second Ctrl-C: the user means it; the last checkpoint stays valid
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
+
+    def poll(self) -> tuple[bool, bool]:
+        due = self.every_s > 0 and time.monotonic() - self.last_save >= self.every_s
+        local = (self.requested is not None, due)
+        if self.group is None and self.acc.num_processes == 1:
+            return local
+        agreed = (False, False)
+        if self.pending is not None:  # the reduce issued one step ago; identical on every process
+            self.pending.wait()
+            agreed = (bool(self.flags[0] > 0), bool(self.flags[1] > 0))
+        if agreed[1]:
+            self.saved()  # every process resets its timer before sending its next flags
+            local = (local[0], False)
+        self.flags = torch.tensor([float(local[0]), float(local[1] and not agreed[1])])
+        self.pending = dist.all_reduce(self.flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return agreed

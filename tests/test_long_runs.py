@@ -1,0 +1,236 @@
+"""Runs that survive clusters: preemption signals, damaged checkpoints, full disks, extended runs, trackers, and run
+folders from strangers (nothing in a checkpoint is unpickled)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import fresh_accelerate_state, tiny, weights  # noqa: F401  (the fixture is autouse)
+
+from phreg.distill.checkpoints import checkpoint_dirs, damage
+from phreg.distill.loop import distill
+from phreg.errors import UsageError
+from phreg.recipe import save_recipe
+
+# `phreg` in a subprocess, optionally with hooks installed first (they stand in for a cluster's misfortunes).
+LAUNCH = textwrap.dedent("""
+    import os, signal, sys
+    hook = os.environ.get("HOOK", "")
+    if hook == "signals_while_saving":  # a second SIGTERM and a Ctrl-C while the checkpoint is being written
+        import phreg.distill.checkpoints as c
+        real = c._write
+        def write(path, data, what):
+            if path.name == "model.safetensors":
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGINT)
+            return real(path, data, what)
+        c._write = write
+    if hook == "enospc_at_step_4":  # the disk fills up while checkpoint 4 is written
+        import errno, builtins
+        import phreg.distill.checkpoints as c
+        def full(path, mode="r", *a, **k):
+            if "step_00000004" in str(path) and "w" in mode:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            return builtins.open(path, mode, *a, **k)
+        c.open = full
+    if hook == "no_space_check":  # let the run start on a disk too small for it
+        import phreg.distill.loop as loop
+        loop.check_space = lambda needs: "not checked"
+    if hook == "tiny_disk":  # the filesystem reports 50 MB free
+        import shutil, collections
+        usage = collections.namedtuple("usage", "total used free")
+        shutil.disk_usage = lambda p: usage(10**9, 10**9 - 50 * 10**6, 50 * 10**6)
+    from phreg.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def phreg(*args, hook: str = "", wait: bool = True):
+    cmd = [sys.executable, "-c", LAUNCH, *map(str, args)]
+    env = {**os.environ, "HOOK": hook, "HF_HUB_OFFLINE": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def logged_steps(run: Path) -> list[int]:
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [json.loads(ln)["step"] for ln in lines if '"step"' in ln and "heldout" not in ln]
+
+
+def preempt(args: list, run: Path, signum: int, after: int, hook: str = "") -> tuple[subprocess.CompletedProcess, int]:
+    """Start a run, send `signum` once it has logged step `after`, wait for it to stop."""
+    proc = phreg(*args, hook=hook, wait=False)
+    deadline = time.monotonic() + 240
+    while not (logged_steps(run) and logged_steps(run)[-1] >= after):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=240)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), after
+
+
+def one_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.strip().splitlines() if ln.startswith("phreg:")]
+    assert "Traceback" not in stderr, stderr
+    return lines[-1]
+
+
+def test_a_signal_checkpoints_and_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, dinov2_file):
+    """SIGTERM (plain --resume) and SIGUSR1 (--auto-resume, with a second SIGTERM and a Ctrl-C arriving while the
+    checkpoint is written) at random steps: both runs end bitwise equal to one that was never stopped."""
+    recipe = save_recipe(tiny(tmp_path, dinov2_file, "train.batch_size=1", "train.max_steps=12",
+                              "train.save_every_minutes=0", "cache.enabled=true", "cache.plans=2"),
+                         tmp_path / "recipe.yaml")
+    straight, term, usr1 = tmp_path / "straight", tmp_path / "term", tmp_path / "usr1"
+    done = phreg("distill", recipe, f"output_dir={straight}", "--quiet")
+    assert done.returncode == 0, done.stderr
+    rng = random.Random()
+
+    stopped, after = preempt(["distill", recipe, f"output_dir={term}", "--quiet"], term, signal.SIGTERM,
+                             rng.randint(1, 5))
+    assert stopped.returncode == 75, stopped.stderr
+    line = one_line(stopped.stderr)
+    step = int(line.split("preempted at step ")[1].split()[0])
+    assert after <= step < 12 and [p.name for p in checkpoint_dirs(term)] == [f"step_{step:08d}"]
+    assert line.endswith(f"resume with: phreg distill {recipe} output_dir={term} --quiet --resume"), line
+    assert not (term / "export").exists() and damage(checkpoint_dirs(term)[0]) is None
+    again = shlex.split(line.split("resume with: ")[1])[1:]  # the command the user is told to run
+    resumed = phreg(*again)
+    assert resumed.returncode == 0, resumed.stderr
+
+    args = ["distill", recipe, f"output_dir={usr1}", "--quiet", "--auto-resume"]
+    stopped, after = preempt(args, usr1, signal.SIGUSR1, rng.randint(1, 5), hook="signals_while_saving")
+    assert stopped.returncode == 75, stopped.stderr
+    line = one_line(stopped.stderr)
+    assert "by SIGUSR1" in line and line.endswith(f"resume with: phreg distill {recipe} output_dir={usr1} "
+                                                  "--auto-resume --quiet"), line
+    assert len(checkpoint_dirs(usr1)) == 1 and damage(checkpoint_dirs(usr1)[0]) is None
+    assert phreg(*args).returncode == 0
+
+    a = weights(straight / "export/model.safetensors")
+    for run in (term, usr1):
+        b = weights(run / "export/model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), run
+    assert phreg(*args).stdout.strip() == f"done: {usr1 / 'export'}"  # a requeue of a finished run does nothing
+
+
+class Evil:
+    """A pickle that would create a file when unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_damaged_and_planted_checkpoints_are_moved_aside_and_the_newest_valid_one_is_used(tmp_path, dinov2_file,
+                                                                                         capsys):
+    recipe = tiny(tmp_path, dinov2_file, "train.max_steps=3", "train.save_every=0", "train.keep_last=3",
+                  "train.save_every_minutes=0.000001")  # a timed checkpoint after every step
+    run = distill(recipe, quiet=True)
+    step1, step2, step3 = checkpoint_dirs(run)
+    assert [p.name for p in (step1, step2, step3)] == ["step_00000001", "step_00000002", "step_00000003"]
+    marker = tmp_path / "pwned"
+    # step 3: a pickle planted by someone who also rewrote the manifest to match
+    (step3 / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(Evil(marker)))
+    manifest = json.loads((step3 / "manifest.json").read_text())
+    manifest["files"]["custom_checkpoint_0.pkl"] = dict(bytes=(step3 / "custom_checkpoint_0.pkl").stat().st_size,
+                                                       sha256="x")
+    (step3 / "manifest.json").write_text(json.dumps(manifest))
+    # step 2: truncated, as by a node that died during a copy
+    with open(step2 / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    capsys.readouterr()
+    distill(tiny(tmp_path, dinov2_file, "train.max_steps=4", "train.save_every=0", "train.keep_last=3",
+                 "train.save_every_minutes=0.000001"), resume=True)
+    out, err = capsys.readouterr()
+    warnings = [ln for ln in err.splitlines() if ln.startswith("phreg:")]
+    assert len(warnings) == 2, err
+    assert warnings[0].startswith(f"phreg: warning: checkpoint {step3} is damaged (holds custom_checkpoint_0.pkl, "
+                                  "which phreg never writes nor unpickles)")
+    assert warnings[1].startswith(f"phreg: warning: checkpoint {step2} is damaged (model.safetensors has 1000 bytes")
+    assert f"resumed from {step1} at step 1, extended to 4 steps" in out
+    assert not marker.exists()
+    aside = sorted(p.name.split(".")[0] for p in (run / "checkpoints").iterdir() if ".damaged-" in p.name)
+    assert aside == ["step_00000002", "step_00000003"]  # kept, renamed
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+
+    for folder in checkpoint_dirs(run):  # none valid: one line, exit code 2 (UsageError)
+        (folder / "state.json").write_text("{}")
+    with pytest.raises(UsageError, match="--resume: no valid checkpoint left in"):
+        distill(recipe, resume=True, quiet=True)
+
+
+def test_full_disk_is_one_line_exit_1_and_no_export(tmp_path, dinov2_file):
+    """A real 150 MB tmpfs where the test may mount one (a checkpoint of DINOv2-S is ~100 MB), else a simulated
+    ENOSPC; and the up-front estimate refusing a run that cannot fit."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=150m", "tmpfs", str(disk)],
+                             capture_output=True).returncode == 0
+    try:
+        recipe = save_recipe(tiny(tmp_path, dinov2_file, "train.max_steps=4", "train.save_every=2"),
+                             tmp_path / "recipe.yaml")
+        run = disk / "run"
+        full = phreg("distill", recipe, f"output_dir={run}", "--quiet",
+                     hook="no_space_check" if mounted else "enospc_at_step_4")
+        assert full.returncode == 1, full.stderr
+        line = one_line(full.stderr)
+        assert line.startswith("phreg: error: No space left on device while writing checkpoint step 4 to "
+                               f"{run / 'checkpoints'}"), line
+        assert line.endswith("; free some space there")
+        assert not (run / "export").exists() and not (run / "summary.json").exists()
+        assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000002"]  # no half-written step 4
+        assert damage(run / "checkpoints" / "step_00000002") is None
+
+        refused = phreg("distill", recipe, f"output_dir={disk / 'other'}", "--quiet",
+                        hook="" if mounted else "tiny_disk")
+        assert refused.returncode == 1, refused.stderr
+        assert one_line(refused.stderr).startswith("phreg: error: not enough disk space: the run will write about ")
+        assert not (disk / "other").exists()
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)], check=True)
+
+
+def exp_lr(lr: float, end: float, t: int, total: int) -> float:
+    """The paper's exponential decay, written out: lr at optimizer step t of a `total`-step plan."""
+    return lr * (end / lr) ** (t / total)
+
+
+def test_extending_a_run_follows_the_longer_schedule_and_trackers_log_to_tensorboard(tmp_path, dinov2_file):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    extra = ["train.lr=1e-3", "train.end_lr=1e-5", "train.warmup_steps=0", "train.schedule=exp",
+             "train.trackers=[tensorboard]", "train.batch_size=1", "data.val_split=0.25"]
+    run = distill(tiny(tmp_path, dinov2_file, *extra, "train.max_steps=4"), quiet=True)
+    with pytest.raises(UsageError, match="may only train longer"):
+        distill(tiny(tmp_path, dinov2_file, *extra, "train.max_steps=8", "train.lr=2e-3"), resume=True, quiet=True)
+    distill(tiny(tmp_path, dinov2_file, *extra, "train.max_steps=8"), resume=True, quiet=True)
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    expected = [exp_lr(1e-3, 1e-5, t, 4) for t in range(4)] + [exp_lr(1e-3, 1e-5, t, 8) for t in range(4, 8)]
+    assert [r["lr"] for r in rows] == pytest.approx(expected, rel=1e-12)
+    assert json.loads((run / "summary.json").read_text())["steps"] == 8
+
+    events = EventAccumulator(str(run / "logs" / "phreg"))
+    events.Reload()
+    loss = events.Scalars("loss")
+    assert [e.step for e in loss] == list(range(1, 9))
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+    assert [e.step for e in events.Scalars("heldout/student")] == [4, 8]
