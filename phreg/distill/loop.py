@@ -383,8 +383,9 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
                         progress.log(state, epoch, lr)
                     where = save(stop)
                     progress.close()
+                    stop.settle()
                     acc.end_training()
-                    raise Preempted(state.step, where, stop.requested or "a stop signal to another process")
+                    raise Preempted(state.step, where, stop.requested)
                 if due or (cfg.save_every and state.step % cfg.save_every == 0):
                     save(stop)
         if saved_step != state.step:  # not when a finished run was resumed at its last step

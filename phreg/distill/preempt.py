@@ -44,7 +44,8 @@ class StopRequests:
         self.acc, self.say = acc, say or (lambda line: print(line, file=sys.stderr, flush=True))
         self.signals = [signal.SIGINT, *(signal_number(s) for s in signals)]
         self.every_s = save_every_minutes * 60
-        self.requested: str | None = None  # name of the first signal received
+        self.requested: str | None = None  # name of the first signal received (by any process, once agreed)
+        self.signum = 0
         self.saving = False
         self.last_save = time.monotonic()
         self.old = {}
@@ -62,6 +63,10 @@ class StopRequests:
     def __exit__(self, *exc) -> None:
         for sig, handler in self.old.items():
             signal.signal(sig, handler)
+        self.settle()
+
+    def settle(self) -> None:
+        """Wait for the last flag reduce (before the process group goes away)."""
         if self.pending is not None:
             self.pending.wait()
             self.pending = None
@@ -69,7 +74,7 @@ class StopRequests:
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self.requested is None:
-            self.requested = name
+            self.requested, self.signum = name, signum
             if self.acc.is_local_main_process:
                 extra = "; Ctrl-C again to quit without one" if signum == signal.SIGINT else ""
                 self.say(f"phreg: {name}: stopping after this step with a checkpoint{extra}")
@@ -81,16 +86,17 @@ class StopRequests:
 
     def poll(self) -> tuple[bool, bool]:
         due = self.every_s > 0 and time.monotonic() - self.last_save >= self.every_s
-        local = (self.requested is not None, due)
-        if self.group is None and self.acc.num_processes == 1:
-            return local
+        if self.acc.num_processes == 1:
+            return self.requested is not None, due
         agreed = (False, False)
         if self.pending is not None:  # the reduce issued one step ago; identical on every process
             self.pending.wait()
             agreed = (bool(self.flags[0] > 0), bool(self.flags[1] > 0))
+            if agreed[0] and self.requested is None:  # another process got the signal: report its name
+                self.requested = signal.Signals(int(self.flags[0])).name
         if agreed[1]:
             self.saved()  # every process resets its timer before sending its next flags
-            local = (local[0], False)
-        self.flags = torch.tensor([float(local[0]), float(local[1] and not agreed[1])])
+            due = False
+        self.flags = torch.tensor([float(self.signum), float(due)])
         self.pending = dist.all_reduce(self.flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         return agreed
