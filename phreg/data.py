@@ -7,6 +7,7 @@ and after `--resume`.
 
 from __future__ import annotations
 
+import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -66,8 +67,9 @@ def split_files(files: list[Path], fraction: float, seed: int = 0) -> tuple[list
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decode any common mode to 8-bit RGB: grayscale, palette, alpha (over white), CMYK, 16-bit; EXIF rotation."""
-    with Image.open(path) as img:
+    """Decode any common mode to 8-bit RGB: grayscale, palette, alpha (over white), CMYK, 16-bit; EXIF rotation.
+    `path` may also be an image held by a dataset (`phreg.sources`): anything with `read_bytes()` but a file name."""
+    with Image.open(path if isinstance(path, (str, Path)) else io.BytesIO(path.read_bytes())) as img:
         img.load()
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):

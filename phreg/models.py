@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def load_teacher(cfg: ModelCfg) -> torch.nn.Module:
     check_img_size(_create(name, pretrained=False, device="meta"), size)  # architecture only: no weights, no memory
     if file is not None:
         try:
-            model = timm.create_model(name, img_size=size, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)))
+            model = load_into_meta(name, file, img_size=size)
         except Exception as e:
             raise UsageError(f"checkpoint {file} does not fit {name}: {_first_line(e)}") from None
     else:
@@ -85,6 +86,47 @@ def load_teacher(cfg: ModelCfg) -> torch.nn.Module:
                              f"(download failed: {str(e).split(': ', 2)[-1]})") from None
     model.eval().requires_grad_(False)
     return model
+
+
+def load_into_meta(name: str, file: str | Path, **kwargs) -> torch.nn.Module:
+    """`name` with the weights in `file`, built without a transient copy of them.
+
+    `timm.create_model(pretrained=True)` first fills the model with random weights and then copies a loaded state
+    dict into them: two full copies at once. Here the model is built on the meta device (no memory), the file is read
+    once by timm's own loader (safetensors, or `torch.load(weights_only=True)`), the family's `checkpoint_filter_fn`
+    adapts it as timm would (DINOv2 original keys, `pos_embed` resampling to `img_size`, ...), and
+    `load_state_dict(assign=True)` makes those tensors the model's own.
+    """
+    model = timm.create_model(name, pretrained=False, device="meta", **kwargs)
+    state = timm.models.load_state_dict(str(file))
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
+    expected = model.state_dict()
+    cfg = model.pretrained_cfg
+    classifiers = cfg.get("classifier") or ()
+    for head in (classifiers,) if isinstance(classifiers, str) else classifiers:  # a head the model does not have
+        for key in (f"{head}.weight", f"{head}.bias"):
+            if key in state and (key not in expected or state[key].shape != expected[key].shape):
+                state.pop(key)
+    for key, value in state.items():  # a half-precision file still gives a float32 model, as timm's copy would
+        if key in expected and value.is_floating_point() and value.dtype != expected[key].dtype:
+            state[key] = value.to(expected[key].dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    _init_meta_buffers(model)
+    return model
+
+
+def _init_meta_buffers(model: torch.nn.Module) -> None:
+    """Non-persistent buffers (RoPE tables, ...) are not in a checkpoint: computed again as timm builds them."""
+    for module in model.modules():
+        meta = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
+        for n in meta:
+            module._buffers[n] = torch.empty_like(module._buffers[n], device="cpu")
+        if meta and not hasattr(module, "init_non_persistent_buffers"):
+            raise RuntimeError(f"{type(module).__name__} has buffers {meta} that no checkpoint holds")
+        if meta:
+            module.init_non_persistent_buffers()
 
 
 def normalization(model: torch.nn.Module, cfg: ModelCfg) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -74,6 +74,7 @@ class SpeedCfg:
     fused_attn: bool = True
     compile: Union[bool, str] = "auto"
     teacher_precision: str = opt("auto", choices=("auto", "bf16", "fp32"))
+    grad_checkpointing: bool = False
 
 
 @dataclass

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..files import write_json
 from .disk import writing
 from ..recipe import Recipe
+from ..sources import fingerprint
 
 ARRAY, CROPS, PLANS, META = "targets.npy", "crops.npy", "plans.npy", "meta.json"
 
@@ -31,7 +32,7 @@ ARRAY, CROPS, PLANS, META = "targets.npy", "crops.npy", "plans.npy", "meta.json"
 def cache_key(recipe: Recipe, files: list[Path]) -> str:
     """Everything a target depends on: weights, resolution, views, crops, the files themselves."""
     m, v, d = recipe.model, recipe.views, recipe.data
-    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    stats = fingerprint(files)
     parts = dict(format=2, name=m.name, checkpoint=m.checkpoint, img_size=m.img_size, mean=m.mean, std=m.std,
                  views={k: getattr(v, k) for k in ("num", "max_shift", "flip", "candidates", "fill", "tap")},
                  resize=d.resize, seed=recipe.seed, plans=recipe.cache.plans, dtype=recipe.cache.dtype, files=stats)

@@ -16,6 +16,7 @@ from pathlib import Path
 import timm
 import torch
 from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -26,13 +27,15 @@ from .checkpoints import (checkpoint_dirs, checkpoint_step, latest_checkpoint, l
                           save_checkpoint)
 from .disk import check_space, writing
 from .preempt import Preempted, StopRequests
-from ..data import EpochSampler, ImageDataset, collate, scan_images, split_files
+from ..data import EpochSampler, ImageDataset, collate
+from ..sources import ShardImages, open_sources
 from ..errors import UsageError
 from ..hub.export import export_metadata, export_student
 from ..fastpath import set_fused_attention, teacher_autocast, use_compile
 from ..files import write_json
 from ..denoise.heldout import HeldOut
 from .loss import distill_loss
+from .memory import estimate
 from .unlock import unlock, unlocked_table
 from ..backbones import PatchTokens, add_registers
 from ..models import load_teacher, normalization
@@ -174,6 +177,7 @@ def build_parts(recipe: Recipe, device: torch.device, precision: str = "fp32") -
     student = add_registers(teacher, m.registers, m.register_init, m.register_noise, recipe.seed)
     for model in (teacher, student):
         set_fused_attention(model, speed.fused_attn)
+    student.set_grad_checkpointing(speed.grad_checkpointing)  # timm recomputes each block in backward
     groups = unlock(student, cfg.unlock, cfg.lr, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                   fused=True)
@@ -286,16 +290,23 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
         if checkpoint is None:
             raise UsageError(f"{flag}: no valid checkpoint left in {run / 'checkpoints'} (damaged ones were moved "
                              f"aside, see above); start again without {flag} into another output_dir")
-    files, unreadable = scan_images(recipe.data.root)
-    files, val_files = split_files(files, recipe.data.val_split, recipe.seed)
-    if recipe.data.val_root:
-        val_files, val_unreadable = scan_images(recipe.data.val_root)
-        unreadable += val_unreadable
+    sources = open_sources(recipe.data, recipe.seed)
+    files, val_files, unreadable = sources.train, sources.val, sources.unreadable
+    if sources.streaming and recipe.cache.enabled:
+        raise UsageError("recipe key cache.enabled: the target cache needs random access (an image folder or a "
+                         "Hugging Face dataset); WebDataset shards stream")
     parts = build_parts(recipe, acc.device, "bf16" if acc.mixed_precision == "bf16" else "fp32")
     targets, m = parts.teacher, recipe.model
     say(unlocked_table(parts.student, parts.groups))
-    data = ImageDataset(files, m.img_size, parts.mean, parts.std, recipe.seed, recipe.data.resize, train=True,
-                        make_plan=targets.plan_fn())
+    say(estimate(targets.teacher, parts.student, parts.groups, recipe.views.num, cfg.batch_size,
+                 acc.mixed_precision == "bf16", recipe.speed.grad_checkpointing).line())
+    if sources.streaming:
+        data = ShardImages(files, sources.shard_counts, m.img_size, parts.mean, parts.std, recipe.seed,
+                           recipe.data.resize, targets.plan_fn(), acc.process_index, acc.num_processes,
+                           recipe.data.num_workers, cfg.batch_size)
+    else:
+        data = ImageDataset(files, m.img_size, parts.mean, parts.std, recipe.seed, recipe.data.resize, train=True,
+                            make_plan=targets.plan_fn())
     cache_folder = (Path(recipe.cache.dir) if recipe.cache.dir else run / "target_cache") if recipe.cache.enabled \
         else None
     key = cache_key(recipe, files) if cache_folder else None
@@ -305,11 +316,20 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
         data.cache = TargetCache.open_or_build(cache_folder, key, data, targets, acc, recipe.cache.plans,
                                                recipe.cache.dtype, cfg.batch_size, quiet)
     cache_s = time.perf_counter() - cache_s
-    workers = 0 if data.cache else recipe.data.num_workers  # cached batches are memory-map reads: no decoding
-    loader = DataLoader(data, cfg.batch_size, sampler=EpochSampler(len(data), recipe.seed), collate_fn=collate,
-                        num_workers=workers, persistent_workers=workers > 0,
-                        pin_memory=acc.device.type == "cuda")
-    model, optimizer, loader = acc.prepare(parts.model, parts.optimizer, loader)
+    if sources.streaming:
+        # Each process already reads only its own shards: Accelerate must not split the stream again, only place
+        # batches on the device. Workers restart each epoch so that they see the new epoch's shard order.
+        loader = DataLoader(data, cfg.batch_size, collate_fn=collate, num_workers=recipe.data.num_workers,
+                            pin_memory=acc.device.type == "cuda")
+        loader = prepare_data_loader(loader, acc.device, num_processes=1, process_index=0, put_on_device=True,
+                                     non_blocking=True)
+        model, optimizer = acc.prepare(parts.model, parts.optimizer)
+    else:
+        workers = 0 if data.cache else recipe.data.num_workers  # cached batches are memory-map reads: no decoding
+        loader = DataLoader(data, cfg.batch_size, sampler=EpochSampler(len(data), recipe.seed), collate_fn=collate,
+                            num_workers=workers, persistent_workers=workers > 0,
+                            pin_memory=acc.device.type == "cuda")
+        model, optimizer, loader = acc.prepare(parts.model, parts.optimizer, loader)
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
     total = _plan(cfg, steps_per_epoch)
     state = TrainState()
@@ -335,12 +355,15 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
     if cfg.trackers:
         acc.init_trackers("phreg", config=_tracker_config(recipe),
                           init_kwargs={"wandb": {"name": run.name}, "mlflow": {"run_name": run.name}})
-    say(f"{len(files)} training images, {len(val_files)} held out, {len(unreadable)} unreadable; "
+    streamed = f" (streamed from {len(files)} shards)" if sources.streaming else ""
+    say(f"{sum(sources.shard_counts) if sources.streaming else len(files)} training images{streamed}, "
+        f"{len(val_files)} held out, {len(unreadable)} unreadable; "
         f"{steps_per_epoch} steps/epoch, {total} steps, {acc.num_processes} process(es) on {acc.device}, "
         f"precision {acc.mixed_precision}")
     say(f"disk: {space}")
 
-    bad: set[str] = set(data.cache.meta.get("undecodable_files", [])) if data.cache else set()
+    cache = getattr(data, "cache", None)
+    bad: set[str] = set(cache.meta.get("undecodable_files", [])) if cache else set()
     progress = Progress(acc, run / "metrics.jsonl", total, state.step, quiet)
     scored = None  # the latest held-out score
     saved_step = state.step if resume else None

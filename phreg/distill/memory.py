@@ -1,0 +1,64 @@
+"""What a run will hold in memory, printed before it starts, so a model that cannot fit fails in the first second.
+
+The student's frozen tensors are the teacher's own (`phreg.backbones`), so weights count once; only the unlocked
+tensors have a second copy, a gradient and two AdamW moments. Activations are what autograd keeps per image for the
+student's backward (every block, because gradients flow to the unlocked embeddings below them; one block's input only
+with `speed.grad_checkpointing`) plus the teacher's no-grad working set for the views of one forward chunk. The
+activation figures are estimates (elementwise buffers of a pre-norm ViT block with fused SDPA attention), not
+measurements: `benchmarks/gpu_suite.sh` measures the allocator's peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def block_activation_elems(tokens: int, dim: int, hidden: int) -> int:
+    """Elements autograd keeps for one pre-norm block: norm1 in/out, qkv, attention out, proj out, norm2 in/out,
+    fc1 out, activation out, fc2 out (fused SDPA keeps no L x L matrix)."""
+    return tokens * (9 * dim + 2 * hidden)
+
+
+@dataclass
+class MemoryEstimate:
+    weights: int  # the teacher's tensors (shared with the student)
+    unlocked: int  # the student's own copies of its unlocked tensors
+    optimizer: int  # their gradients and AdamW's two moments
+    student_per_image: int  # activations kept for backward, one image
+    teacher_per_view: int  # no-grad working set of one view in the teacher's forward
+    views: int
+    batch: int
+
+    @property
+    def total(self) -> int:
+        per_image = self.student_per_image + self.teacher_per_view * self.views
+        return self.weights + self.unlocked + self.optimizer + self.batch * per_image
+
+    def line(self) -> str:
+        gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+        return (f"memory estimate: weights {gb(self.weights)} (teacher, shared with the student) + unlocked copies "
+                f"{gb(self.unlocked)}; gradients + AdamW {gb(self.optimizer)}; activations per image "
+                f"{self.student_per_image / 1e6:.0f} MB (student) + {self.views} views x "
+                f"{self.teacher_per_view / 1e6:.0f} MB (teacher); batch {self.batch}: ~{gb(self.total)}")
+
+
+def estimate(teacher: torch.nn.Module, student: torch.nn.Module, groups: list[dict], views: int, batch: int,
+             bf16: bool, checkpointing: bool) -> MemoryEstimate:
+    unlocked = [p for g in groups for p in g["params"]]
+    act = 2 if bf16 else 4
+    dim, depth = student.embed_dim, len(student.blocks)
+    hidden = student.blocks[0].mlp.fc1.out_features
+    s_tokens = student.patch_embed.num_patches + student.num_prefix_tokens
+    t_tokens = teacher.patch_embed.num_patches + teacher.num_prefix_tokens
+    per_block = block_activation_elems(s_tokens, dim, hidden)
+    kept = (depth * s_tokens * dim + per_block) if checkpointing else depth * per_block
+    teacher_view = t_tokens * (4 * dim + 3 * dim + hidden) * 2  # one block's working set, as fastpath.auto_chunk
+    return MemoryEstimate(weights=_bytes(teacher.parameters()) + _bytes(teacher.buffers()),
+                          unlocked=_bytes(unlocked), optimizer=3 * _bytes(unlocked),
+                          student_per_image=kept * act, teacher_per_view=teacher_view * act, views=views, batch=batch)
