@@ -14,6 +14,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from ..errors import UsageError
 from ..files import write_json
 from .disk import writing
 from ..recipe import Recipe
@@ -37,6 +39,34 @@ def cache_key(recipe: Recipe, files: list[Path]) -> str:
                  views={k: getattr(v, k) for k in ("num", "max_shift", "flip", "candidates", "fill", "tap")},
                  resize=d.resize, seed=recipe.seed, plans=recipe.cache.plans, dtype=recipe.cache.dtype, files=stats)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def cache_bytes(images: int, plans: int, tokens: int, dim: int, dtype: str = "float16", img_size: int = 0,
+                views: int = 0) -> int:
+    """Bytes a target cache takes on disk: images x plans x (tokens x dim targets + the uint8 crop + the plan).
+
+    Public so that whole-run disk estimates can add it up with the rest."""
+    per_variant = tokens * dim * np.dtype(dtype).itemsize + img_size * img_size * 3 + views * 3 * 2
+    return images * plans * per_variant
+
+
+def free_bytes(folder: Path) -> int:
+    """Free space on the file system that would hold `folder` (its nearest existing ancestor)."""
+    folder = Path(folder).resolve()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def check_fits(folder: Path, size: int, images: int, plans: int, tokens: int, dim: int, dtype: str) -> str:
+    """The size line printed before building; `UsageError` (one line) when the disk clearly cannot hold it."""
+    what = (f"target cache: {images} images x {plans} plans x {tokens} tokens x {dim} dim x {dtype} "
+            f"(+ crops and plans) = {size / 1e9:.2f} GB in {folder}")
+    free = free_bytes(folder)
+    if size > free:
+        raise UsageError(f"{what}, but only {free / 1e9:.2f} GB are free there; set cache.dir to a larger disk, "
+                         f"lower cache.plans, use cache.dtype=float16, or cache.enabled=false")
+    return what
 
 
 class TargetCache:
@@ -67,8 +97,12 @@ class TargetCache:
             return cls(folder)
         n = len(dataset)
         shape = (plans, n, denoiser.num_patches, denoiser.dim)
-        dtype = np.dtype(dtype)
         size, views = dataset.size, denoiser.cfg.num
+        line = check_fits(folder, cache_bytes(n, plans, denoiser.num_patches, denoiser.dim, dtype, size, views), n,
+                          plans, denoiser.num_patches, denoiser.dim, dtype)
+        if not quiet:
+            acc.print(line)
+        dtype = np.dtype(dtype)
         specs = {ARRAY: (dtype, shape), CROPS: (np.uint8, (plans, n, size, size, 3)),
                  PLANS: (np.int16, (plans, n, views, 3))}
         tmp = {name: folder / f".{name}.tmp" for name in specs}
