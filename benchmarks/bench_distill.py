@@ -9,6 +9,7 @@ the recipe's resolution, views and batch size:
   student    student forward + backward + optimizer step on given targets             images/s
   step       the whole training step with fresh views (the paper's regime)             images/s
   reference  the same step, reference-style (benchmarks/reference.py), same inputs     images/s and the ratio
+  *_compiled with --compile: the step (fresh views) and the student (given targets) under torch.compile
   loader     the DataLoader alone (recipe's workers, pinned memory on GPU)             images/s
 FLOPs per image-step are counted with torch's FlopCounterMode (teacher and student separately); on a GPU the
 achieved TFLOP/s and the fraction of the device's bf16 peak (MFU) are printed too. Peak memory: the CUDA allocator
@@ -191,6 +192,8 @@ def main(argv=None) -> dict:
         compile_s = time.perf_counter() - t0
         record("step_compiled", lambda: train_step(acc, model_c, parts_c.teacher, parts_c.optimizer, parts_c.params,
                                                    batch, cfg), first_call_s=round(compile_s, 1))
+        record("student_compiled", lambda: train_step(acc, model_c, parts_c.teacher, parts_c.optimizer,
+                                                      parts_c.params, with_target, cfg))
     loader = DataLoader(data, b, sampler=EpochSampler(len(data), recipe.seed), collate_fn=collate,
                         num_workers=recipe.data.num_workers, pin_memory=device.type == "cuda")
     t0, n = time.perf_counter(), 0

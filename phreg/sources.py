@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import tarfile
 from dataclasses import dataclass
@@ -303,11 +304,19 @@ class Sources:
         return self.shard_counts is not None
 
 
+def _require(root_kind: str, root) -> None:
+    module = {"hf": "datasets", "wds": "webdataset"}.get(root_kind)
+    if module and importlib.util.find_spec(module) is None:
+        raise UsageError(f"data {root} is read with {module}, which is not installed: pip install 'phreg[data]'")
+
+
 def open_sources(data, seed: int) -> Sources:
     """Resolve `data.root`, `data.val_split` and `data.val_root` into what training and held-out scoring read."""
     from .data import scan_images
 
     root_kind = kind(data.root)
+    for root in (data.root, data.val_root):
+        _require(kind(root) if root else "folder", root)
     unreadable: list = []
     counts, val = None, []
     if root_kind == "folder":
