@@ -7,6 +7,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from conftest import MODEL
 
@@ -110,3 +111,24 @@ def test_streaming_sources_refuse_what_needs_random_access(tmp_path, dinov2_file
         distill(run_recipe(tmp_path, dinov2_file, pattern, "cache.enabled=true"), quiet=True)
     with pytest.raises(UsageError, match="not found"):
         shard_urls(str(tmp_path / "nothing-{000..001}.tar"))
+
+
+def test_webdataset_resume_replays_the_same_stream(tmp_path, camvid):
+    """`--resume` skips the batches already trained on: the rest of the epoch is the same stream (same workers)."""
+    from accelerate import Accelerator
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    from phreg.data import collate
+
+    pattern = write_shards(tmp_path / "shards", frames(camvid, 8), per_shard=2)
+    urls = shard_urls(pattern)
+    data = ShardImages(urls, [count_samples(u) for u in urls], 28, (0.5,) * 3, (0.5,) * 3, seed=2,
+                       make_plan=lambda rng: torch.as_tensor(rng.integers(0, 100, 3)), workers=2, batch_size=2)
+    loader = prepare_data_loader(DataLoader(data, 2, collate_fn=collate, num_workers=2), num_processes=1,
+                                 process_index=0)
+    loader.set_epoch(1)
+    full = [(b["index"].tolist(), b["image"].sum().item()) for b in loader]
+    skipped = Accelerator(cpu=True).skip_first_batches(loader, 2)
+    skipped.set_epoch(1)
+    assert len(full) == 4 and [(b["index"].tolist(), b["image"].sum().item()) for b in skipped] == full[2:]
