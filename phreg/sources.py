@@ -169,8 +169,8 @@ class ShardImages(IterableDataset):
     a worker visits its shards in an order drawn from (seed, epoch, rank, worker) and their samples in tar order (the
     WebDataset convention: shuffle samples when writing shards). A sample's crop and view plan come from
     `default_rng([seed, epoch, id])` where id is its position in the whole shard list, exactly as for a file.
-    Every process yields the same number of samples per epoch, a whole number of batches per worker (the tail of the
-    largest shards is left out), so DDP ranks never wait on each other. An undecodable sample is replaced by the next
+    Every process yields the same number of samples per epoch, a whole number of batches per worker (what does not
+    fill whole batches is left out, at the end of a worker's epoch), so DDP ranks never wait on each other. An undecodable sample is replaced by the next
     decodable one of the same worker and reported in `bad`.
     """
 
