@@ -100,7 +100,8 @@ def peak_memory(s: dict, name: str, weights: Path, device: torch.device) -> dict
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
         recipe = load_recipe(RECIPE, overrides(s, name, weights, f"speed.grad_checkpointing={ckpt}",
-                                               "speed.compile=false"))
+                                               "speed.compile=false", "train.lr=1e-3", "train.end_lr=1e-4",
+                                           "train.batch_size=4", "cache.enabled=true", "cache.plans=1"))
         acc = make_accelerator(recipe, cpu=device.type == "cpu")
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -131,7 +132,9 @@ def peak_memory(s: dict, name: str, weights: Path, device: torch.device) -> dict
 
 
 def loss_run(s: dict, weights: Path, cpu: bool, tmp: Path) -> dict:
-    """`phreg distill` for a few steps on the embedded photos: the loss must fall."""
+    """`phreg distill` for a few steps on the embedded photos: the loss must fall. Every step sees all four photos
+    (batch 4) with the same crops and views (a one-plan target cache), at lr 1e-3: with fresh views each step the
+    change of targets from step to step is larger than what a few steps learn."""
     from accelerate.state import AcceleratorState, GradientState
 
     from phreg.distill.loop import distill
@@ -142,7 +145,8 @@ def loss_run(s: dict, weights: Path, cpu: bool, tmp: Path) -> dict:
     recipe = load_recipe(RECIPE, overrides(s, s["base"], weights, f"output_dir={tmp / 'run'}",
                                            f"train.max_steps={s['run_steps']}", "train.log_every=1",
                                            "train.save_every=0", "data.val_split=0", "data.val_root=null",
-                                           "speed.compile=false"))
+                                           "speed.compile=false", "train.lr=1e-3", "train.end_lr=1e-4",
+                                           "train.batch_size=4", "cache.enabled=true", "cache.plans=1"))
     t0 = time.perf_counter()
     run = distill(recipe, cpu=cpu, quiet=True)
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
