@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .. import __version__
-from .cache import META, TargetCache, cache_key
+from .cache import META, TargetCache, cache_bytes, cache_key
 from .checkpoints import (checkpoint_dirs, checkpoint_step, latest_checkpoint, load_checkpoint, newest_valid,
                           save_checkpoint)
 from .disk import check_space, writing
@@ -451,10 +451,9 @@ def _disk_needs(recipe: Recipe, parts: Parts, data: ImageDataset, run: Path, cac
         meta = cache_folder / META
         done = meta.is_file() and json.loads(meta.read_text()).get("key") == key
         if not done:
-            t, n = parts.teacher, len(data)
-            per = (t.num_patches * t.dim * (2 if recipe.cache.dtype == "float16" else 4) + data.size ** 2 * 3
-                   + recipe.views.num * 3 * 2)
-            needs.append((cache_folder, recipe.cache.plans * n * per, "target cache"))
+            t = parts.teacher
+            needs.append((cache_folder, cache_bytes(len(data), recipe.cache.plans, t.num_patches, t.dim,
+                                                    recipe.cache.dtype, data.size, recipe.views.num), "target cache"))
     return needs
 
 
