@@ -76,6 +76,11 @@ def _eval(args) -> int:
     from .eval.inspection import check_views
     from .models import load_run_teacher, load_spec
 
+    if args.masks and args.num_classes is None and not args.classes:
+        raise UsageError("--masks needs --num-classes")
+    zeroshot = _zeroshot_inputs(args) if args.classes else None  # cheap checks first, then the models
+    if zeroshot is not None:
+        zeroshot["heads"] = (args.teacher_head, args.student_head)
     student = load_spec(args.student, args.img_size)
     if args.teacher:
         teacher = load_spec(args.teacher, student.img_size, args.teacher_checkpoint)
@@ -83,13 +88,6 @@ def _eval(args) -> int:
         teacher = load_run_teacher(student.run, student.img_size)
     else:
         raise UsageError("--teacher is required unless --student is a phreg run folder")
-    if args.masks and args.num_classes is None and not args.classes:
-        raise UsageError("--masks needs --num-classes")
-    zeroshot = _zeroshot_inputs(args) if args.classes else None
-    if zeroshot is not None:
-        zeroshot["heads"] = (args.teacher_head, args.student_head)
-        if args.num_classes is None:  # the linear probe runs on the same masks
-            args.num_classes = zeroshot["classes"].num_labels
     out = Path(args.out) if args.out else (student.run / "eval" if student.run else None)
     if out is None:
         raise UsageError("--out is required unless --student is a phreg run folder (default RUN/eval)")

@@ -42,11 +42,11 @@ def gaussian_omega(grid: tuple[int, int], sigma: float = NACLIP_SIGMA, prefix: i
     return _omega_cpu(tuple(grid), float(sigma), int(prefix)).to(device=device, dtype=dtype)
 
 
-def head_tokens(model, x: torch.Tensor, head: str = "final", sigma: float = NACLIP_SIGMA) -> torch.Tensor:
-    """Patch tokens (B, L, D) of `model` on images `x` read through `head`."""
+def head_tokens(model, x: torch.Tensor, head: str = "final", sigma: float = NACLIP_SIGMA, family=None) -> torch.Tensor:
+    """Patch tokens (B, L, D) of `model` on images `x` read through `head` (`family`: its Backbone, found if None)."""
     from .backbones import backbone
 
-    bb = backbone(model)
+    bb = family or backbone(model)
     if head in ("final", "last_block"):
         return bb.patch_tokens(model, x, head)
     if head not in HEADS:

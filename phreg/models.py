@@ -73,7 +73,10 @@ def load_teacher(cfg: ModelCfg) -> torch.nn.Module:
     check_img_size(_create(name, pretrained=False, device="meta"), size)  # architecture only: no weights, no memory
     if file is not None:
         try:
-            model = timm.create_model(name, img_size=size, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)))
+            # source="": the file wins over a local-dir:/hf-hub: name's own weights; a whole CLIP (`visual.*` + text
+            # tower) goes through timm's OpenAI / open_clip key conversion like any timm checkpoint
+            model = timm.create_model(name, img_size=size, pretrained=True,
+                                      pretrained_cfg_overlay=dict(file=str(file), source=""))
         except Exception as e:
             raise UsageError(f"checkpoint {file} does not fit {name}: {_first_line(e)}") from None
     else:

@@ -94,7 +94,7 @@ def evaluate(student: Loaded, teacher: Loaded, images_dir, out: Path, views: int
                     if a_t.cls_final is not None and a_s.cls_final is not None else None),
         cost=dict(teacher=cost(teacher, device), student=cost(student, device)),
     )
-    if masks:
+    if masks and num_classes is not None:  # the linear probe, when asked for (--num-classes)
         result["probe"] = probe(teacher, student, files, masks, num_classes, ignore_index, split, device)
         _, val = split_indices(files, split)
         d = result["denoised_distance"]
