@@ -64,6 +64,17 @@ def head_tokens(model, x: torch.Tensor, head: str = "final", sigma: float = NACL
     return bb.project(model, bb.last_block_merge(model, out))
 
 
+@torch.no_grad()
+def head_dim(model, head: str = "final") -> int:
+    """Width of the features a head returns: the model's width, or its projection's (CLIP ViT-B/16: 768 vs 512)."""
+    from .backbones import backbone
+
+    if head in ("final", "last_block"):
+        return int(model.embed_dim)
+    probe = next(model.parameters()).new_zeros(1, 1, model.embed_dim)
+    return int(backbone(model).project(model, probe).shape[-1])
+
+
 def dense_features(model, images: torch.Tensor, head: str = "final", sigma: float = NACLIP_SIGMA) -> torch.Tensor:
     """Dense features (B, gh, gw, D) of any model phreg supports, plain or distilled, through a dense head.
 

@@ -186,7 +186,7 @@ def test_clip_run_end_to_end(tiny_clip, camvid, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["distill", "recipes/openclip_vitb16.yaml", f"model.name=local-dir:{tiny_clip['image']}",
                  f"model.checkpoint={tiny_clip['file']}", "model.text_model=phreg-tiny-clip", "model.img_size=64",
-                 "views.num=2", "train.max_steps=2", "train.batch_size=1", f"data.root={images['train']}",
+                 "views.num=2", "cache.enabled=true", "cache.plans=1", "train.max_steps=2", "train.batch_size=1", f"data.root={images['train']}",
                  f"data.val_root={images['val']}", "data.num_workers=0", f"output_dir={run}", "--quiet"]) == 0
     assert (run / "export" / TEXT_FILE).is_file()
     held = json.loads((run / "summary.json").read_text())["heldout"]

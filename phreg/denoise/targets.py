@@ -10,6 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..fastpath import auto_chunk
 from ..backbones import PatchTokens
+from ..dense import head_dim
 from ..recipe import ViewsCfg
 from .views import make_views, merge_views, sample_plan
 
@@ -37,7 +38,7 @@ class DenoisedTeacher(torch.nn.Module):
         self.cfg, self.autocast, self.head = views, autocast, head
         self.patch = teacher.patch_embed.patch_size[0]
         self.grid = tuple(teacher.patch_embed.grid_size)
-        self.num_patches, self.dim = self.grid[0] * self.grid[1], teacher.embed_dim
+        self.num_patches, self.dim = self.grid[0] * self.grid[1], head_dim(teacher, head)
         tokens = PatchTokens(teacher, head, sigma)
         self.tokens = torch.compile(tokens) if compile else tokens
         self.register_buffer("fill", fill_value(views.fill, mean, std), persistent=False)
