@@ -68,7 +68,9 @@ def test_heads_follow_the_formulas(clip, head, which):
         got = phreg.dense_features(model, x, head, sigma=SIGMA)
     want = formulas(model, x, head)
     assert got.shape == (2, 4, 4, 512)  # patch tokens only: no class token, no registers
-    assert (got.flatten(1, 2) - want).abs().max() < 1e-5
+    diff = (got.flatten(1, 2) - want).abs().max().item()
+    print(f"{head} ({which}): max |phreg - formula| = {diff:.2e}")
+    assert diff < 1e-5
 
 
 def test_final_head_is_forward_features(clip):

@@ -19,7 +19,7 @@ def segmenter(loaded, classes: Classes, text_tower, head: str, settings: dict, s
               device="cpu", queries: torch.Tensor | None = None) -> Segmenter:
     words, owner = classes.queries()
     if queries is None:
-        queries = query_embeddings(text_tower, words)
+        queries = query_embeddings(text_tower.to(device), words)
     return Segmenter(loaded.model.to(device).eval(), queries, owner, classes.ids, head, sigma, **settings)
 
 
@@ -54,7 +54,7 @@ def evaluate_zeroshot(teacher, student, files: list[Path], masks: list[torch.Ten
 
     start = time.perf_counter()
     words, _ = classes.queries()
-    queries = query_embeddings(text_tower, words)
+    queries = query_embeddings(text_tower.to(device), words)
     K = classes.num_labels
     result = dict(images=len(files), classes=[n[0] for n in classes.names], ids=classes.ids, synonyms=len(words),
                   ignore_index=ignore_index, text_model=text_tower.name, sigma=sigma, **settings)
