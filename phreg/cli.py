@@ -111,6 +111,13 @@ def _zeroshot_inputs(args) -> dict:
     if getattr(args, "masks", "") is None:
         raise UsageError("--classes needs --masks (ground-truth label maps) to score zero-shot segmentation")
     classes = read_classes(args.classes, args.ignore_index)
+    from .data import scan_images
+
+    scan_images(args.images)  # a missing or empty folder is one line, before any model loads
+    if getattr(args, "masks", None) and not Path(args.masks).is_dir():
+        raise UsageError(f"--masks {args.masks} is not a folder")
+    if args.text and not Path(args.text).is_file():
+        raise UsageError(f"--text {args.text} not found")
     if args.crop and (args.crop > args.short_side or args.stride < 1):
         raise UsageError(f"--crop {args.crop} must be <= --short-side {args.short_side} and --stride >= 1")
     if args.naclip_sigma <= 0 or args.logit_scale <= 0 or not 0 <= args.bg_threshold < 1:
