@@ -76,6 +76,11 @@ def _eval(args) -> int:
     from .eval.inspection import check_views
     from .models import load_run_teacher, load_spec
 
+    if args.masks and args.num_classes is None and not args.classes:
+        raise UsageError("--masks needs --num-classes")
+    zeroshot = _zeroshot_inputs(args) if args.classes else None  # cheap checks first, then the models
+    if zeroshot is not None:
+        zeroshot["heads"] = (args.teacher_head, args.student_head)
     student = load_spec(args.student, args.img_size)
     if args.teacher:
         teacher = load_spec(args.teacher, student.img_size, args.teacher_checkpoint)
@@ -83,18 +88,79 @@ def _eval(args) -> int:
         teacher = load_run_teacher(student.run, student.img_size)
     else:
         raise UsageError("--teacher is required unless --student is a phreg run folder")
-    if args.masks and args.num_classes is None:
-        raise UsageError("--masks needs --num-classes")
     out = Path(args.out) if args.out else (student.run / "eval" if student.run else None)
     if out is None:
         raise UsageError("--out is required unless --student is a phreg run folder (default RUN/eval)")
+    if zeroshot is not None:
+        from .clip.text import text_tower_for
+
+        zeroshot["text_tower"] = text_tower_for(args.student, args.text, args.text_model, student.run)
     r = evaluate(student, teacher, args.images, out, check_views(args.views), args.limit, args.figures, args.seed,
-                 args.masks, args.num_classes, args.ignore_index, args.split, _device(args))
+                 args.masks, args.num_classes, args.ignore_index, args.split, _device(args), zeroshot)
     print(f"{'metric':<52}{'teacher':>12}{'student':>12}  better")
     for row in r["summary"]:
         print(f"{row['label']:<52}{_num(row['teacher']):>12}{_num(row['student']):>12}  {row['better'] or ''}")
     print(f"wrote {out / 'eval.json'}, {out / 'report.html'} and {len(r['figures'])} pictures in {r['seconds']}s")
     return 0
+
+
+def _zeroshot_inputs(args) -> dict:
+    """Check the cheap zero-shot inputs (class file, masks, window) before any model is loaded."""
+    from .clip.zeroshot import read_classes
+
+    if getattr(args, "masks", "") is None:
+        raise UsageError("--classes needs --masks (ground-truth label maps) to score zero-shot segmentation")
+    classes = read_classes(args.classes, args.ignore_index)
+    from .data import scan_images
+
+    scan_images(args.images)  # a missing or empty folder is one line, before any model loads
+    if getattr(args, "masks", None) and not Path(args.masks).is_dir():
+        raise UsageError(f"--masks {args.masks} is not a folder")
+    if args.text and not Path(args.text).is_file():
+        raise UsageError(f"--text {args.text} not found")
+    if args.crop and (args.crop > args.short_side or args.stride < 1):
+        raise UsageError(f"--crop {args.crop} must be <= --short-side {args.short_side} and --stride >= 1")
+    if args.naclip_sigma <= 0 or args.logit_scale <= 0 or not 0 <= args.bg_threshold < 1:
+        raise UsageError("--naclip-sigma and --logit-scale must be > 0, --bg-threshold in [0, 1)")
+    settings = dict(short_side=args.short_side, crop=args.crop, stride=args.stride, logit_scale=args.logit_scale,
+                    background_threshold=args.bg_threshold)
+    return dict(classes=classes, settings=settings, sigma=args.naclip_sigma)
+
+
+def _segment(args) -> int:
+    from .clip.run import check_out, segment_folder
+    from .clip.text import text_tower_for
+    from .data import scan_images
+    from .models import load_spec
+
+    zs = _zeroshot_inputs(args)
+    files, _ = scan_images(args.images)
+    files = files[:args.limit] if args.limit else files
+    out = Path(args.out)
+    check_out(out)
+    loaded = load_spec(args.model, args.img_size, args.checkpoint)
+    text = text_tower_for(args.model, args.text, args.text_model, loaded.run)
+    s = segment_folder(loaded, files, zs["classes"], text, out, args.head, zs["settings"], zs["sigma"], _device(args),
+                       say=(lambda *a: None) if args.quiet else print)
+    print(f"wrote {s['images']} label maps and overlays to {out} in {s['seconds']}s")
+    return 0
+
+
+def _zeroshot_args(p: argparse.ArgumentParser, classes_required: bool) -> None:
+    g = p.add_argument_group("zero-shot segmentation (CLIP family; NACLIP / PH-Reg protocol)")
+    g.add_argument("--classes", required=classes_required, metavar="FILE",
+                   help="class file: CSV with a name column (id, rgb optional; synonyms split by ';') or "
+                        "NACLIP's text format (one class per line, synonyms split by ',')")
+    g.add_argument("--text", metavar="FILE", help="text tower: a saved open_clip_text.safetensors or a whole CLIP "
+                                                  "checkpoint (default: the one shipped with the model / run)")
+    g.add_argument("--text-model", metavar="NAME", help="open_clip model name of --text (e.g. ViT-B-16-quickgelu)")
+    g.add_argument("--short-side", type=int, default=448, help="resize images to this short side (default 448)")
+    g.add_argument("--crop", type=int, default=336, help="sliding-window size, 0 = whole image (default 336)")
+    g.add_argument("--stride", type=int, default=112, help="sliding-window stride (default 112)")
+    g.add_argument("--logit-scale", type=float, default=40.0, help="softmax temperature on cosines (NACLIP: 40)")
+    g.add_argument("--bg-threshold", type=float, default=0.0,
+                   help="pixels whose best class probability is below this go to the first class (e.g. 0.1 for VOC21)")
+    g.add_argument("--naclip-sigma", type=float, default=5.0, help="NACLIP neighbourhood width in patches")
 
 
 def _num(v) -> str:
@@ -195,7 +261,31 @@ def build_parser() -> argparse.ArgumentParser:
                                    "default: every 4th image is val")
     p.add_argument("--out", help="output folder (default RUN/eval for a run)")
     _model_args(p)
+    _zeroshot_args(p, classes_required=False)
+    p.add_argument("--teacher-head", default="naclip", choices=("final", "naclip", "maskclip"),
+                   help="dense head of the teacher for zero-shot (default naclip)")
+    p.add_argument("--student-head", default="maskclip", choices=("final", "naclip", "maskclip"),
+                   help="dense head of the student for zero-shot (default maskclip)")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("segment", help="zero-shot segmentation of a folder of images (CLIP family)",
+                       description="Label every pixel with one of the classes in a class file, reading the model "
+                                   "through a dense head and CLIP's text tower. Writes OUT/labels/*.png (label "
+                                   "values), OUT/overlays/*.png and OUT/classes.json.",
+                       epilog="example: phreg segment runs/clip_vitb16 --images DIR --classes classes.csv --out seg/")
+    p.add_argument("model", metavar="MODEL", help="a phreg run or export folder, local-dir:/hf-hub:, a timm name")
+    p.add_argument("--images", required=True, help="folder of images (recursive)")
+    p.add_argument("--out", required=True, help="output folder (replaced whole)")
+    p.add_argument("--checkpoint", help="weights file for a timm model name")
+    p.add_argument("--head", default="maskclip", choices=("final", "naclip", "maskclip"),
+                   help="dense head (default maskclip: what a PH-Reg CLIP student is trained on)")
+    p.add_argument("--ignore-index", type=int, help="class id in the class file not to query (e.g. a void class)")
+    p.add_argument("--img-size", type=int, help="model resolution (default: the run's recipe, the export's, else 224)")
+    p.add_argument("--limit", type=int, default=0, help="use at most this many images (sorted by path)")
+    p.add_argument("--cpu", action="store_true", help="stay on the CPU even if a GPU is present")
+    p.add_argument("--quiet", action="store_true", help="no per-image lines")
+    _zeroshot_args(p, classes_required=True)
+    p.set_defaults(func=_segment)
 
     p = sub.add_parser("export", help="(re)build a run's export folder from its latest checkpoint",
                        description="Write RUN/export/{model.safetensors,config.json} (or --out DIR) from the run's "

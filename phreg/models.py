@@ -74,6 +74,8 @@ def load_teacher(cfg: ModelCfg) -> torch.nn.Module:
     check_img_size(_create(name, pretrained=False, device="meta"), size)  # architecture only: no weights, no memory
     if file is not None:
         try:
+            # the file wins over a local-dir:/hf-hub: name's own weights; a whole CLIP (`visual.*` + text tower) goes
+            # through timm's OpenAI / open_clip key conversion (the family's checkpoint_filter_fn) like any checkpoint
             model = load_into_meta(name, file, img_size=size)
         except Exception as e:
             raise UsageError(f"checkpoint {file} does not fit {name}: {_first_line(e)}") from None

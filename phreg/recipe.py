@@ -28,6 +28,9 @@ def opt(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, **checks):
     return field(default=default, default_factory=factory, metadata=checks)
 
 
+HEADS = ("final", "last_block", "naclip", "maskclip")  # dense heads, see phreg/dense.py
+
+
 @dataclass
 class ModelCfg:
     name: str = "vit_small_patch14_dinov2"
@@ -38,6 +41,11 @@ class ModelCfg:
     register_noise: float = opt(0.02, ge=0)
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
+    teacher_head: str = opt("final", choices=HEADS)  # how the teacher's targets are read (phreg.dense)
+    student_head: str = opt("final", choices=HEADS)  # which student output learns them
+    naclip_sigma: float = opt(5.0, gt=0)  # NACLIP's Gaussian neighbourhood width, in patches
+    text_model: Optional[str] = None  # open_clip model name of the text tower (CLIP family); None = no zero-shot
+    text_pretrained: Optional[str] = None  # open_clip pretrained tag, used when model.checkpoint is no whole CLIP
 
 
 @dataclass
@@ -57,7 +65,6 @@ class ViewsCfg:
     flip: float = opt(0.5, ge=0, le=1)
     candidates: int = opt(64, ge=1)
     fill: Union[str, list[float]] = "white"
-    tap: str = opt("final", choices=("final", "last_block"))
     chunk: int = opt(0, ge=0)  # 0 = as many views per forward as memory allows
 
 
@@ -156,6 +163,8 @@ class Recipe:
             raise UsageError(f"recipe key views.fill: expected one of {', '.join(FILLS)} or [r, g, b], got {fill!r}")
         if isinstance(fill, list) and len(fill) != 3:
             raise UsageError(f"recipe key views.fill: expected three numbers in [0, 1], got {fill}")
+        if m.text_pretrained and not m.text_model:
+            raise UsageError("recipe key model.text_pretrained: set model.text_model (the open_clip model name) too")
 
 
 FILLS = ("white", "black", "mean")
@@ -261,9 +270,21 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
             raise UsageError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise UsageError(f"recipe {path}: expected a mapping of keys at the top level")
-    recipe = from_dict(Recipe, apply_overrides(data, list(overrides)))
+    data = apply_overrides(data, list(overrides))
+    _migrate(data)
+    recipe = from_dict(Recipe, data)
     recipe.check()
     return recipe
+
+
+def _migrate(data: dict) -> None:
+    """Recipes written before dense heads had `views.tap` (final | last_block): it read both sides the same way."""
+    views, model = data.get("views"), data.get("model")
+    if isinstance(views, dict) and "tap" in views and (model is None or isinstance(model, dict)):
+        tap = views.pop("tap")
+        model = data.setdefault("model", {}) if model is None else model
+        model.setdefault("teacher_head", tap)
+        model.setdefault("student_head", tap)
 
 
 def to_dict(recipe: Recipe) -> dict:

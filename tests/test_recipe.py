@@ -92,3 +92,18 @@ def test_hash_ignores_output_dir_only():
     assert recipe_hash(a) == recipe_hash(b)
     assert recipe_hash(a) != recipe_hash(load_recipe(None, ["seed=1"]))
     assert dataclasses.asdict(Recipe()) == to_dict(load_recipe(None))
+
+
+def test_clip_recipes_read_naclip_targets_and_train_the_maskclip_output():
+    for name in ("clip_vitb16", "openclip_vitb16", "evaclip_vitb16", "siglip_vitb16"):
+        r = load_recipe(Path(RECIPES[0]).parent / f"{name}.yaml")
+        assert (r.model.teacher_head, r.model.student_head, r.model.img_size) == ("naclip", "maskclip", 448)
+        assert r.model.text_model and r.model.text_pretrained and (r.train.lr, r.train.end_lr) == (3e-4, 1e-5)
+        assert r.train.batch_size == 16 and "blocks.-2.*" in r.train.unlock[1].params
+
+
+def test_views_tap_of_older_recipes_becomes_both_heads():
+    r = load_recipe(None, ["views.tap=last_block"])
+    assert (r.model.teacher_head, r.model.student_head) == ("last_block", "last_block")
+    with pytest.raises(UsageError, match="model.student_head"):
+        load_recipe(None, ["model.student_head=cls"])

@@ -5,7 +5,9 @@ A family (`vit.py` for timm `VisionTransformer`, ...) subclasses `Backbone` and 
 * build the student: a stock timm model of the *same class* with R more register tokens, whose state is the
   teacher's own tensors (shared, not copied) plus the few that change, so that R=0 computes the teacher's function;
 * start the new registers where they barely move that function (`register_init`);
-* read patch tokens at a tap point (`patch_tokens`);
+* read patch tokens at a tap point (`patch_tokens`), and expose what the dense heads of `phreg.dense` (NACLIP,
+  MaskCLIP) need: the tokens entering the last block, q/k/v of its attention, its output projection and the model's
+  final norm + projection head (`last_block_input`, `last_block_qkv`, `last_block_merge`, `project`);
 * name its semantic parts (`parts`: registers, class_token, pos_embed, patch_embed, last_block, norm, ...), so one
   recipe unlocks the same thing in every family.
 
@@ -98,11 +100,35 @@ class Backbone:
         return student.eval()
 
     # ------------------------------------------------------------------------------------------------- tokens
-    def patch_tokens(self, model, x: torch.Tensor, tap: str = "final") -> torch.Tensor:
-        """Patch tokens (B, L, D), prefix tokens dropped. tap: "final" (normalized) or "last_block" (pre-norm)."""
+    def patch_tokens(self, model, x: torch.Tensor, tap: str = "final", sigma: float = 5.0) -> torch.Tensor:
+        """Patch tokens (B, L, D), prefix tokens dropped. tap: "final" (normalized), "last_block" (pre-norm), or a
+        dense head that replaces the last block ("naclip", "maskclip": see `phreg.dense`)."""
         if tap == "final":
             return model.forward_features(x)[:, self.num_prefix(model):]
-        return model.forward_intermediates(x, indices=1, norm=False, output_fmt="NLC", intermediates_only=True)[-1]
+        if tap == "last_block":
+            return model.forward_intermediates(x, indices=1, norm=False, output_fmt="NLC",
+                                               intermediates_only=True)[-1]
+        from ..dense import head_tokens
+
+        return head_tokens(model, x, tap, sigma)
+
+    # Dense-head hooks (phreg.dense). Tokens are in timm's order: prefix tokens (class, registers) first.
+    def last_block_input(self, model, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """All tokens (B, N, D) entering the last block, and what its attention needs besides them (e.g. RoPE)."""
+        raise NotImplementedError
+
+    def last_block_qkv(self, model, tokens: torch.Tensor, ctx: dict, need_qk: bool = True):
+        """q, k, v (B, heads, N, d_h) of the last block's attention on `norm1(tokens)`, as its forward computes them
+        (q/k norms, RoPE); q and k may be None when `need_qk` is False."""
+        raise NotImplementedError
+
+    def last_block_merge(self, model, out: torch.Tensor) -> torch.Tensor:
+        """(B, heads, L, d_h) attention output -> the last block's output projection (B, L, D)."""
+        raise NotImplementedError
+
+    def project(self, model, tokens: torch.Tensor) -> torch.Tensor:
+        """The model's final norm and projection head, applied to every token: (B, L, D) -> (B, L, D_out)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------------- parts
     def parts(self, model) -> dict[str, list[str]]:
@@ -127,8 +153,8 @@ def backbone(model, name: str = "") -> Backbone:
     raise UsageError(f"{what} is a {type(model).__name__}; phreg distills timm {known} models")
 
 
-def patch_tokens(model, x: torch.Tensor, tap: str = "final") -> torch.Tensor:
-    return backbone(model).patch_tokens(model, x, tap)
+def patch_tokens(model, x: torch.Tensor, tap: str = "final", sigma: float = 5.0) -> torch.Tensor:
+    return backbone(model).patch_tokens(model, x, tap, sigma)
 
 
 def add_registers(teacher, registers: int, init: str = "pos_mean", noise: float = 0.02, seed: int = 0):
@@ -138,12 +164,12 @@ def add_registers(teacher, registers: int, init: str = "pos_mean", noise: float 
 class PatchTokens(torch.nn.Module):
     """A model whose forward() returns patch tokens, so DDP and autocast wrappers see the call."""
 
-    def __init__(self, model, tap: str = "final"):
+    def __init__(self, model, tap: str = "final", sigma: float = 5.0):
         super().__init__()
-        self.model, self.tap = model, tap
+        self.model, self.tap, self.sigma = model, tap, sigma
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return patch_tokens(self.model, x, self.tap)
+        return patch_tokens(self.model, x, self.tap, self.sigma)
 
 
 for _m in pkgutil.iter_modules(__path__):

@@ -4,11 +4,17 @@ Absolute positional embedding, optional class token, optional register tokens (`
 `VisionTransformer(reg_tokens=R_old + R, no_embed_class=True)`: the class and register entries of `pos_embed` (when
 the teacher has them) are added to the tokens themselves, which is exact because a prefix token's input is just
 token + its positional entry.
+
+Dense heads: the "final norm and projection head" is `norm` -> `fc_norm` -> `head` (CLIP: `ln_post` and `proj`;
+DINOv2: the norm only, its head is the identity). A model with a MAP head instead (SigLIP: `attn_pool`) projects
+every token through the MAP head's value path with identity attention (`proj(v)` plus its residual MLP), the way
+MaskCLIP reads CLIP's attention-pool ResNets: the pooled embedding is what the text tower was trained against.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from . import Backbone
@@ -54,3 +60,37 @@ class ViT(Backbone):
             last_block=[f"blocks.{last}.*"],
             norm=["norm.*"] if any(True for _ in model.norm.parameters()) else [],
         )
+
+    # ------------------------------------------------------------------------------------------------- dense hooks
+    def last_block_input(self, model, x):
+        x = model.patch_embed(x)
+        x = model._pos_embed(x)  # what forward_features does, up to the last block
+        x = model.patch_drop(x)
+        x = model.norm_pre(x)
+        for blk in model.blocks[:-1]:
+            x = blk(x)
+        return x, {}
+
+    def last_block_qkv(self, model, tokens, ctx, need_qk=True):
+        attn = model.blocks[-1].attn
+        B, N, _ = tokens.shape
+        qkv = attn.qkv(model.blocks[-1].norm1(tokens)).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if not need_qk:
+            return None, None, v
+        return attn.q_norm(q), attn.k_norm(k), v
+
+    def last_block_merge(self, model, out):
+        attn = model.blocks[-1].attn
+        B, H, L, d = out.shape
+        return attn.proj(attn.norm(out.transpose(1, 2).reshape(B, L, H * d)))
+
+    def project(self, model, tokens):
+        x = model.norm(tokens)
+        pool = getattr(model, "attn_pool", None)
+        if pool is not None:  # MAP head: its value path per token (identity attention), then its residual MLP
+            dim = x.shape[-1]
+            v = F.linear(x, pool.kv.weight[dim:], None if pool.kv.bias is None else pool.kv.bias[dim:])
+            x = pool.proj(v)
+            x = x + pool.mlp(pool.norm(x))
+        return model.head(model.fc_norm(x))

@@ -24,8 +24,10 @@ def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class HeldOut:
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, raw: torch.Tensor, tap: str, batch_size: int = 8):
-        self.images, self.targets, self.tap, self.batch_size = images, targets, tap, batch_size
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, raw: torch.Tensor, head: str = "final",
+                 batch_size: int = 8, sigma: float = 5.0):
+        """`head`: how a scored model's patch features are read (the student's head; see `phreg.dense`)."""
+        self.images, self.targets, self.head, self.sigma, self.batch_size = images, targets, head, sigma, batch_size
         self.teacher_distances = cosine_distance(raw, targets)
         self.teacher_distance = self.teacher_distances.mean().item()
 
@@ -36,12 +38,13 @@ class HeldOut:
         mean, std = normalization(denoiser.teacher, recipe.model)
         data = ImageDataset(files, recipe.model.img_size, mean, std, recipe.seed, recipe.data.resize, train=False)
         images = torch.stack([data[i]["image"] for i in range(len(data))])
-        return cls.from_images(images, denoiser, recipe.seed, device, recipe.views.tap, batch_size)
+        return cls.from_images(images, denoiser, recipe.seed, device, recipe.model.student_head, batch_size,
+                               recipe.model.naclip_sigma)
 
     @classmethod
     @torch.no_grad()
-    def from_images(cls, images: torch.Tensor, denoiser: DenoisedTeacher, seed: int, device, tap: str = "final",
-                    batch_size: int = 8) -> "HeldOut":
+    def from_images(cls, images: torch.Tensor, denoiser: DenoisedTeacher, seed: int, device, head: str = "final",
+                    batch_size: int = 8, sigma: float = 5.0) -> "HeldOut":
         """View plans are drawn per image index from `seed`, as for training crops (epoch 0)."""
         plan = denoiser.plan_fn()
         plans = torch.stack([plan(rng=np.random.default_rng([seed, 0, i])) for i in range(len(images))])
@@ -52,7 +55,11 @@ class HeldOut:
                 feats = denoiser.views_features(x, p)
             targets.append(merge_views(feats, p, denoiser.grid)[0].cpu())
             raw.append(feats.view(len(x), p.shape[1], *feats.shape[1:])[:, 0].float().cpu())
-        return cls(images, torch.cat(targets), torch.cat(raw), tap, batch_size)
+        held = cls(images, torch.cat(targets), torch.cat(raw), head, batch_size, sigma)
+        if head != denoiser.head:  # e.g. NACLIP targets, MaskCLIP student: the baseline is the teacher read as the
+            held.teacher_distances = held.distances(denoiser.teacher)  # student is read, where training starts
+            held.teacher_distance = held.teacher_distances.mean().item()
+        return held
 
     @torch.no_grad()
     def distances(self, model) -> torch.Tensor:
@@ -61,7 +68,7 @@ class HeldOut:
         out = []
         for x, t in zip(self.images.split(self.batch_size), self.targets.split(self.batch_size)):
             with _autocast(device):
-                out.append(cosine_distance(patch_tokens(model, x.to(device), self.tap).float().cpu(), t))
+                out.append(cosine_distance(patch_tokens(model, x.to(device), self.head, self.sigma).float().cpu(), t))
         return torch.cat(out)
 
     def score(self, model) -> float:

@@ -10,6 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..fastpath import auto_chunk
 from ..backbones import PatchTokens
+from ..dense import head_dim
 from ..recipe import ViewsCfg
 from .views import make_views, merge_views, sample_plan
 
@@ -26,18 +27,19 @@ class DenoisedTeacher(torch.nn.Module):
     """All views of a batch in one forward (split into chunks only to fit memory), then merged.
 
     `autocast` is the teacher's own precision context (it may differ from the student's); `compile` wraps the
-    teacher's forward in torch.compile.
+    teacher's forward in torch.compile. `head` is how the teacher's patch features are read (`phreg.dense`:
+    final, last_block, naclip with neighbourhood width `sigma`, maskclip).
     """
 
     def __init__(self, teacher: VisionTransformer, views: ViewsCfg, mean, std,
-                 autocast=contextlib.nullcontext, compile: bool = False):
+                 autocast=contextlib.nullcontext, compile: bool = False, head: str = "final", sigma: float = 5.0):
         super().__init__()
         self.teacher = teacher.eval().requires_grad_(False)
-        self.cfg, self.autocast = views, autocast
+        self.cfg, self.autocast, self.head = views, autocast, head
         self.patch = teacher.patch_embed.patch_size[0]
         self.grid = tuple(teacher.patch_embed.grid_size)
-        self.num_patches, self.dim = self.grid[0] * self.grid[1], teacher.embed_dim
-        tokens = PatchTokens(teacher, views.tap)
+        self.num_patches, self.dim = self.grid[0] * self.grid[1], head_dim(teacher, head)
+        tokens = PatchTokens(teacher, head, sigma)
         self.tokens = torch.compile(tokens) if compile else tokens
         self.register_buffer("fill", fill_value(views.fill, mean, std), persistent=False)
         self._chunk = views.chunk

@@ -36,7 +36,8 @@ def cache_key(recipe: Recipe, files: list[Path]) -> str:
     m, v, d = recipe.model, recipe.views, recipe.data
     stats = fingerprint(files)
     parts = dict(format=2, name=m.name, checkpoint=m.checkpoint, img_size=m.img_size, mean=m.mean, std=m.std,
-                 views={k: getattr(v, k) for k in ("num", "max_shift", "flip", "candidates", "fill", "tap")},
+                 views={k: getattr(v, k) for k in ("num", "max_shift", "flip", "candidates", "fill")},
+                 head=m.teacher_head, sigma=m.naclip_sigma if m.teacher_head == "naclip" else None,
                  resize=d.resize, seed=recipe.seed, plans=recipe.cache.plans, dtype=recipe.cache.dtype, files=stats)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 

@@ -41,6 +41,7 @@ from ..backbones import PatchTokens, add_registers
 from ..models import load_teacher, normalization
 from ..recipe import Recipe, TrainCfg, load_recipe, recipe_hash, save_recipe, to_dict
 from ..denoise.targets import DenoisedTeacher
+from ..clip.text import TEXT_FILE, load_text_tower
 
 
 class Aborted(RuntimeError):
@@ -182,8 +183,9 @@ def build_parts(recipe: Recipe, device: torch.device, precision: str = "fp32") -
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                   fused=True)
     denoiser = DenoisedTeacher(teacher, recipe.views, mean, std, teacher_autocast(speed, device, precision),
-                               compile=use_compile(speed, device))
-    return Parts(denoiser.to(device), student, PatchTokens(student, recipe.views.tap), groups, optimizer, mean, std)
+                               compile=use_compile(speed, device), head=m.teacher_head, sigma=m.naclip_sigma)
+    return Parts(denoiser.to(device), student, PatchTokens(student, m.student_head, m.naclip_sigma), groups, optimizer,
+                 mean, std)
 
 
 def train_step(acc: Accelerator, model, teacher: DenoisedTeacher, optimizer, params, batch: dict,
@@ -349,6 +351,9 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
             if not resume:
                 (run / "metrics.jsonl").unlink(missing_ok=True)
             save_recipe(recipe, run / "recipe.yaml")
+    if acc.is_main_process and m.text_model and not (run / TEXT_FILE).is_file():
+        with writing("the CLIP text tower", run / TEXT_FILE):  # it travels with the export, for zero-shot
+            load_text_tower(m).save(run / TEXT_FILE)
     # LambdaLR from the step: a fresh run starts at 0; a resumed one continues at its step (with the optimizer's
     # `initial_lr`), on the schedule of `total`, which is longer than the saved one when the run is extended.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lr_factor(cfg, total), last_epoch=state.step - 1)
@@ -419,7 +424,7 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
     progress.close()
     if acc.is_main_process:
         export_student(acc.unwrap_model(model).model, run / "export", mean=parts.mean, std=parts.std,
-                       metadata=export_metadata(recipe, state.step))
+                       metadata=export_metadata(recipe, state.step), text_tower=run / TEXT_FILE)
         with writing("the run summary", run / "summary.json"):
             write_json(run / "summary.json", dict(
                 phreg_version=__version__, base_model=m.name, recipe_hash=recipe_hash(recipe), steps=state.step,

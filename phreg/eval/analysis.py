@@ -94,7 +94,7 @@ def analyze(loaded: Loaded, images: torch.Tensor, views: ViewsCfg, seed: int = 0
                                  attn=attn[i].view(tok.grid).cpu() if attn is not None else None))
     norms_t = {layer: {k: torch.cat(v) for k, v in kinds.items()} for layer, kinds in norms.items()}
     denoiser = DenoisedTeacher(model, views, loaded.mean, loaded.std).to(device)
-    tta = HeldOut.from_images(images, denoiser, seed, device, views.tap, batch_size)
+    tta = HeldOut.from_images(images, denoiser, seed, device, "final", batch_size)
     return Analysis(loaded.name, tok.grid, model.num_reg_tokens, norms_t, f"block {depth}", torch.cat(nbr),
                     torch.cat(cls) if cls else None, tta, maps)
 

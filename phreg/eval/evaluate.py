@@ -69,7 +69,8 @@ def probe(teacher: Loaded, student: Loaded, files, masks_dir, num_classes, ignor
 
 def evaluate(student: Loaded, teacher: Loaded, images_dir, out: Path, views: int = 10, limit: int = 0,
              pictures: int = 8, seed: int = 0, masks: str | None = None, num_classes: int | None = None,
-             ignore_index: int | None = None, split: str | None = None, device="cpu") -> dict:
+             ignore_index: int | None = None, split: str | None = None, device="cpu", zeroshot: dict | None = None) -> dict:
+    """`zeroshot`: classes, text_tower, settings, heads, sigma (see `phreg.clip.run.evaluate_zeroshot`); needs masks."""
     start = time.perf_counter()
     files, images = load_images(images_dir, student, limit)
     vcfg = ViewsCfg(num=views)
@@ -93,15 +94,23 @@ def evaluate(student: Loaded, teacher: Loaded, images_dir, out: Path, views: int
                     if a_t.cls_final is not None and a_s.cls_final is not None else None),
         cost=dict(teacher=cost(teacher, device), student=cost(student, device)),
     )
-    if masks:
+    if masks and num_classes is not None:  # the linear probe, when asked for (--num-classes)
         result["probe"] = probe(teacher, student, files, masks, num_classes, ignore_index, split, device)
         _, val = split_indices(files, split)
         d = result["denoised_distance"]
         d["val_images"] = len(val)
         d["val_teacher"] = a_t.tta.teacher_distances[val].mean().item()
         d["val_student"] = dist_s[val].mean().item()
-    result["summary"] = summary_rows(result)
     out.mkdir(parents=True, exist_ok=True)
+    if zeroshot is not None:
+        from ..clip.run import evaluate_zeroshot
+
+        z = zeroshot
+        gt = load_masks(files, masks, z["classes"].num_labels, ignore_index)
+        result["zeroshot"] = evaluate_zeroshot(teacher, student, files, gt, z["classes"], z["text_tower"],
+                                               z["settings"], z["heads"], z["sigma"], ignore_index, out,
+                                               min(pictures, 4), device)
+    result["summary"] = summary_rows(result)
     vmax = max(float(m["norm"].max()) for a in (a_t, a_s) for m in a.maps) if a_t.maps else None
     figures = [panels(to_rgb(images[i], student.mean, student.std), [("teacher", mt), ("student", ms)],
                       out / f"compare_{i}.png", vmax).name for i, (mt, ms) in enumerate(zip(a_t.maps, a_s.maps))]
@@ -157,6 +166,12 @@ def summary_rows(r: dict) -> list[dict]:
                       teacher=p["teacher"]["miou"], student=p["student"]["miou"], better="higher"),
                  dict(metric="pixel_accuracy", label="linear-probe pixel accuracy", teacher=p["teacher"]["pixel_accuracy"],
                       student=p["student"]["pixel_accuracy"], better="higher")]
+    if "zeroshot" in r:
+        z = r["zeroshot"]
+        rows.append(dict(metric="zeroshot_miou",
+                         label=f"zero-shot mIoU ({z['images']} images; teacher {z['teacher']['head']}, "
+                               f"student {z['student']['head']})",
+                         teacher=z["teacher"]["miou"], student=z["student"]["miou"], better="higher"))
     c = r["cost"]
     rows += [dict(metric="gflops", label="forward GFLOPs per image", teacher=c["teacher"]["gflops"],
                   student=c["student"]["gflops"], better="lower"),

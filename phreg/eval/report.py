@@ -51,6 +51,25 @@ def _img(path: Path) -> str:
     return f"<img src='data:image/png;base64,{data}' alt='{html.escape(path.name)}'>"
 
 
+def zeroshot_section(z: dict, folder: Path) -> str:
+    """Per-class IoU, teacher vs student, and predicted label maps next to the ground truth."""
+    t, s = z["teacher"], z["student"]
+    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{_fmt(t['per_class_iou'][name])}</td>"
+                   f"<td>{_fmt(s['per_class_iou'][name])}</td></tr>" for name in t["per_class_iou"])
+    window = (f"short side {z['short_side']}, {z['crop']} px windows every {z['stride']} px" if z["crop"]
+              else f"short side {z['short_side']}, whole image")
+    pictures = "\n".join(_img(folder / f) for f in z["figures"] if (folder / f).is_file())
+    return (f"<h2>Zero-shot segmentation</h2><p class='muted'>{z['images']} images, {len(z['classes'])} classes "
+            f"({z['synonyms']} names with synonyms) embedded by {html.escape(z['text_model'])} with the 80 ImageNet "
+            f"templates; {window}; logit scale {z['logit_scale']:g}, background threshold "
+            f"{z['background_threshold']:g}. Teacher read through {t['head']}, student through {s['head']}.</p>"
+            f"<table><tr><th>class</th><th>teacher IoU</th><th>student IoU</th></tr>"
+            f"<tr><td><b>mIoU</b></td><td><b>{_fmt(t['miou'])}</b></td><td><b>{_fmt(s['miou'])}</b></td></tr>"
+            f"{rows}<tr><td>pixel accuracy</td><td>{_fmt(t['pixel_accuracy'])}</td>"
+            f"<td>{_fmt(s['pixel_accuracy'])}</td></tr></table>"
+            f"<p class='muted'>image | ground truth | teacher | student</p>{pictures}")
+
+
 def write_report(r: dict, path: Path) -> Path:
     folder = path.parent
     t, s = r["teacher"], r["student"]
@@ -75,6 +94,7 @@ def write_report(r: dict, path: Path) -> Path:
                  f"<tr><td>student</td><td>{_fmt(p['student']['miou'])}</td><td>{_fmt(p['student']['pixel_accuracy'])}</td></tr>"
                  f"</table>")
     pictures = "\n".join(_img(folder / f) for f in r["figures"] if (folder / f).is_file())
+    zeroshot = zeroshot_section(r["zeroshot"], folder) if "zeroshot" in r else ""
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>phreg eval</title><style>{CSS}</style></head><body>
 <h1>phreg eval: {html.escape(Path(s['name']).name)} vs {html.escape(t['name'])}</h1>
 <p class="muted">{r['images']} images at {r['img_size']} px, {r['views']} TTA views, seed {r['seed']};
@@ -86,6 +106,7 @@ same images, crops and view plans for both models. phreg {r['phreg_version']}, {
 <table><tr><th>model</th><th>tokens</th><th>mean norm</th><th>share of squared norm</th><th>above teacher threshold</th></tr>
 {''.join(mass_rows)}</table>
 {probe}
+{zeroshot}
 <h2>Teacher (top) vs student (bottom), same images</h2>{pictures}
 <h2>Token norms</h2><table><tr><th>model</th><th>layer</th><th>kind</th><th>median</th><th>p99</th><th>max</th></tr>
 {''.join(norms)}</table>

@@ -7,6 +7,8 @@ The folder is written whole or not at all (see `files.atomic_dir`).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from timm.models.vision_transformer import VisionTransformer
 from .. import __version__
 from ..errors import UsageError
 from ..files import atomic_dir, replaceable
+
+from ..clip.text import TEXT_FILE  # a CLIP run's text tower, shipped beside the image tower
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -29,12 +33,19 @@ def export_metadata(recipe, steps: int) -> dict[str, str]:
                 registers=str(recipe.model.registers), steps=str(steps))
 
 
-def export_student(student: VisionTransformer, out: str | Path, mean, std, metadata: dict[str, str]) -> Path:
-    """Write the export folder atomically; `metadata` (str -> str) goes into the safetensors header."""
+def export_student(student: VisionTransformer, out: str | Path, mean, std, metadata: dict[str, str],
+                   text_tower: Path | None = None) -> Path:
+    """Write the export folder atomically; `metadata` (str -> str) goes into the safetensors header. A CLIP run's
+    text tower (`open_clip_text.safetensors`, when the file exists) is copied beside the image tower."""
     from ..distill.disk import writing
 
     out = Path(out)
     with writing("the export", out), atomic_dir(out) as tmp:
+        if text_tower is not None and Path(text_tower).is_file():
+            try:  # the run's own file, never modified: a hard link saves a copy of ~250 MB
+                os.link(text_tower, tmp / Path(text_tower).name)
+            except OSError:
+                shutil.copyfile(text_tower, tmp / Path(text_tower).name)
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in student.state_dict().items()}
         # written by Python, not by safetensors' Rust writer: a full disk is then an OSError with its errno
         (tmp / WEIGHTS).write_bytes(safetensors.torch.save(tensors, metadata={"format": "pt", **metadata}))
@@ -86,7 +97,7 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
         raise UsageError(f"{run} has no valid checkpoint to export (expected {run / 'checkpoints' / 'step_N'} with "
                          f"its manifest.json)")
     out = Path(out) if out is not None else run / "export"
-    if not replaceable(out, {WEIGHTS, CONFIG}):
+    if not replaceable(out, {WEIGHTS, CONFIG, TEXT_FILE}):
         raise UsageError(f"refusing to replace {out}: it exists and is not an export folder; choose a new folder")
     recipe = load_recipe(run / "recipe.yaml")
     m = recipe.model
@@ -103,4 +114,4 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
         raise UsageError(f"checkpoint {checkpoint} does not fit the run's recipe: {str(e).splitlines()[0]}") from None
     mean, std = normalization(empty, m)
     steps = checkpoint_step(checkpoint)
-    return export_student(student, out, mean, std, export_metadata(recipe, steps))
+    return export_student(student, out, mean, std, export_metadata(recipe, steps), text_tower=run / TEXT_FILE)

@@ -23,11 +23,11 @@ import yaml
 
 from .. import __version__
 from ..errors import UsageError
-from .export import CONFIG, WEIGHTS, read_metadata
+from .export import CONFIG, TEXT_FILE, WEIGHTS, read_metadata
 from ..files import atomic_dir, replaceable
 
 RECIPE, CARD, FIGURE = "recipe.yaml", "README.md", "eval.png"
-FILES = (WEIGHTS, CONFIG, RECIPE, CARD, FIGURE)
+FILES = (WEIGHTS, CONFIG, RECIPE, CARD, FIGURE, TEXT_FILE)
 EVAL_SCHEMA = "phreg.eval/"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TAGS = ["phreg", "registers", "image-feature-extraction", "timm", "vision-transformer"]
@@ -268,6 +268,8 @@ def model_card(run: Run, repo_id: str) -> str:
                   eval_table(run.eval)]
         if run.figure is not None:
             parts.append(f"![teacher vs student]({FIGURE})")
+        if "zeroshot" in run.eval:
+            parts.append(zeroshot_table(run.eval["zeroshot"]))
     parts += [
         "## Usage",
         f"""```python
@@ -284,12 +286,44 @@ with torch.no_grad():
 patches = tokens[:, model.num_prefix_tokens:]  # drop the class and register tokens: (1, {g['patches']}, {g['width']})
 ```""",
         "Other resolutions: `timm.create_model(..., pretrained=True, dynamic_img_size=True)`.",
+        *(clip_usage(repo_id, r.model, size // g["patch"]) if r.model.text_model else []),
         "## Files",
         f"- `{WEIGHTS}`, `{CONFIG}`: the student in timm's Hub layout\n"
         f"- `{RECIPE}`: the resolved phreg recipe it was trained with (`phreg distill {RECIPE}`; local paths in it "
-        "are those of the training machine)" + (f"\n- `{FIGURE}`: a figure from the eval report" if run.figure else ""),
+        "are those of the training machine)" + (f"\n- `{FIGURE}`: a figure from the eval report" if run.figure else "")
+        + (f"\n- `{TEXT_FILE}`: CLIP's text tower (open_clip `{r.model.text_model}`), for zero-shot use"
+           if r.model.text_model else ""),
     ]
     return "\n\n".join(parts) + "\n"
+
+
+def zeroshot_table(z: dict) -> str:
+    """Zero-shot segmentation, per class, teacher vs student (from `phreg eval --classes`)."""
+    t, s = z["teacher"], z["student"]
+    lines = [f"Zero-shot segmentation on {z['images']} images (teacher through {t['head']}, student through "
+             f"{s['head']}; {z['text_model']} text tower, 80 ImageNet templates):", "",
+             "| class | teacher IoU | student IoU |", "| --- | ---: | ---: |",
+             f"| **mIoU** | {_num(t['miou'])} | {_num(s['miou'])} |"]
+    lines += [f"| {_cell(n)} | {_num(t['per_class_iou'][n])} | {_num(s['per_class_iou'][n])} |" for n in t["per_class_iou"]]
+    return "\n".join(lines)
+
+
+def clip_usage(repo_id: str, m, grid: int) -> list[str]:
+    """Dense CLIP features through the MaskCLIP head, and zero-shot with the shipped text tower."""
+    return [
+        "Dense, text-aligned features through the MaskCLIP head (what this student was trained on) and zero-shot "
+        "segmentation with the shipped text tower (with phreg installed):",
+        f"""```python
+import phreg
+feats = phreg.dense_features(model, x, head="maskclip")  # (1, {grid}, {grid}, D): CLIP's embedding space
+```
+```bash
+phreg segment hf-hub:{repo_id} --images DIR --classes classes.csv --out segmentation/
+```""",
+        f"The text tower alone, with open_clip: `clip = open_clip.create_model(\"{m.text_model}\")`, "
+        f"`clip.load_state_dict(safetensors.torch.load_file(\"{TEXT_FILE}\"), strict=False)`, then "
+        f"`clip.encode_text(open_clip.get_tokenizer(\"{m.text_model}\")(texts))`.",
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ staging, upload
@@ -298,6 +332,8 @@ def stage(run: Run, repo_id: str, folder: Path) -> list[str]:
     """Fill `folder` with exactly what is uploaded; returns the file names."""
     shutil.copyfile(run.path / "export" / WEIGHTS, folder / WEIGHTS)
     shutil.copyfile(run.path / "export" / CONFIG, folder / CONFIG)
+    if (run.path / "export" / TEXT_FILE).is_file():
+        shutil.copyfile(run.path / "export" / TEXT_FILE, folder / TEXT_FILE)
     shutil.copyfile(run.path / RECIPE, folder / RECIPE)
     (folder / CARD).write_text(model_card(run, repo_id))
     if run.figure is not None:
