@@ -8,8 +8,8 @@ What differs from `VisionTransformer`:
 * the absolute `pos_embed` may be absent (DINOv3: RoPE only) or cover the prefix tokens (EVA-02, PE:
   `no_embed_class=False`); the latter is folded exactly as for `VisionTransformer` (`Backbone.fold_state`);
 * existing registers (`num_reg_tokens`; DINOv3 has 4) are not stored as an attribute: counted from `reg_token`;
-* without an absolute positional embedding, registers start at the class token (`Backbone.default_init`,
-  measured in README "Register init");
+* without an absolute positional embedding, registers start at the patch embedding of a grey image
+  (`Backbone.default_init`, measured in README "Register init");
 * MLPs may be SwiGLU (`fc1_g` / `fc1_x`) or packed GLU (`fc1` of twice the width).
 """
 

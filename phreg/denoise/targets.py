@@ -6,10 +6,9 @@ import contextlib
 import functools
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
 from ..fastpath import auto_chunk
-from ..backbones import PatchTokens
+from ..backbones import PatchTokens, backbone
 from ..recipe import ViewsCfg
 from .views import make_views, merge_views, sample_plan
 
@@ -29,13 +28,13 @@ class DenoisedTeacher(torch.nn.Module):
     teacher's forward in torch.compile.
     """
 
-    def __init__(self, teacher: VisionTransformer, views: ViewsCfg, mean, std,
+    def __init__(self, teacher: torch.nn.Module, views: ViewsCfg, mean, std,
                  autocast=contextlib.nullcontext, compile: bool = False):
         super().__init__()
         self.teacher = teacher.eval().requires_grad_(False)
         self.cfg, self.autocast = views, autocast
-        self.patch = teacher.patch_embed.patch_size[0]
-        self.grid = tuple(teacher.patch_embed.grid_size)
+        family = backbone(teacher)
+        self.patch, self.grid = family.patch_size(teacher), family.grid(teacher)
         self.num_patches, self.dim = self.grid[0] * self.grid[1], teacher.embed_dim
         tokens = PatchTokens(teacher, views.tap)
         self.tokens = torch.compile(tokens) if compile else tokens

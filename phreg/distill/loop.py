@@ -10,7 +10,7 @@ import json
 import math
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
@@ -161,6 +161,7 @@ class Parts:
     optimizer: torch.optim.Optimizer
     mean: tuple
     std: tuple
+    notes: list = field(default_factory=list)  # semantic unlock parts the model lacks
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -174,12 +175,14 @@ def build_parts(recipe: Recipe, device: torch.device, precision: str = "fp32") -
     student = add_registers(teacher, m.registers, m.register_init, m.register_noise, recipe.seed)
     for model in (teacher, student):
         set_fused_attention(model, speed.fused_attn)
-    groups = unlock(student, cfg.unlock, cfg.lr, cfg.weight_decay)
+    notes: list[str] = []
+    groups = unlock(student, cfg.unlock, cfg.lr, cfg.weight_decay, notes)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                   fused=True)
     denoiser = DenoisedTeacher(teacher, recipe.views, mean, std, teacher_autocast(speed, device, precision),
                                compile=use_compile(speed, device))
-    return Parts(denoiser.to(device), student, PatchTokens(student, recipe.views.tap), groups, optimizer, mean, std)
+    return Parts(denoiser.to(device), student, PatchTokens(student, recipe.views.tap), groups, optimizer, mean, std,
+                 notes)
 
 
 def train_step(acc: Accelerator, model, teacher: DenoisedTeacher, optimizer, params, batch: dict,
@@ -293,7 +296,7 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
         unreadable += val_unreadable
     parts = build_parts(recipe, acc.device, "bf16" if acc.mixed_precision == "bf16" else "fp32")
     targets, m = parts.teacher, recipe.model
-    say(unlocked_table(parts.student, parts.groups))
+    say(unlocked_table(parts.student, parts.groups, parts.notes))
     data = ImageDataset(files, m.img_size, parts.mean, parts.std, recipe.seed, recipe.data.resize, train=True,
                         make_plan=targets.plan_fn())
     cache_folder = (Path(recipe.cache.dir) if recipe.cache.dir else run / "target_cache") if recipe.cache.enabled \

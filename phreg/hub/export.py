@@ -11,8 +11,8 @@ import struct
 from pathlib import Path
 
 import safetensors.torch
+import torch
 from timm.models._hub import save_config_for_hf
-from timm.models.vision_transformer import VisionTransformer
 
 from .. import __version__
 from ..errors import UsageError
@@ -29,7 +29,7 @@ def export_metadata(recipe, steps: int) -> dict[str, str]:
                 registers=str(recipe.model.registers), steps=str(steps))
 
 
-def export_student(student: VisionTransformer, out: str | Path, mean, std, metadata: dict[str, str]) -> Path:
+def export_student(student: torch.nn.Module, out: str | Path, mean, std, metadata: dict[str, str]) -> Path:
     """Write the export folder atomically; `metadata` (str -> str) goes into the safetensors header."""
     from ..distill.disk import writing
 
