@@ -35,10 +35,10 @@ FAMILIES = {
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
-def reduced(key: str) -> torch.nn.Module:
+def reduced(key: str, size: int | None = None, shake: float = 3.0) -> torch.nn.Module:
     """A depth-2 random model, its weights shaken so that attention is far from uniform and layer scales are not
     ~1e-5 (as timm initializes DINOv3's): a less trivial function to preserve."""
-    name, size, _ = FAMILIES[key]
+    name, size = FAMILIES[key][0], size or FAMILIES[key][1]
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, depth=2, img_size=size).eval()
     g = torch.Generator().manual_seed(1)
@@ -47,7 +47,7 @@ def reduced(key: str) -> torch.nn.Module:
             if "gamma" in n:
                 p.fill_(0.5)
             elif p.dim() >= 2 and "pos_embed" not in n:
-                p.mul_(3.0)
+                p.mul_(shake)
             p.add_(0.02 * torch.randn(p.shape, generator=g))
     return model.requires_grad_(False)
 
@@ -120,18 +120,32 @@ def test_one_step_moves_only_the_unlocked_tensors(family):
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items()), "the teacher moved"
 
 
-def test_function_preserving_init_starts_near_the_teacher(family):
-    """The step-0 student (registers at `auto`) within 2x the raw teacher's distance to the denoised targets."""
-    key, teacher = family
-    size = FAMILIES[key][1]
-    denoiser = DenoisedTeacher(teacher, ViewsCfg(num=6), MEAN, STD)
-    x = images(size, 4)
+def step0_ratio(teacher, x, mean, std, views: int, init: str = "auto") -> float:
+    """Step-0 student's mean 1 - cos to the denoised targets, over the raw teacher's (1 = starts at the teacher)."""
+    denoiser = DenoisedTeacher(teacher, ViewsCfg(num=views), mean, std)
     plans = torch.stack([denoiser.plan_fn()(rng=np.random.default_rng(i)) for i in range(len(x))])
     with torch.no_grad():
         targets = denoiser(x, plans)
         raw = cosine_distance(patch_tokens(teacher, x), targets).mean().item()
-        start = cosine_distance(patch_tokens(add_registers(teacher, 16), x), targets).mean().item()
-    assert raw > 0 and start < 2 * raw, (raw, start)
+        start = cosine_distance(patch_tokens(add_registers(teacher, 16, init), x), targets).mean().item()
+    assert raw > 0
+    return start / raw
+
+
+@pytest.mark.parametrize("key", list(FAMILIES))
+def test_function_preserving_init_starts_near_the_teacher(key):
+    """Registers at `auto` (pos_mean, or the grey-patch embedding without a pos-embed): the step-0 student within
+    2x the raw teacher's distance to the denoised targets. Random models at 224 px (16 registers next to 196-256
+    patches, as in use), weights not shaken: a structural check; the real one is below."""
+    assert step0_ratio(reduced(key, 224, shake=1.0), images(224, 2), MEAN, STD, 4) < 2
+
+
+def test_function_preserving_init_on_real_dinov2(teacher224, photos):
+    """Real DINOv2-S, 2 CamVid frames, 8 views: pos_mean starts at the teacher (measured 0.98x, README), and the
+    position-free default (grey_patch, what DINOv3 gets) within 2x (the paper's randn: 4.6x, test_models.py)."""
+    imagenet = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    ratios = {init: step0_ratio(teacher224, photos[:2], *imagenet, 8, init) for init in ("pos_mean", "grey_patch")}
+    assert ratios["pos_mean"] < 1.2 and ratios["grey_patch"] < 2, ratios
 
 
 def test_semantic_unlock_names_per_family():
