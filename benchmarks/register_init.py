@@ -70,20 +70,16 @@ def main():
         rows.append(("DINOv2-S/14 (real)", ratios(t, load(args.images, args.size, mean, std, args.limit), mean, std,
                                                   args.views, args.registers)))
     if args.families:
-        import timm
         from test_backbones import FAMILIES, reduced
 
         for key in args.families.split(","):
             name, _, _ = FAMILIES[key]
             patch = 14 if "patch14" in name else 16
             size = args.size // patch * patch
-            FAMILIES[key] = (name, size, FAMILIES[key][2])
-            t = reduced(key)
+            t = reduced(key, size)
             mean, std = (0.5,) * 3, (0.5,) * 3
             rows.append((f"{key} (random, depth 2)", ratios(t, load(args.images, size, mean, std, args.limit),
                                                             mean, std, args.views, args.registers)))
-            del timm
-            import timm  # noqa: F401
     cols = ["teacher (raw)", "pos_mean", "class_token", "register_mean", "grey_patch", "zeros", "randn"]
     print(f"{'model':<28}" + "".join(f"{c:>15}" for c in cols))
     for name, r in rows:
