@@ -231,7 +231,8 @@ def model_card(run: Run, repo_id: str) -> str:
     rows = [
         ("teacher", f"`{teacher}`"),
         ("resolution", f"{size} x {size} px ({g['patches']} patches of {g['patch']} px)"),
-        ("registers", f"{g['registers']} (init: {r.model.register_init})"),
+        ("registers", f"{r.model.registers} added" + (f", {g['registers']} in all" if g["registers"] != r.model.registers
+                                                      else "") + f" (init: {r.model.register_init})"),
         ("views per image", f"{r.views.num} (shifts up to {r.views.max_shift:.0%} of the grid, flip p={r.views.flip})"),
         ("trained parameters", unlocked),
         ("optimizer", f"AdamW, lr {r.train.lr:g} -> {r.train.end_lr:g} ({r.train.schedule}), batch {batch}"),
@@ -252,7 +253,7 @@ def model_card(run: Run, repo_id: str) -> str:
     parts = [
         "---\n" + yaml.safe_dump(front, sort_keys=False) + "---",
         f"# {name}",
-        f"`{teacher}` with **{g['registers']} register tokens added after the fact** by PH-Reg self-distillation "
+        f"`{teacher}` with **{r.model.registers} register tokens added after the fact** by PH-Reg self-distillation "
         "(Chen et al., 2025, *Vision Transformers with Self-Distilled Registers*), made with phreg. It is a stock "
         f"timm `{g['model_class']}` ({g['registers']} registers, `no_embed_class=True`): no extra code is needed to "
         "use it.",
