@@ -1,23 +1,24 @@
 """Every family through the real command line: random full-size weights, `phreg distill`, stock timm loads the export.
 
 For each model: save `timm.create_model(NAME, pretrained=False)` weights to a temporary file, run
-`phreg distill recipes/quickstart.yaml model.name=NAME model.checkpoint=FILE train.max_steps=2` (or another recipe),
-load `RUN/export` with `timm.create_model('local-dir:...')` and check it is the same timm class with 16 more prefix
-tokens and the student's output. Then time one training step at 224 px through the product's own `train_step`
-(quickstart settings with fresh views: batch 3, 6 teacher views per image, no cache), median of 2 after a warm-up.
+`phreg distill recipes/quickstart.yaml model.name=NAME model.checkpoint=FILE train.max_steps=2 train.log_every=1`
+plus the overrides given, load `RUN/export` with `timm.create_model('local-dir:...')` and check it is the same timm
+class with 16 more prefix tokens. The unlocked count is read from the unlocked table `distill` prints, the step time
+from the run's own metrics.jsonl (the second step: teacher views + student forward/backward/update when
+`cache.enabled=false`, student only with a target cache).
 
-    python benchmarks/family_matrix.py [--recipe recipes/quickstart.yaml] [--models a,b] [--no-time] [-- overrides]
-    python benchmarks/family_matrix.py --recipes recipes/deit3_b16.yaml,... --no-time -- train.max_steps=2 ...
+    python benchmarks/family_matrix.py [--recipe recipes/quickstart.yaml] [--models a,b] [overrides ...]
+    python benchmarks/family_matrix.py --recipes recipes/deit3_b16.yaml,... train.max_steps=2 model.img_size=224 ...
 
-With `--recipes`, each family recipe runs with its own model (random weights again) and the overrides given.
+With `--recipes`, each family recipe runs with its own model (random weights again).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,27 +35,11 @@ MODELS = ["vit_base_patch16_clip_224.openai", "deit3_small_patch16_224", "vit_sm
           "vit_pe_core_small_patch16_384"]
 
 
-def step_time(recipe_path: str, overrides: list[str], steps: int = 2) -> float:
-    """Seconds per optimizer step of the product's own train_step (teacher views + student), fresh views."""
-    from accelerate import Accelerator
-
-    from phreg.data import ImageDataset, collate, scan_images
-    from phreg.distill.loop import build_parts, train_step
-    from phreg.recipe import load_recipe
-
-    recipe = load_recipe(recipe_path, overrides + ["cache.enabled=false"])
-    acc = Accelerator(cpu=True)
-    parts = build_parts(recipe, acc.device)
-    files, _ = scan_images(recipe.data.root)
-    data = ImageDataset(files, recipe.model.img_size, parts.mean, parts.std, recipe.seed, train=True,
-                        make_plan=parts.teacher.plan_fn())
-    batch = collate([data[i % len(data)] for i in range(recipe.train.batch_size)])
-    times = []
-    for _ in range(steps + 1):
-        t0 = time.perf_counter()
-        train_step(acc, parts.model, parts.teacher, parts.optimizer, parts.params, batch, recipe.train)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+def step_seconds(run: Path, batch: int) -> str:
+    """Seconds of the last logged step, from the run's metrics.jsonl (images/s between two log lines)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r.get("images_per_s")]
+    return f"{batch / rows[-1]['images_per_s']:.1f}" if rows else "?"
 
 
 def main():
@@ -62,7 +47,6 @@ def main():
     ap.add_argument("--recipe", default="recipes/quickstart.yaml")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--recipes", help="comma-separated family recipes, each run with its own model")
-    ap.add_argument("--no-time", action="store_true", help="skip the step timing")
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides for phreg distill")
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -80,28 +64,31 @@ def main():
         weights = work / f"{name}.safetensors"
         safetensors.torch.save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(weights))
         run = work / name
-        overrides = [f"model.name={name}", f"model.checkpoint={weights}", "train.max_steps=2", f"output_dir={run}",
-                     *args.overrides]
+        overrides = [f"model.name={name}", f"model.checkpoint={weights}", "train.max_steps=2", "train.log_every=1",
+                     f"output_dir={run}", *args.overrides]
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "phreg", "distill", recipe, *overrides, "--quiet"],
+        proc = subprocess.run([sys.executable, "-m", "phreg", "distill", recipe, *overrides],
                               capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
         wall = time.perf_counter() - t0
         if proc.returncode:
-            rows.append((f"{name} ({Path(recipe).stem})", type(base).__name__, base.num_prefix_tokens, "FAILED", "-", "-", f"{wall:.0f}",
-                         (proc.stderr.strip().splitlines() or ["?"])[-1]))
+            error = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            rows.append((f"{name} ({Path(recipe).stem})", type(base).__name__, base.num_prefix_tokens, "FAILED", "-",
+                         "-", f"{wall:.0f}", error))
             continue
         unlocked = re.search(r"total unlocked\s+([\d,]+) of ([\d,]+)", proc.stdout + proc.stderr)
         notes = "; ".join(re.findall(r"note: (\w+): skipped", proc.stdout + proc.stderr))
         student = timm.create_model(f"local-dir:{run / 'export'}", pretrained=True).eval()
         ok = type(student) is type(base) and student.num_prefix_tokens == base.num_prefix_tokens + 16
         assert ok, f"{name}: export is a {type(student).__name__} with {student.num_prefix_tokens} prefix tokens"
-        per_step = "-" if args.no_time else f"{step_time(recipe, overrides[:2] + list(args.overrides)):.2f}"
+        from phreg.recipe import load_recipe
+
+        per_step = step_seconds(run, load_recipe(run / "recipe.yaml").train.batch_size)
         rows.append((f"{name} ({Path(recipe).stem})", type(base).__name__, base.num_prefix_tokens,
                      student.num_prefix_tokens,
                      unlocked.group(1) if unlocked else "?", per_step, f"{wall:.0f}", f"skipped: {notes}" if notes
                      else ""))
         print(*rows[-1], sep=" | ", flush=True)
-    print("\n| model | timm class | prefix tokens before | after | unlocked parameters | s/step at 224 "
+    print("\n| model | timm class | prefix tokens before | after | unlocked parameters | s/step "
           "| distill wall s | notes |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print("| " + " | ".join(str(c) for c in r) + " |")
