@@ -231,7 +231,7 @@ def model_card(run: Run, repo_id: str) -> str:
     rows = [
         ("teacher", f"`{teacher}`"),
         ("resolution", f"{size} x {size} px ({g['patches']} patches of {g['patch']} px)"),
-        ("registers", f"{r.model.registers} added" + (f", {g['registers']} in all" if g["registers"] != r.model.registers
+        ("registers", f"{r.model.registers} added" + (f", {g['registers']} in all" if g["registers"] > r.model.registers
                                                       else "") + f" (init: {r.model.register_init})"),
         ("views per image", f"{r.views.num} (shifts up to {r.views.max_shift:.0%} of the grid, flip p={r.views.flip})"),
         ("trained parameters", unlocked),
