@@ -12,8 +12,8 @@ import contextlib
 from pathlib import Path
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
+from .backbones import backbone
 from .recipe import SpeedCfg
 
 
@@ -22,6 +22,20 @@ def set_fused_attention(model: torch.nn.Module, fused: bool) -> None:
     for m in model.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = fused
+
+
+@contextlib.contextmanager
+def eager_attention(module: torch.nn.Module):
+    """timm's explicit softmax(QK^T)V path inside `module` for a while (FLOP counting, reading attention weights),
+    then each attention module's own setting again."""
+    saved = [(m, m.fused_attn) for m in module.modules() if hasattr(m, "fused_attn")]
+    for m, _ in saved:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.fused_attn = flag
 
 
 def use_compile(cfg: SpeedCfg, device: torch.device) -> bool:
@@ -53,14 +67,16 @@ def _available_bytes(device: torch.device) -> int:
 CPU_TOKENS_PER_FORWARD = 2048
 
 
-def auto_chunk(model: VisionTransformer, device: torch.device, bf16: bool, share: float = 0.4) -> int:
+def auto_chunk(model: torch.nn.Module, device: torch.device, bf16: bool, share: float = 0.4) -> int:
     """Views per teacher forward: as many as fit in `share` of the free memory (no-grad activations of one block:
     residual stream, qkv, attention output, MLP hidden layer, plus the input image); on a CPU also at most ~2K tokens,
     which keeps the working set in cache (2 cores, DINOv2-S: 15.0 vs 11.8 views/s at 224 px for 8 vs 80 views per
     forward, 2.17 vs 1.77 at 518 px for 1 vs 16)."""
-    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    family = backbone(model)
+    gh, gw = family.grid(model)
+    tokens = gh * gw + family.num_prefix(model)
     dim = model.embed_dim
-    hidden = model.blocks[0].mlp.fc1.out_features
+    hidden = family.mlp_width(model)  # SwiGLU / GLU: both branches
     per_view = tokens * (4 * dim + 3 * dim + hidden) * (2 if bf16 else 4) * 2
     per_view += 3 * model.patch_embed.img_size[0] * model.patch_embed.img_size[1] * 4
     fits = max(1, int(share * _available_bytes(device) // per_view))

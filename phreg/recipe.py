@@ -37,7 +37,8 @@ class ModelCfg:
     checkpoint: Optional[str] = None
     img_size: int = opt(224, gt=0)
     registers: int = opt(16, ge=0)
-    register_init: str = opt("pos_mean", choices=("pos_mean", "randn"))
+    register_init: str = opt("auto", choices=("auto", "pos_mean", "class_token", "register_mean", "grey_patch", "zeros",
+                                              "randn"))
     register_noise: float = opt(0.02, ge=0)
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
@@ -92,10 +93,11 @@ class UnlockGroup:
 
 
 def paper_unlock() -> list[UnlockGroup]:
-    """The paper's trainable subset. `cls_token` carries the class entry of the positional embedding once folded."""
+    """The paper's trainable subset, by semantic name (`phreg.distill.unlock`: each family says which parameters).
+    `class_token` carries the class entry of the positional embedding once folded."""
     return [
-        UnlockGroup(params=["reg_token", "cls_token", "pos_embed"], lr_scale=1.0),
-        UnlockGroup(params=["patch_embed.proj.*", "blocks.-1.*"], lr_scale=0.1),
+        UnlockGroup(params=["registers", "class_token", "pos_embed"], lr_scale=1.0),
+        UnlockGroup(params=["patch_embed", "last_block"], lr_scale=0.1),
     ]
 
 

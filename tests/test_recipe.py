@@ -23,7 +23,8 @@ def keys(d: dict, prefix="") -> set[str]:
 
 
 def test_the_promised_recipes_exist():
-    assert {p.stem for p in RECIPES} >= {"quickstart", "dinov2_vits14", "dinov2_vitb14", "clip_vitb16"}
+    assert {p.stem for p in RECIPES} >= {"quickstart", "dinov2_vits14", "dinov2_vitb14", "clip_vitb16", "deit3_b16",
+                                        "siglip_b16", "eva02_b14", "dinov3_b16", "dinov2_vitl14", "dinov2_vitg14"}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)

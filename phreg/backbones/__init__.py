@@ -67,15 +67,89 @@ class Backbone:
                     no_embed_class=True)
 
     def fold_state(self, teacher) -> dict[str, torch.Tensor]:
-        """The teacher's state with any prefix-token positional embedding folded into the tokens (exact)."""
-        raise NotImplementedError
+        """The teacher's state with any prefix-token positional embedding folded into the tokens (exact: a prefix
+        token's input is token + its positional entry, and the student adds none to prefix tokens)."""
+        sd = dict(teacher.state_dict())
+        prefix = 0 if teacher.no_embed_class or teacher.pos_embed is None else self.num_prefix(teacher)
+        if not prefix:
+            return sd
+        pos = sd["pos_embed"]
+        sd["pos_embed"] = pos[:, prefix:]
+        cls = int(self.has_class_token(teacher))
+        if cls:
+            sd["cls_token"] = sd["cls_token"] + pos[:, :1]
+        if sd.get("reg_token") is not None:
+            sd["reg_token"] = sd["reg_token"] + pos[:, cls:prefix]
+        return sd
+
+    def patch_pos_embed(self, model) -> torch.Tensor | None:
+        """(1, L, D) absolute positional embedding of the patch cells, or None (RoPE-only models)."""
+        if getattr(model, "pos_embed", None) is None:
+            return None
+        prefix = 0 if model.no_embed_class else self.num_prefix(model)
+        return model.pos_embed[:, prefix:]
+
+    def default_init(self, model) -> str:
+        """What `register_init: auto` means for this model (README, "Register init"; benchmarks/register_init.py):
+        the mean patch positional embedding where there is one; else the patch embedding of a grey image, the
+        position-free candidate that started closest to the teacher on real DINOv2-S (1.14x the raw teacher's
+        distance to the denoised targets, vs 5.6x for zeros and 13.8x for the class token)."""
+        return "pos_mean" if self.patch_pos_embed(model) is not None else "grey_patch"
+
+    def init_candidates(self, model) -> dict[str, torch.Tensor]:
+        """(1, D) starting points for fresh registers, each a token that should move the teacher's function little.
+
+        pos_mean: the mean patch positional embedding (a token without content at the average position);
+        class_token: the (folded) class token; register_mean: the mean of the model's own registers;
+        grey_patch: the mean input token of a constant image at the normalization mean (patch embedding of zeros,
+        plus the mean positional embedding where there is one); zeros.
+        """
+        dim = model.embed_dim
+        ref = next(model.parameters())
+        out: dict[str, torch.Tensor] = {"zeros": torch.zeros(1, dim, device=ref.device)}
+        pos = self.patch_pos_embed(model)
+        if pos is not None:
+            out["pos_mean"] = pos.detach().float().mean(1)
+        folded = None
+        if self.has_class_token(model) or self.num_registers(model):
+            folded = self.fold_state(model)
+        if self.has_class_token(model):
+            out["class_token"] = folded["cls_token"].detach().float()[:, 0]
+        if self.num_registers(model):
+            out["register_mean"] = folded["reg_token"].detach().float().mean(1)
+        with torch.no_grad():
+            size = model.patch_embed.img_size
+            grey = model.patch_embed(torch.zeros(1, model.patch_embed.proj.in_channels, *size, device=ref.device,
+                                                 dtype=ref.dtype)).float().reshape(1, -1, dim).mean(1)
+        out["grey_patch"] = grey + (out["pos_mean"] if pos is not None else 0)
+        return out
 
     def register_init(self, teacher, registers: int, init: str, noise: float, g: torch.Generator) -> torch.Tensor:
-        """(1, R, D) fresh registers. "randn" is the paper's randn / sqrt(dim); families define "pos_mean"."""
+        """(1, R, D) fresh registers: "randn" is the paper's randn / sqrt(dim); the others start every register at one
+        of `init_candidates` (+ `noise` x the spread of what it was taken from, so registers can differentiate);
+        "auto" is `default_init`."""
         dim = teacher.embed_dim
-        return torch.randn(1, registers, dim, generator=g) / math.sqrt(dim)
+        if init == "randn":
+            return torch.randn(1, registers, dim, generator=g) / math.sqrt(dim)
+        init = self.default_init(teacher) if init == "auto" else init
+        candidates = self.init_candidates(teacher)
+        if init not in candidates:
+            raise UsageError(f"recipe key model.register_init: {type(teacher).__name__} has no {init} to start "
+                             f"registers from; choose auto, randn or one of {', '.join(sorted(candidates))}")
+        base = candidates[init].cpu()
+        spread = self._spread(teacher, init)
+        return base[:, None].expand(1, registers, dim) + noise * spread * torch.randn(1, registers, dim, generator=g)
 
-    def add_registers(self, teacher, registers: int, init: str = "pos_mean", noise: float = 0.02, seed: int = 0):
+    def _spread(self, model, init: str) -> float:
+        """The scale of the symmetry-breaking noise: the std of the positional embedding (as before) where there is
+        one, else of the patch tokens entering the first block."""
+        pos = self.patch_pos_embed(model)
+        if pos is not None:
+            return pos.detach().float().std().item()
+        w = model.patch_embed.proj.weight.detach().float()
+        return (w.std() * math.sqrt(w[0].numel() / 3)).item()  # ~ token std for unit-variance normalized pixels
+
+    def add_registers(self, teacher, registers: int, init: str = "auto", noise: float = 0.02, seed: int = 0):
         """The student: the teacher's class with `registers` more register tokens.
 
         Built on the meta device and given the teacher's tensors with `assign=True`: every tensor the student does not
@@ -130,10 +204,57 @@ class Backbone:
         """The model's final norm and projection head, applied to every token: (B, L, D) -> (B, L, D_out)."""
         raise NotImplementedError
 
+    def block_outputs(self, model, x: torch.Tensor, last: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Final features and the pre-norm outputs (B, N, D), prefix tokens included, of the last `last` blocks."""
+        prefix = self.num_prefix(model)
+        final, inter = model.forward_intermediates(x, indices=last, return_prefix_tokens=prefix > 0, norm=False,
+                                                   output_fmt="NLC")
+        return final, [torch.cat([p, s], 1) for s, p in inter] if prefix else list(inter)
+
     # ------------------------------------------------------------------------------------------------- parts
     def parts(self, model) -> dict[str, list[str]]:
-        """Semantic part -> parameter-name patterns (fnmatch). A part the model lacks maps to []."""
-        raise NotImplementedError
+        """Semantic part -> parameter-name patterns (fnmatch). A part the model lacks maps to [].
+
+        `patch_embed` is the patch-embedding conv (weight, and bias where there is one), as the paper unlocks it: a
+        norm inside the patch embedding or before the blocks (`norm_pre`, CLIP / PE) acts like the first block's
+        input norm and stays frozen; unlock it by name if wanted. `norm` is the final norm (absent where timm pools
+        with `fc_norm` instead, e.g. EVA-02 classifiers).
+        """
+        last = len(model.blocks) - 1
+        return dict(
+            registers=["reg_token"] if getattr(model, "reg_token", None) is not None else [],
+            class_token=["cls_token"] if self.has_class_token(model) else [],
+            pos_embed=["pos_embed"] if getattr(model, "pos_embed", None) is not None else [],
+            patch_embed=["patch_embed.proj.*"],
+            last_block=[f"blocks.{last}.*"],
+            norm=["norm.*"] if any(True for _ in model.norm.parameters()) else [],
+        )
+
+    def blocks(self, model) -> list[str]:
+        """Parameter-name prefix of every transformer block, first to last (`last_blocks:N` takes the last N)."""
+        return [f"blocks.{i}." for i in range(len(model.blocks))]
+
+    # ------------------------------------------------------------------------------------------------- internals
+    def attention(self, model, block: int = -1) -> torch.nn.Module:
+        """The attention module of a block (timm's eager path applies `attn_drop` to the softmax weights)."""
+        return model.blocks[block].attn
+
+    def mlp_width(self, model) -> int:
+        """Hidden activations per token of one MLP (SwiGLU / GLU: both branches), for memory estimates."""
+        mlp = model.blocks[0].mlp
+        return sum(m.out_features for n, m in mlp.named_modules()
+                   if isinstance(m, torch.nn.Linear) and not n.startswith("fc2"))
+
+    def geometry(self, model) -> dict:
+        """What a model card and `inspect` say about the token layout."""
+        return dict(prefix=self.num_prefix(model), registers=self.num_registers(model),
+                    class_token=self.has_class_token(model), patches=model.patch_embed.num_patches,
+                    grid=list(self.grid(model)), patch=self.patch_size(model), width=model.embed_dim,
+                    pos_embed=getattr(model, "pos_embed", None) is not None, rope=self.has_rope(model),
+                    family=self.name, model_class=type(model).__name__)
+
+    def has_rope(self, model) -> bool:
+        return getattr(model, "rope", None) is not None
 
 
 def _set(module: torch.nn.Module, dotted: str, value: torch.Tensor) -> None:
@@ -157,7 +278,7 @@ def patch_tokens(model, x: torch.Tensor, tap: str = "final", sigma: float = 5.0)
     return backbone(model).patch_tokens(model, x, tap, sigma)
 
 
-def add_registers(teacher, registers: int, init: str = "pos_mean", noise: float = 0.02, seed: int = 0):
+def add_registers(teacher, registers: int, init: str = "auto", noise: float = 0.02, seed: int = 0):
     return backbone(teacher).add_registers(teacher, registers, init, noise, seed)
 
 

@@ -6,10 +6,9 @@ import contextlib
 import functools
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
 from ..fastpath import auto_chunk
-from ..backbones import PatchTokens
+from ..backbones import PatchTokens, backbone
 from ..dense import head_dim
 from ..recipe import ViewsCfg
 from .views import make_views, merge_views, sample_plan
@@ -31,13 +30,13 @@ class DenoisedTeacher(torch.nn.Module):
     final, last_block, naclip with neighbourhood width `sigma`, maskclip).
     """
 
-    def __init__(self, teacher: VisionTransformer, views: ViewsCfg, mean, std,
+    def __init__(self, teacher: torch.nn.Module, views: ViewsCfg, mean, std,
                  autocast=contextlib.nullcontext, compile: bool = False, head: str = "final", sigma: float = 5.0):
         super().__init__()
         self.teacher = teacher.eval().requires_grad_(False)
         self.cfg, self.autocast, self.head = views, autocast, head
-        self.patch = teacher.patch_embed.patch_size[0]
-        self.grid = tuple(teacher.patch_embed.grid_size)
+        family = backbone(teacher)
+        self.patch, self.grid = family.patch_size(teacher), family.grid(teacher)
         self.num_patches, self.dim = self.grid[0] * self.grid[1], head_dim(teacher, head)
         tokens = PatchTokens(teacher, head, sigma)
         self.tokens = torch.compile(tokens) if compile else tokens

@@ -10,7 +10,7 @@ import json
 import math
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
@@ -165,6 +165,7 @@ class Parts:
     optimizer: torch.optim.Optimizer
     mean: tuple
     std: tuple
+    notes: list = field(default_factory=list)  # semantic unlock parts the model lacks
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -179,13 +180,14 @@ def build_parts(recipe: Recipe, device: torch.device, precision: str = "fp32") -
     for model in (teacher, student):
         set_fused_attention(model, speed.fused_attn)
     student.set_grad_checkpointing(speed.grad_checkpointing)  # timm recomputes each block in backward
-    groups = unlock(student, cfg.unlock, cfg.lr, cfg.weight_decay)
+    notes: list[str] = []
+    groups = unlock(student, cfg.unlock, cfg.lr, cfg.weight_decay, notes)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                   fused=True)
     denoiser = DenoisedTeacher(teacher, recipe.views, mean, std, teacher_autocast(speed, device, precision),
                                compile=use_compile(speed, device), head=m.teacher_head, sigma=m.naclip_sigma)
     return Parts(denoiser.to(device), student, PatchTokens(student, m.student_head, m.naclip_sigma), groups, optimizer,
-                 mean, std)
+                 mean, std, notes)
 
 
 def train_step(acc: Accelerator, model, teacher: DenoisedTeacher, optimizer, params, batch: dict,
@@ -299,7 +301,7 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
                          "Hugging Face dataset); WebDataset shards stream")
     parts = build_parts(recipe, acc.device, "bf16" if acc.mixed_precision == "bf16" else "fp32")
     targets, m = parts.teacher, recipe.model
-    say(unlocked_table(parts.student, parts.groups))
+    say(unlocked_table(parts.student, parts.groups, parts.notes))
     say(estimate(targets.teacher, parts.student, parts.groups, recipe.views.num, cfg.batch_size,
                  acc.mixed_precision == "bf16", recipe.speed.grad_checkpointing).line())
     if sources.streaming:

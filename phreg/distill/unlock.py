@@ -1,5 +1,11 @@
 """The unlocked subset: which student tensors train, at which learning rate.
 
+A recipe names what to unlock per group, either semantically (`registers`, `class_token`, `pos_embed`, `patch_embed`,
+`last_block`, `last_blocks:N`, `norm`: the family in `phreg.backbones` says which parameters that is, so one recipe
+works for every family) or as timm parameter-name patterns (`blocks.-1.*`, `patch_embed.proj.weight`; negative block
+indices count from the end). A semantic part the model lacks (SigLIP's class token, DINOv3's positional embedding) is
+skipped with a note; a raw pattern that matches nothing is an error.
+
 Everything else stays frozen and is *the teacher's own storage* (see `phreg.backbones`), so an unlocked tensor is
 first given storage of its own: training it must never move the teacher.
 """
@@ -11,35 +17,76 @@ import re
 
 import torch
 
+from ..backbones import backbone
 from ..errors import UsageError
 from ..recipe import UnlockGroup
 
+SEMANTIC = ("registers", "class_token", "pos_embed", "patch_embed", "last_block", "last_blocks:N", "norm")
 
-def resolve_patterns(model: torch.nn.Module, patterns: list[str]) -> list[str]:
-    """`blocks.-1.*` -> `blocks.11.*`: negative block indices count from the end."""
+
+def semantic_patterns(model: torch.nn.Module, name: str) -> list[str] | None:
+    """Patterns of a semantic part ([] if the model lacks it), or None if `name` is not a semantic name."""
+    family = backbone(model)
+    m = re.fullmatch(r"last_blocks:(\d+)", name)
+    if m:
+        n = int(m.group(1))
+        blocks = family.blocks(model)
+        if not 1 <= n <= len(blocks):
+            raise UsageError(f"recipe key train.unlock: {name}: the model has {len(blocks)} blocks")
+        return [b + "*" for b in blocks[-n:]]
+    parts = family.parts(model)
+    return parts[name] if name in parts else None
+
+
+def resolve_patterns(model: torch.nn.Module, patterns: list[str], notes: list[str] | None = None) -> list[str]:
+    """Semantic names -> the family's patterns; `blocks.-1.*` -> `blocks.11.*`. Parts the model lacks are dropped
+    (and named in `notes`)."""
     depth = len(model.blocks)
-    return [re.sub(r"blocks\.(-\d+)", lambda m: f"blocks.{depth + int(m.group(1))}", p) for p in patterns]
+    out = []
+    for p in patterns:
+        semantic = semantic_patterns(model, p)
+        if semantic is None:
+            out.append(re.sub(r"blocks\.(-\d+)", lambda m: f"blocks.{depth + int(m.group(1))}", p))
+        elif semantic:
+            out += semantic
+        elif notes is not None:
+            notes.append(f"{p}: skipped, {type(model).__name__} {_name(model)} has none")
+    return out
 
 
-def unlock(model: torch.nn.Module, groups: list[UnlockGroup], lr: float, weight_decay: float) -> list[dict]:
-    """Freeze everything, unlock the parameters the groups name; return optimizer param groups."""
+def _name(model) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return f"({cfg.get('architecture')})" if cfg.get("architecture") else ""
+
+
+def unlock(model: torch.nn.Module, groups: list[UnlockGroup], lr: float, weight_decay: float,
+           notes: list[str] | None = None) -> list[dict]:
+    """Freeze everything, unlock the parameters the groups name; return optimizer param groups. Semantic parts the
+    model lacks are appended to `notes`."""
     model.requires_grad_(False)
     named = dict(model.named_parameters())
     taken: dict[str, int] = {}
     param_groups = []
+    notes = [] if notes is None else notes
     for gi, group in enumerate(groups):
         names = []
-        for pattern in resolve_patterns(model, group.params):
-            hits = [n for n in named if fnmatch.fnmatchcase(n, pattern)]
-            if not hits:
-                raise UsageError(f"recipe key train.unlock[{gi}].params: {pattern!r} matches no parameter "
-                                 f"(e.g. {', '.join(list(named)[:4])}, ...)")
-            for n in hits:
-                if n in taken and taken[n] != gi:
-                    raise UsageError(f"recipe key train.unlock: {n} is matched by groups {taken[n]} and {gi}")
-                taken[n] = gi
-                if n not in names:
-                    names.append(n)
+        for pattern in group.params:
+            semantic = semantic_patterns(model, pattern) is not None
+            for resolved in resolve_patterns(model, [pattern], notes):
+                hits = [n for n in named if fnmatch.fnmatchcase(n, resolved)]
+                if not hits and semantic:
+                    notes.append(f"{pattern}: skipped, no parameter matches {resolved}")
+                    continue
+                if not hits:
+                    raise UsageError(f"recipe key train.unlock[{gi}].params: {pattern!r} matches no parameter "
+                                     f"(semantic names: {', '.join(SEMANTIC)}; or timm names, e.g. "
+                                     f"{', '.join(list(named)[:4])}, ...)")
+                for n in hits:
+                    if n in taken and taken[n] != gi:
+                        raise UsageError(f"recipe key train.unlock: {n} is matched by groups {taken[n]} and {gi}")
+                    taken[n] = gi
+                    if n not in names:
+                        names.append(n)
         for n in names:
             p = named[n]
             p.data = p.data.clone()  # own storage: the frozen rest is shared with the teacher
@@ -47,10 +94,13 @@ def unlock(model: torch.nn.Module, groups: list[UnlockGroup], lr: float, weight_
         wd = weight_decay if group.weight_decay is None else group.weight_decay
         param_groups.append(dict(params=[named[n] for n in names], names=names, lr=lr * group.lr_scale,
                                  weight_decay=wd))
+    if not taken:
+        raise UsageError(f"recipe key train.unlock: nothing to train in a {type(model).__name__} "
+                         f"({'; '.join(notes)})")
     return [g for g in param_groups if g["params"]]
 
 
-def unlocked_table(model: torch.nn.Module, param_groups: list[dict]) -> str:
+def unlocked_table(model: torch.nn.Module, param_groups: list[dict], notes: list[str] = ()) -> str:
     total = sum(p.numel() for p in model.parameters())
     rows = [f"{'unlocked parameter':<40} {'shape':>18} {'count':>10} {'lr':>9}"]
     n_unlocked = 0
@@ -59,4 +109,5 @@ def unlocked_table(model: torch.nn.Module, param_groups: list[dict]) -> str:
             rows.append(f"{name:<40} {str(tuple(p.shape)):>18} {p.numel():>10,} {g['lr']:>9.2e}")
             n_unlocked += p.numel()
     rows.append(f"{'total unlocked':<40} {'':>18} {n_unlocked:>10,} of {total:,} ({100 * n_unlocked / total:.1f}%)")
+    rows += [f"note: {n}" for n in notes]
     return "\n".join(rows)

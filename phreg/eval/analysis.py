@@ -16,7 +16,8 @@ from ..denoise.heldout import HeldOut
 from ..models import Loaded
 from ..recipe import ViewsCfg
 from ..denoise.targets import DenoisedTeacher
-from .tokens import DARCET_THRESHOLD, cls_attention, collect, neighbour_cosine, outlier_threshold
+from .tokens import DARCET_THRESHOLD, collect, neighbour_cosine, outlier_threshold
+from ..backbones import backbone
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Analysis:
     name: str
     grid: tuple[int, int]
     registers: int
+    class_token: bool
     norms: dict[str, dict[str, torch.Tensor]]  # layer ("block 11", "final") -> kind -> (B, n) token norms
     artifact_layer: str  # the layer whose patch norms decide outliers: the last block, pre-norm
     neighbour_cos: torch.Tensor  # (B, L), final patch features
@@ -56,7 +58,8 @@ class Analysis:
         out.pop("mask")
         layers = {layer: {kind: _stats(v) for kind, v in kinds.items() if v.numel()}
                   for layer, kinds in self.norms.items()}
-        return dict(model=self.name, grid=list(self.grid), registers=self.registers, images=len(self.patch_norms),
+        return dict(model=self.name, grid=list(self.grid), registers=self.registers, class_token=self.class_token,
+                    images=len(self.patch_norms),
                     norms=layers, outliers=out,
                     tta_noise=dict(mean_1_minus_cos=self.tta.teacher_distance,
                                    per_image=self.tta.teacher_distances.tolist()))
@@ -76,7 +79,7 @@ def analyze(loaded: Loaded, images: torch.Tensor, views: ViewsCfg, seed: int = 0
     nbr, cls, maps = [], [], []
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size].to(device)
-        tok = collect(model, x, layers)
+        tok = collect(model, x, layers, class_attention=len(maps) < pictures)
         depth = max(tok.blocks)
         for name, t in [*((f"block {i}", v) for i, v in tok.blocks.items()), ("final", tok.final)]:
             n = t.float().norm(dim=-1)
@@ -87,7 +90,7 @@ def analyze(loaded: Loaded, images: torch.Tensor, views: ViewsCfg, seed: int = 0
         if tok.num_cls:
             cls.append(tok.final[:, 0].float().cpu())
         if len(maps) < pictures:
-            attn = cls_attention(model, tok.blocks[depth - 1]) if tok.num_cls else None
+            attn = tok.attention  # None without a class token (SigLIP): no attention picture
             last = tok.kind(tok.blocks[depth], "patch").float().norm(dim=-1)
             for i in range(min(len(x), pictures - len(maps))):
                 maps.append(dict(norm=last[i].view(tok.grid).cpu(), patches=patches[i].float().cpu(),
@@ -95,7 +98,8 @@ def analyze(loaded: Loaded, images: torch.Tensor, views: ViewsCfg, seed: int = 0
     norms_t = {layer: {k: torch.cat(v) for k, v in kinds.items()} for layer, kinds in norms.items()}
     denoiser = DenoisedTeacher(model, views, loaded.mean, loaded.std).to(device)
     tta = HeldOut.from_images(images, denoiser, seed, device, "final", batch_size)
-    return Analysis(loaded.name, tok.grid, model.num_reg_tokens, norms_t, f"block {depth}", torch.cat(nbr),
+    return Analysis(loaded.name, tok.grid, backbone(model).num_registers(model), bool(tok.num_cls), norms_t,
+                    f"block {depth}", torch.cat(nbr),
                     torch.cat(cls) if cls else None, tta, maps)
 
 

@@ -18,7 +18,8 @@ from .analysis import Analysis, analyze, to_rgb
 from .figures import norm_histogram, panels
 from ..files import write_json
 from .inspection import load_images, verdict
-from ..backbones import patch_tokens
+from ..backbones import backbone, patch_tokens
+from ..fastpath import eager_attention
 from ..models import Loaded
 from .probe import confusion, fit_probe, load_masks, scores, split_indices, squashed_images
 from ..recipe import ViewsCfg
@@ -31,13 +32,9 @@ def cost(loaded: Loaded, device, batch: int = 8, repeats: int = 3) -> dict:
     """Parameters, forward FLOPs per image (attention counted through timm's eager path) and images/s."""
     model = loaded.model.to(device).eval()
     x = torch.randn(1, 3, loaded.img_size, loaded.img_size, device=device)
-    fused = [(blk.attn, blk.attn.fused_attn) for blk in model.blocks]
-    for attn, _ in fused:
-        attn.fused_attn = False  # the CPU SDPA kernel is invisible to the FLOP counter; eager is the same math
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    # the CPU SDPA kernel is invisible to the FLOP counter; eager attention is the same math
+    with eager_attention(model), FlopCounterMode(display=False) as counter, torch.no_grad():
         model.forward_features(x)
-    for attn, flag in fused:
-        attn.fused_attn = flag
     xb = x.expand(batch, -1, -1, -1).contiguous()
     times = []
     with torch.no_grad():
@@ -58,7 +55,7 @@ def probe(teacher: Loaded, student: Loaded, files, masks_dir, num_classes, ignor
     out = dict(train_images=len(train), val_images=len(val), num_classes=num_classes, ignore_index=ignore_index)
     for role, loaded in (("teacher", teacher), ("student", student)):
         x = squashed_images(files, loaded.img_size, loaded.mean, loaded.std)
-        grid = loaded.model.patch_embed.grid_size
+        grid = backbone(loaded.model).grid(loaded.model)
         feats = torch.cat([patch_tokens(loaded.model, b.to(device)).float().cpu() for b in x.split(8)])
         feats = feats.transpose(1, 2).reshape(len(files), -1, *grid)
         with torch.enable_grad():

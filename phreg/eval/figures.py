@@ -38,6 +38,9 @@ def panels(image: np.ndarray, rows: list[tuple[str, dict]], path: Path, norm_max
         ax[2].imshow(pca_rgb(m["patches"], m["norm"].shape, basis).numpy(), interpolation="nearest")
         if m["attn"] is not None:
             ax[3].imshow(m["attn"].numpy(), cmap="viridis")
+        else:
+            ax[3].text(0.5, 0.5, "no class token:\nno CLS attention", ha="center", va="center", fontsize=9,
+                       transform=ax[3].transAxes)
         for a, title in zip(ax, ["image", "patch norm (last block)", "PCA of patch features", "CLS attention"]):
             a.set_xticks([])
             a.set_yticks([])

@@ -37,7 +37,8 @@ def verdict(summary: dict) -> str:
 
 
 def text_summary(s: dict) -> str:
-    lines = [f"{s['model']}: {s['images']} images, grid {s['grid'][0]}x{s['grid'][1]}, {s['registers']} registers"]
+    lines = [f"{s['model']}: {s['images']} images, grid {s['grid'][0]}x{s['grid'][1]}, {s['registers']} registers"
+             + ("" if s["class_token"] else ", no class token (no CLS attention picture)")]
     lines.append(f"{'layer':<10}{'kind':<7}{'median':>9}{'p99':>9}{'max':>9}")
     for layer, kinds in s["norms"].items():
         for kind, st in kinds.items():

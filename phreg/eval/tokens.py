@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
+
+from ..backbones import backbone
+from ..fastpath import eager_attention
 
 DARCET_THRESHOLD = 150.0
 
@@ -25,6 +29,7 @@ class Tokens:
     num_cls: int
     num_reg: int
     grid: tuple[int, int]
+    attention: torch.Tensor | None = None  # (B, L): class token -> patches in the last block, mean over heads
 
     @property
     def prefix(self) -> int:
@@ -36,17 +41,40 @@ class Tokens:
 
 
 @torch.no_grad()
-def collect(model: VisionTransformer, x: torch.Tensor, last: int = 4) -> Tokens:
-    """Pre-norm outputs of the last `last` blocks and the final features, in one forward pass."""
+def collect(model: torch.nn.Module, x: torch.Tensor, last: int = 4, class_attention: bool = False) -> Tokens:
+    """Pre-norm outputs of the last `last` blocks and the final features, in one forward pass; with
+    `class_attention`, also the class token's attention to the patches in the last block (None without a class
+    token, e.g. SigLIP)."""
+    family = backbone(model)
     depth = len(model.blocks)
     last = min(max(last, 2), depth)
-    out = model.forward_intermediates(x, indices=last, return_prefix_tokens=True, output_fmt="NLC",
-                                      output_dict=True)
-    spatial, prefix = out["image_intermediates"], out.get("image_intermediates_prefix")
-    blocks = {depth - last + i: torch.cat([prefix[i], s], 1) if prefix is not None else s
-              for i, s in enumerate(spatial)}
-    return Tokens(blocks, out["image_features"], int(model.has_class_token), model.num_reg_tokens,
-                  tuple(model.patch_embed.grid_size))
+    prefix, cls = family.num_prefix(model), int(family.has_class_token(model))
+    seen: list[torch.Tensor] = []
+    capture = contextlib.nullcontext()
+    if class_attention and cls:
+        capture = class_attention_of(family.attention(model, -1), prefix, seen)
+    with capture:
+        final, outputs = family.block_outputs(model, x, last)
+    blocks = {depth - last + i: t for i, t in enumerate(outputs)}
+    return Tokens(blocks, final, cls, family.num_registers(model), family.grid(model),
+                  seen[0] if seen else None)
+
+
+@contextlib.contextmanager
+def class_attention_of(attention: torch.nn.Module, prefix: int, out: list):
+    """While active, appends to `out` the class token's (row 0) attention weights on the patch tokens, averaged over
+    heads: (B, L), rows sum to <= 1 (the rest goes to prefix tokens).
+
+    Every timm attention module (ViT `Attention`, Eva `EvaAttention` / `AttentionRope`, RoPE applied or not) passes
+    its softmax weights through `attn_drop` on its eager path, so an ordinary forward hook there reads them; the
+    module runs eager for that forward only."""
+    hook = attention.attn_drop.register_forward_hook(
+        lambda module, args, weights: out.append(weights[:, :, 0, prefix:].mean(1)))
+    try:
+        with eager_attention(attention):
+            yield
+    finally:
+        hook.remove()
 
 
 def otsu(values: torch.Tensor, bins: int = 256) -> float:
@@ -97,19 +125,6 @@ def neighbour_cosine(patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tens
     count = F.conv2d(torch.ones(1, 1, *grid, device=x.device, dtype=x.dtype), kernel.view(1, 1, 3, 3), padding=1)
     neighbours = total / count
     return F.cosine_similarity(x, neighbours, dim=1).flatten(1)
-
-
-@torch.no_grad()
-def cls_attention(model: VisionTransformer, block_input: torch.Tensor) -> torch.Tensor:
-    """Attention of the class token to every patch in the last block, averaged over heads: (B, L), rows sum <= 1."""
-    blk = model.blocks[-1]
-    attn = blk.attn
-    x = blk.norm1(block_input)
-    b, n, _ = x.shape
-    qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    weights = (q[:, :, :1] * attn.scale @ k.transpose(-2, -1)).softmax(-1)  # (B, H, 1, N)
-    return weights.mean(1)[:, 0, model.num_prefix_tokens:]
 
 
 def pca_basis(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -13,8 +13,8 @@ import struct
 from pathlib import Path
 
 import safetensors.torch
+import torch
 from timm.models._hub import save_config_for_hf
-from timm.models.vision_transformer import VisionTransformer
 
 from .. import __version__
 from ..errors import UsageError
@@ -33,7 +33,7 @@ def export_metadata(recipe, steps: int) -> dict[str, str]:
                 registers=str(recipe.model.registers), steps=str(steps))
 
 
-def export_student(student: VisionTransformer, out: str | Path, mean, std, metadata: dict[str, str],
+def export_student(student: torch.nn.Module, out: str | Path, mean, std, metadata: dict[str, str],
                    text_tower: Path | None = None) -> Path:
     """Write the export folder atomically; `metadata` (str -> str) goes into the safetensors header. A CLIP run's
     text tower (`open_clip_text.safetensors`, when the file exists) is copied beside the image tower."""

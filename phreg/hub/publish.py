@@ -64,6 +64,7 @@ def read_run(run: str | Path) -> Run:
     """Check that `run` holds a finished export that loads in stock timm, and gather what the card says."""
     import timm
 
+    from ..backbones import backbone
     from ..distill.unlock import resolve_patterns
     from ..models import _first_line
     from ..recipe import load_recipe, recipe_hash
@@ -97,10 +98,8 @@ def read_run(run: str | Path) -> Run:
         raise UsageError(f"{export / WEIGHTS} was made from another recipe than {run / RECIPE} "
                          f"(hash {metadata['recipe_hash']} vs {recipe_hash(recipe)}); rebuild it with "
                          f"`phreg export {run}`")
-    unlocked = [(resolve_patterns(student, g.params), g.lr_scale) for g in recipe.train.unlock if g.params]
-    geometry = dict(prefix=student.num_prefix_tokens, registers=student.num_reg_tokens,
-                    patches=student.patch_embed.num_patches, width=student.num_features,
-                    patch=student.patch_embed.patch_size[0], unlocked=unlocked)
+    unlocked = [(names, g.lr_scale) for g in recipe.train.unlock if (names := resolve_patterns(student, g.params))]
+    geometry = dict(backbone(student).geometry(student), unlocked=unlocked)
     summary = _read_json(run / "summary.json") if (run / "summary.json").is_file() else None
     report, figure = read_eval(run / "eval")
     return Run(run, recipe, summary, config, metadata, geometry, report, figure)
@@ -232,7 +231,8 @@ def model_card(run: Run, repo_id: str) -> str:
     rows = [
         ("teacher", f"`{teacher}`"),
         ("resolution", f"{size} x {size} px ({g['patches']} patches of {g['patch']} px)"),
-        ("registers", f"{g['registers']} (init: {r.model.register_init})"),
+        ("registers", f"{r.model.registers} added" + (f", {g['registers']} in all" if g["registers"] > r.model.registers
+                                                      else "") + f" (init: {r.model.register_init})"),
         ("views per image", f"{r.views.num} (shifts up to {r.views.max_shift:.0%} of the grid, flip p={r.views.flip})"),
         ("trained parameters", unlocked),
         ("optimizer", f"AdamW, lr {r.train.lr:g} -> {r.train.end_lr:g} ({r.train.schedule}), batch {batch}"),
@@ -248,12 +248,15 @@ def model_card(run: Run, repo_id: str) -> str:
                                           f"{_num(heldout.get('teacher'))}, student {_num(heldout.get('student'))}"))
     name = repo_id.split("/")[1]
     tokens = g["prefix"] + g["patches"]
+    prefix_words = ("class, " if g["class_token"] else "") + f"{g['registers']} registers"
+    prefix_short = "class and register" if g["class_token"] else "register"
     parts = [
         "---\n" + yaml.safe_dump(front, sort_keys=False) + "---",
         f"# {name}",
-        f"`{teacher}` with **{g['registers']} register tokens added after the fact** by PH-Reg self-distillation "
+        f"`{teacher}` with **{r.model.registers} register tokens added after the fact** by PH-Reg self-distillation "
         "(Chen et al., 2025, *Vision Transformers with Self-Distilled Registers*), made with phreg. It is a stock "
-        "timm `VisionTransformer` (`reg_tokens`, `no_embed_class=True`): no extra code is needed to use it.",
+        f"timm `{g['model_class']}` ({g['registers']} registers, `no_embed_class=True`): no extra code is needed to "
+        "use it.",
         "## What was done",
         "The student is the teacher's own network with fresh register tokens. It was trained to reproduce the "
         "teacher's *denoised* patch features: each training image is seen in several shifted and mirrored views, the "
@@ -282,8 +285,8 @@ config = timm.data.resolve_data_config({{}}, model=model)  # {size} px, the mode
 transform = timm.data.create_transform(**config)
 x = transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0)
 with torch.no_grad():
-    tokens = model.forward_features(x)         # (1, {tokens}, {g['width']}): class, {g['registers']} registers, patches
-patches = tokens[:, model.num_prefix_tokens:]  # drop the class and register tokens: (1, {g['patches']}, {g['width']})
+    tokens = model.forward_features(x)         # (1, {tokens}, {g['width']}): {prefix_words}, patches
+patches = tokens[:, model.num_prefix_tokens:]  # drop the {prefix_short} tokens: (1, {g['patches']}, {g['width']})
 ```""",
         "Other resolutions: `timm.create_model(..., pretrained=True, dynamic_img_size=True)`.",
         *(clip_usage(repo_id, r.model, size // g["patch"]) if r.model.text_model else []),
