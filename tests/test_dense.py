@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import phreg
-from phreg.backbones import Backbone, add_registers, backbone
-from phreg.backbones.eva_heads import EvaHeads
+from phreg.backbones import add_registers, backbone
 from phreg.dense import gaussian_omega, head_tokens
 
 SIGMA = 1.5
@@ -130,10 +129,6 @@ def test_registers_take_part_but_never_reach_the_output(clip):
     assert (before - after).abs().max() > 1e-4
 
 
-class _EvaHeads(EvaHeads, Backbone):
-    """The Eva hooks on their own (no model_class: not registered as a family here)."""
-
-
 @pytest.mark.parametrize("family", ["vit", "eva"])
 def test_hooks_reproduce_the_last_blocks_own_attention(clip, family):
     """q/k/v (with RoPE for Eva), SDPA and the merge of the hooks give exactly what the block's attention returns."""
@@ -142,7 +137,7 @@ def test_hooks_reproduce_the_last_blocks_own_attention(clip, family):
     else:
         torch.manual_seed(0)
         model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, depth=2, img_size=56).eval()
-        bb, size = _EvaHeads(), 56
+        bb, size = backbone(model), 56
     x = torch.randn(2, 3, size, size)
     seen = {}
     hook = model.blocks[-1].attn.register_forward_hook(lambda mod, args, out: seen.setdefault("out", out))

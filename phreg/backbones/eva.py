@@ -10,11 +10,16 @@ What differs from `VisionTransformer`:
 * existing registers (`num_reg_tokens`; DINOv3 has 4) are not stored as an attribute: counted from `reg_token`;
 * without an absolute positional embedding, registers start at the patch embedding of a grey image
   (`Backbone.default_init`, measured in README "Register init");
-* MLPs may be SwiGLU (`fc1_g` / `fc1_x`) or packed GLU (`fc1` of twice the width).
+* MLPs may be SwiGLU (`fc1_g` / `fc1_x`) or packed GLU (`fc1` of twice the width);
+* dense heads (`phreg.dense`) compute the last block's attention as `EvaAttention.forward` does: fused `qkv` with
+  separate q/v biases or separate `q_proj`/`k_proj`/`v_proj`, q/k norms, RoPE on the patch tokens only.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
+from timm.layers import apply_rot_embed_cat
 from timm.models.eva import Eva as EvaModel
 
 from . import Backbone
@@ -27,3 +32,45 @@ class Eva(Backbone):
 
     def num_registers(self, model) -> int:
         return 0 if model.reg_token is None else int(model.reg_token.shape[1])
+
+    # ------------------------------------------------------------------------------------------------- dense hooks
+    def last_block_input(self, model, x):
+        x = model.patch_embed(x)
+        x, rope = model._pos_embed(x)  # what forward_features does, up to the last block
+        x = model.norm_pre(x)
+        mixed = getattr(model, "rope_mixed", False) and rope is not None  # per-depth RoPE tables
+        for i, blk in enumerate(model.blocks[:-1]):
+            x = blk(x, rope=rope[i] if mixed else rope)
+        return x, dict(rope=rope[-1] if mixed else rope)
+
+    def last_block_qkv(self, model, tokens, ctx, need_qk=True):
+        attn = model.blocks[-1].attn
+        x = model.blocks[-1].norm1(tokens)
+        B, N, _ = x.shape
+        if attn.qkv is not None:
+            if attn.q_bias is None:
+                qkv = attn.qkv(x)
+            else:
+                bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+                qkv = attn.qkv(x) + bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, bias)
+            q, k, v = qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (proj(x).reshape(B, N, attn.num_heads, -1).transpose(1, 2)
+                       for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        if not need_qk:
+            return None, None, v
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        rope = ctx.get("rope")
+        if rope is not None:
+            n, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+            q, k = (torch.cat([t[:, :, :n], apply_rot_embed_cat(t[:, :, n:], rope, half=half)], 2).type_as(v)
+                    for t in (q, k))
+        return q, k, v
+
+    def last_block_merge(self, model, out):
+        attn = model.blocks[-1].attn
+        B, H, L, d = out.shape
+        return attn.proj(attn.norm(out.transpose(1, 2).reshape(B, L, H * d)))
+
+    def project(self, model, tokens):
+        return model.head(model.fc_norm(model.norm(tokens)))
