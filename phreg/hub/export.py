@@ -6,17 +6,20 @@ The folder is written whole or not at all (see `files.atomic_dir`).
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import safetensors.torch
-from timm.models._hub import save_config_for_hf
-from timm.models.vision_transformer import VisionTransformer
+import safetensors
 
 from .. import __version__
 from ..errors import UsageError
 from ..files import atomic_dir, replaceable
+
+if TYPE_CHECKING:  # torch and timm are imported where they are used: `phreg export RUN` checks RUN first
+    from timm.models.vision_transformer import VisionTransformer
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -26,14 +29,29 @@ def export_metadata(recipe, steps: int) -> dict[str, str]:
     from ..recipe import recipe_hash
 
     return dict(phreg_version=__version__, base_model=recipe.model.name, recipe_hash=recipe_hash(recipe),
-                registers=str(recipe.model.registers), steps=str(steps))
+                registers=str(recipe.model.registers), steps=str(steps), head=recipe.export.head)
+
+
+def with_head(student: VisionTransformer, head: str) -> VisionTransformer:
+    """`drop`: a copy without the classifier (`num_classes=0`, `forward` returns pooled features), which is what a
+    feature user expects and what config.json then says; `keep`: the teacher's head, untouched by distillation."""
+    if head == "keep" or student.num_classes == 0:
+        return student
+    student = copy.deepcopy(student)
+    student.reset_classifier(0)
+    return student
 
 
 def export_student(student: VisionTransformer, out: str | Path, mean, std, metadata: dict[str, str]) -> Path:
-    """Write the export folder atomically; `metadata` (str -> str) goes into the safetensors header."""
+    """Write the export folder atomically; `metadata` (str -> str) goes into the safetensors header; its `head`
+    (keep / drop) says whether the classifier goes with it."""
+    import safetensors.torch
+    from timm.models._hub import save_config_for_hf
+
     from ..distill.disk import writing
 
     out = Path(out)
+    student = with_head(student, metadata.get("head", "drop"))
     with writing("the export", out), atomic_dir(out) as tmp:
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in student.state_dict().items()}
         # written by Python, not by safetensors' Rust writer: a full disk is then an OSError with its errno
@@ -73,14 +91,12 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
     The checkpoint holds every student tensor, so the teacher's weights are not needed: the architecture is built
     empty, given its registers, and overwritten whole (strict load: a checkpoint of another recipe is refused).
     """
-    from ..backbones import add_registers
-    from ..models import _create, check_img_size, normalization
     from ..recipe import load_recipe
-    from ..distill.checkpoints import checkpoint_step, newest_valid
 
     run = Path(run)
     if not (run / "recipe.yaml").is_file():
         raise UsageError(f"{run} is not a phreg run folder (no recipe.yaml)")
+    from ..distill.checkpoints import checkpoint_step, newest_valid  # torch: only once RUN is a run
     checkpoint = newest_valid(run, move_aside=False)  # a damaged newer one is reported and skipped
     if checkpoint is None:
         raise UsageError(f"{run} has no valid checkpoint to export (expected {run / 'checkpoints' / 'step_N'} with "
@@ -90,6 +106,11 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
         raise UsageError(f"refusing to replace {out}: it exists and is not an export folder; choose a new folder")
     recipe = load_recipe(run / "recipe.yaml")
     m = recipe.model
+    import safetensors.torch
+
+    from ..backbones import add_registers
+    from ..models import _create, check_img_size, normalization
+
     try:
         saved = safetensors.torch.load_file(str(checkpoint / WEIGHTS))
     except Exception as e:  # a truncated or foreign file: safetensors raises its own error types
