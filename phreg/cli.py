@@ -8,11 +8,14 @@ import logging
 import os
 import shlex
 import sys
+import textwrap
+import time
 import warnings
 from pathlib import Path
 
 from . import __version__
-from .errors import DiskError, UsageError
+from .errors import Aborted, DiskError, UsageError
+from .preflight import user_path
 
 # Exit codes of `phreg distill` besides 0 (done), 1 (runtime failure) and 2 (usage): stopped on a signal after
 # writing a checkpoint; 75 is sysexits' EX_TEMPFAIL ("try again later"), 130 the shell's code for Ctrl-C.
@@ -20,12 +23,15 @@ EXIT_PREEMPTED, EXIT_INTERRUPTED = 75, 130
 
 
 def _distill(args) -> int:
+    from .preflight import check_distill
     from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    check_distill(recipe)  # folders, files, output_dir: before torch is even imported
     from .distill.checkpoints import latest_checkpoint
     from .distill.loop import distill
     from .distill.preempt import Preempted
 
-    recipe = load_recipe(args.recipe, args.overrides)
     main_process = int(os.environ.get("RANK", 0)) == 0  # one line per launch, not one per process
     again = _resume_command(args)
     try:
@@ -58,49 +64,56 @@ def _resume_command(args) -> str:
 
 
 def _inspect(args) -> int:
-    from .eval.inspection import check_views, inspect_model, text_summary
+    from .preflight import check_inspect
+
+    check_inspect(args)
+    from .eval.inspection import inspect_model, text_summary
     from .models import load_spec
 
+    began = time.perf_counter()
     loaded = load_spec(args.model, args.img_size, args.checkpoint)
+    load_s = time.perf_counter() - began
     out = Path(args.out) if args.out else None
-    summary = inspect_model(loaded, args.images, out, check_views(args.views), args.limit, args.figures, args.seed,
+    summary = inspect_model(loaded, args.images, out, args.views, args.limit, args.figures, args.seed,
                             _device(args))
     print(text_summary(summary))
-    if out:
-        print(f"wrote {out / 'inspect.json'} and {len(summary['figures'])} pictures in {summary['seconds']}s")
+    what = f"wrote {out / 'inspect.json'} and {len(summary['figures'])} pictures" if out else "inspected"
+    print(f"{what} in {time.perf_counter() - began:.1f}s (loading the model {load_s:.1f}s, "
+          f"{summary['images']} images {summary['seconds']}s)")
     return 0
 
 
 def _eval(args) -> int:
+    from .preflight import check_eval
+
+    check_eval(args)  # images, masks' class ids, split, output folder: before any model loads
     from .eval.evaluate import evaluate
-    from .eval.inspection import check_views
     from .models import load_run_teacher, load_spec
 
-    if args.masks and args.num_classes is None and not args.classes:
-        raise UsageError("--masks needs --num-classes")
+    began = time.perf_counter()
     zeroshot = _zeroshot_inputs(args) if args.classes else None  # cheap checks first, then the models
     if zeroshot is not None:
         zeroshot["heads"] = (args.teacher_head, args.student_head)
     student = load_spec(args.student, args.img_size)
     if args.teacher:
         teacher = load_spec(args.teacher, student.img_size, args.teacher_checkpoint)
-    elif student.run is not None:
-        teacher = load_run_teacher(student.run, student.img_size)
     else:
-        raise UsageError("--teacher is required unless --student is a phreg run folder")
-    out = Path(args.out) if args.out else (student.run / "eval" if student.run else None)
-    if out is None:
-        raise UsageError("--out is required unless --student is a phreg run folder (default RUN/eval)")
+        teacher = load_run_teacher(student.run, student.img_size)
+    load_s = time.perf_counter() - began
+    out = Path(args.out) if args.out else student.run / "eval"
     if zeroshot is not None:
         from .clip.text import text_tower_for
 
         zeroshot["text_tower"] = text_tower_for(args.student, args.text, args.text_model, student.run)
-    r = evaluate(student, teacher, args.images, out, check_views(args.views), args.limit, args.figures, args.seed,
+    r = evaluate(student, teacher, args.images, out, args.views, args.limit, args.figures, args.seed,
                  args.masks, args.num_classes, args.ignore_index, args.split, _device(args), zeroshot)
     print(f"{'metric':<52}{'teacher':>12}{'student':>12}  better")
     for row in r["summary"]:
-        print(f"{row['label']:<52}{_num(row['teacher']):>12}{_num(row['student']):>12}  {row['better'] or ''}")
-    print(f"wrote {out / 'eval.json'}, {out / 'report.html'} and {len(r['figures'])} pictures in {r['seconds']}s")
+        verdict = row["better"] or row.get("note") or ""
+        print(f"{row['label']:<52}{_num(row['teacher']):>12}{_num(row['student']):>12}  {verdict}")
+    stages = ", ".join(f"{k} {v}s" for k, v in r.get("timings", {}).items())
+    print(f"wrote {out / 'eval.json'}, {out / 'report.html'} and {len(r['figures'])} pictures in "
+          f"{time.perf_counter() - began:.0f}s (loading models {load_s:.1f}s{', ' + stages if stages else ''})")
     return 0
 
 
@@ -187,35 +200,54 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _export(args) -> int:
     from .hub.export import export_run
 
-    print(f"exported {export_run(args.run, args.out)}")
+    began = time.perf_counter()
+    out = export_run(args.run, args.out)
+    print(f"exported {out} in {time.perf_counter() - began:.1f}s")
     return 0
 
 
 def _push(args) -> int:
-    from .hub.publish import PushError, dry_run, push
+    from .hub.publish import PushError, check_repo_id, dry_run, push
 
-    if args.dry_run:
-        names = dry_run(args.run, args.repo_id, args.dry_run)
-        print(f"dry run: wrote {', '.join(names)} to {args.dry_run}; nothing uploaded")
-        return 0
+    check_repo_id(args.repo_id)
     if args.tries < 1 or args.retry_wait < 0:
         raise UsageError("--tries must be >= 1 and --retry-wait >= 0")
+    began = time.perf_counter()
+    if args.dry_run:
+        names = dry_run(args.run, args.repo_id, args.dry_run)
+        print(f"dry run: wrote {', '.join(names)} to {args.dry_run} in {time.perf_counter() - began:.1f}s; "
+              "nothing uploaded")
+        return 0
     try:
         print(push(args.run, args.repo_id, private=args.private, revision=args.revision,
                    commit_message=args.commit_message, tries=args.tries, wait=args.retry_wait))
     except PushError as e:
         print(f"phreg: error: {e}", file=sys.stderr)
         return 1
+    print(f"pushed in {time.perf_counter() - began:.1f}s", file=sys.stderr)
     return 0
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps help at spaces only: `--dry-run` and `hf-hub:ID` are never cut at their hyphen."""
+
+    def _split_lines(self, text, width):
+        return textwrap.TextWrapper(width, break_on_hyphens=False, break_long_words=False).wrap(
+            self._whitespace_matcher.sub(" ", text).strip())
+
+    def _fill_text(self, text, width, indent):
+        return textwrap.TextWrapper(width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False,
+                                    break_long_words=False).fill(self._whitespace_matcher.sub(" ", text).strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="phreg", description="Give a pretrained Vision Transformer register tokens after the fact (PH-Reg).")
+        prog="phreg", description="Give a pretrained Vision Transformer register tokens after the fact (PH-Reg).",
+        formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"phreg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("distill", help="distill registers into a pretrained ViT following a recipe",
+    p = sub.add_parser("distill", formatter_class=HelpFormatter, help="distill registers into a pretrained ViT following a recipe",
                        description="Train a student with register tokens to reproduce the teacher's denoised "
                                    "features; writes RUN/{recipe.yaml,metrics.jsonl,checkpoints/,export/}.",
                        epilog="example: phreg distill recipes/quickstart.yaml train.epochs=1 output_dir=runs/try. "
@@ -234,32 +266,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar or tables")
     p.set_defaults(func=_distill)
 
-    p = sub.add_parser("inspect", help="token norms, high-norm outliers, TTA noise and pictures for one model",
+    p = sub.add_parser("inspect", formatter_class=HelpFormatter, help="token norms, high-norm outliers, TTA noise and pictures for one model",
                        description="Does this checkpoint need registers? Writes OUT/inspect.json and PNGs.",
                        epilog="MODEL: a timm name (weights looked up as for distill), local-dir:DIR, hf-hub:ID, "
                               "a timm export folder, or a phreg run folder")
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--images", required=True, help="folder of images (recursive)")
-    p.add_argument("--out", help="folder for inspect.json and pictures (default: print only)")
-    p.add_argument("--checkpoint", help="weights file for a timm model name")
+    p.add_argument("--images", required=True, type=user_path, help="folder of images (recursive)")
+    p.add_argument("--out", type=user_path, help="folder for inspect.json and pictures (default: print only)")
+    p.add_argument("--checkpoint", type=user_path, help="weights file for a timm model name")
     _model_args(p)
     p.set_defaults(func=_inspect)
 
-    p = sub.add_parser("eval", help="teacher vs student: artifacts, denoised distance, probe, cost, report",
+    p = sub.add_parser("eval", formatter_class=HelpFormatter, help="teacher vs student: artifacts, denoised distance, probe, cost, report",
                        description="Compare a distilled student with its teacher on the same images, seeds and "
                                    "view plans. Writes OUT/eval.json, OUT/report.html and PNGs.",
                        epilog="example: phreg eval --student runs/quickstart --images DIR  (teacher and --out "
                               "default to the run's base model and RUN/eval)")
-    p.add_argument("--student", required=True, help="a phreg run or export folder, local-dir:/hf-hub:, ...")
+    p.add_argument("--student", type=user_path, required=True, help="a phreg run or export folder, local-dir:/hf-hub:, ...")
     p.add_argument("--teacher", help="default: the run's base model and weights, from its recipe")
-    p.add_argument("--teacher-checkpoint", help="weights file when --teacher is a timm model name")
-    p.add_argument("--images", required=True, help="folder of images (recursive)")
-    p.add_argument("--masks", help="single-channel integer PNG masks with the images' file stems")
+    p.add_argument("--teacher-checkpoint", type=user_path, help="weights file when --teacher is a timm model name")
+    p.add_argument("--images", required=True, type=user_path, help="folder of images (recursive)")
+    p.add_argument("--masks", type=user_path, help="single-channel integer PNG masks with the images' file stems")
     p.add_argument("--num-classes", type=int, help="classes in the masks (needed with --masks)")
     p.add_argument("--ignore-index", type=int, help="mask value to ignore (e.g. 11 for CamVid's void)")
-    p.add_argument("--split", help="train/val split file (CSV file,split or 'name split' lines); "
+    p.add_argument("--split", type=user_path, help="train/val split file (CSV file,split or 'name split' lines); "
                                    "default: every 4th image is val")
-    p.add_argument("--out", help="output folder (default RUN/eval for a run)")
+    p.add_argument("--out", type=user_path, help="output folder (default RUN/eval for a run)")
     _model_args(p)
     _zeroshot_args(p, classes_required=False)
     p.add_argument("--teacher-head", default="naclip", choices=("final", "naclip", "maskclip"),
@@ -268,15 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dense head of the student for zero-shot (default maskclip)")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("segment", help="zero-shot segmentation of a folder of images (CLIP family)",
+    p = sub.add_parser("segment", formatter_class=HelpFormatter, help="zero-shot segmentation of a folder of images (CLIP family)",
                        description="Label every pixel with one of the classes in a class file, reading the model "
                                    "through a dense head and CLIP's text tower. Writes OUT/labels/*.png (label "
                                    "values), OUT/overlays/*.png and OUT/classes.json.",
                        epilog="example: phreg segment runs/clip_vitb16 --images DIR --classes classes.csv --out seg/")
     p.add_argument("model", metavar="MODEL", help="a phreg run or export folder, local-dir:/hf-hub:, a timm name")
-    p.add_argument("--images", required=True, help="folder of images (recursive)")
-    p.add_argument("--out", required=True, help="output folder (replaced whole)")
-    p.add_argument("--checkpoint", help="weights file for a timm model name")
+    p.add_argument("--images", required=True, type=user_path, help="folder of images (recursive)")
+    p.add_argument("--out", required=True, type=user_path, help="output folder (replaced whole)")
+    p.add_argument("--checkpoint", type=user_path, help="weights file for a timm model name")
     p.add_argument("--head", default="maskclip", choices=("final", "naclip", "maskclip"),
                    help="dense head (default maskclip: what a PH-Reg CLIP student is trained on)")
     p.add_argument("--ignore-index", type=int, help="class id in the class file not to query (e.g. a void class)")
@@ -287,24 +319,24 @@ def build_parser() -> argparse.ArgumentParser:
     _zeroshot_args(p, classes_required=True)
     p.set_defaults(func=_segment)
 
-    p = sub.add_parser("export", help="(re)build a run's export folder from its latest checkpoint",
+    p = sub.add_parser("export", formatter_class=HelpFormatter, help="(re)build a run's export folder from its latest checkpoint",
                        description="Write RUN/export/{model.safetensors,config.json} (or --out DIR) from the run's "
                                    "latest checkpoint, as distill does at the end; the teacher's weights are not needed.")
-    p.add_argument("run", help="run folder (output_dir of phreg distill)")
-    p.add_argument("--out", metavar="DIR", help="where to write the export (default: RUN/export), replaced atomically")
+    p.add_argument("run", type=user_path, help="run folder (output_dir of phreg distill)")
+    p.add_argument("--out", type=user_path, metavar="DIR", help="where to write the export (default: RUN/export), replaced atomically")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("push", help="upload a finished run to the Hugging Face Hub (model card included)",
+    p = sub.add_parser("push", formatter_class=HelpFormatter, help="upload a finished run to the Hugging Face Hub (model card included)",
                        description="Upload RUN/export with its recipe.yaml, a model card README.md and, when RUN/eval "
                                    "has a report, its table and first figure, as one commit. The token comes from "
                                    "HF_TOKEN or the cached login (`hf auth login`); HF_ENDPOINT picks another Hub.",
                        epilog="example: phreg push runs/quickstart --repo-id alice/dinov2-small-reg16 --dry-run hub/")
-    p.add_argument("run", help="run folder with a finished export/")
+    p.add_argument("run", type=user_path, help="run folder with a finished export/")
     p.add_argument("--repo-id", required=True, metavar="OWNER/NAME", help="model repository, created if missing")
     p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its own)")
     p.add_argument("--revision", metavar="BRANCH", help="commit to this branch, created if missing (default: main)")
     p.add_argument("--commit-message", metavar="MSG", help="default: phreg VERSION: TEACHER + R registers, N steps")
-    p.add_argument("--dry-run", metavar="DIR", help="write the exact upload folder to DIR and upload nothing")
+    p.add_argument("--dry-run", type=user_path, metavar="DIR", help="write the exact upload folder to DIR and upload nothing")
     p.add_argument("--tries", type=int, default=4, metavar="N", help="attempts per Hub call on network errors, 429 and 5xx")
     p.add_argument("--retry-wait", type=float, default=2.0, metavar="S", help="first wait between tries, doubling")
     p.set_defaults(func=_push)
@@ -322,8 +354,6 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides += extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from .distill.loop import Aborted
-
     try:
         return args.func(args)
     except UsageError as e:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import io
 import logging
-from concurrent.futures import ThreadPoolExecutor
-from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -20,39 +18,9 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
 from .errors import UsageError
+from .folders import IMAGE_SUFFIXES, embedded_photos, scan_images  # noqa: F401  (the folder scan is torch-free)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 log = logging.getLogger("phreg")
-
-
-def embedded_photos() -> Path:
-    """The public-domain / CC0 photos shipped with phreg: the quickstart's default data."""
-    return Path(str(resources.files("phreg") / "photos"))
-
-
-def _header_ok(path: Path) -> bool:
-    try:
-        with Image.open(path) as img:
-            return img.size[0] > 0 and img.size[1] > 0
-    except Exception:
-        return False
-
-
-def scan_images(root: str | Path | None) -> tuple[list[Path], list[Path]]:
-    """All image files under `root` (recursive, sorted): (usable, unreadable). `None` means the embedded photos."""
-    root = embedded_photos() if root is None else Path(root)
-    if not root.is_dir():
-        raise UsageError(f"image folder {root} not found")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise UsageError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
-    with ThreadPoolExecutor(8) as pool:
-        ok = list(pool.map(_header_ok, files))
-    usable = [f for f, good in zip(files, ok) if good]
-    bad = [f for f, good in zip(files, ok) if not good]
-    if not usable:
-        raise UsageError(f"no usable image under {root}: all {len(files)} image files are unreadable")
-    return usable, bad
 
 
 def split_files(files: list[Path], fraction: float, seed: int = 0) -> tuple[list[Path], list[Path]]:

@@ -1,4 +1,7 @@
-"""The one exception type that means "the user asked for something impossible"."""
+"""The exception types the command line turns into one line: usage mistakes (exit 2) and deliberate stops (exit 1).
+
+Kept free of heavy imports so that `phreg` can report a mistake before torch or timm is loaded.
+"""
 
 
 class UsageError(Exception):
@@ -7,3 +10,7 @@ class UsageError(Exception):
 
 class DiskError(Exception):
     """A full, read-only or forbidden output folder: the CLI prints it as one line and exits with code 1."""
+
+
+class Aborted(RuntimeError):
+    """Training stopped on purpose (too many non-finite steps): one line, exit code 1."""

@@ -6,11 +6,19 @@ the model in the checkpoints folder (`$PHREG_CHECKPOINTS`, default `./checkpoint
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import hashlib
 import json
+import logging
 import os
 import sys
+import socket
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -60,32 +68,164 @@ def check_img_size(model: torch.nn.Module, img_size: int) -> None:
                          f"nearest valid sizes: {', '.join(str(s) for s in (lo, hi) if s > 0)}")
 
 
+def unknown_model(name: str, what: str) -> UsageError:
+    """`what 'vit_smal_patch14_dinov2' is not a timm model; closest: vit_small_patch14_dinov2, ...`."""
+    base = name.split(".")[0]
+    close = difflib.get_close_matches(base, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"; closest: {', '.join(close)}" if close else "; see timm.list_models('*vit*')"
+    return UsageError(f"{what} {name!r} is not a timm model{hint}")
+
+
+HUB_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+def hub_cached(repo_id: str, files=HUB_FILES) -> Path | None:
+    """A file of `repo_id` already in the huggingface_hub cache (no network), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo_id, _, revision = repo_id.partition("@")
+    for name in files:
+        found = try_to_load_from_cache(repo_id, name, revision=revision or None)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def offline_reason(url: str | None = None, timeout: float = 3.0) -> str | None:
+    """Why nothing can be downloaded right now (HF_HUB_OFFLINE, or the host does not answer), else None.
+
+    One TCP connect with a short timeout, run in a thread so that a hanging DNS lookup cannot outlast it either:
+    a machine without internet answers in seconds instead of after the hub client's retries.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    where = urlparse(url or constants.ENDPOINT)
+    host, port = where.hostname, where.port or (443 if where.scheme == "https" else 80)
+    if not host:
+        return None
+    pool = ThreadPoolExecutor(1)
+    try:
+        pool.submit(lambda: socket.create_connection((host, port), timeout=timeout).close()).result(timeout + 0.5)
+    except Exception:  # gaierror, refused, timed out
+        return f"cannot reach {host}"
+    finally:
+        pool.shutdown(wait=False)
+    return None
+
+
+@contextlib.contextmanager
+def quiet_hub():
+    """No retry chatter from huggingface_hub / timm / urllib3 on the console while weights are fetched."""
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "timm", "urllib3", "httpx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Weights:
+    """Where a model's pretrained weights come from, decided before anything is built or downloaded.
+
+    kind: "file" (model.checkpoint or checkpoints/NAME.ext), "hub" (timm's Hub copy: hub_id), "spec" (a local-dir: /
+    hf-hub: name), "url" (timm's non-Hub download)."""
+    kind: str
+    file: Path | None = None
+    hub_id: str | None = None
+    url: str | None = None
+
+    def record(self, name: str) -> dict:
+        """What the model card needs to say where the weights came from: file name + sha256, or hub id + revision."""
+        if self.kind == "file":
+            return dict(source="file", file=self.file.name, sha256=sha256_file(self.file), bytes=self.file.stat().st_size)
+        spec = name if self.kind == "spec" else None
+        if spec and spec.startswith("local-dir:"):
+            folder = Path(spec.removeprefix("local-dir:"))
+            weights = next((folder / n for n in HUB_FILES if (folder / n).is_file()), None)
+            return dict(source="local-dir", file=str(folder), sha256=sha256_file(weights) if weights else None)
+        hub_id = self.hub_id or (spec.removeprefix("hf-hub:") if spec else None)
+        if hub_id:
+            cached = hub_cached(hub_id)
+            # the cache keeps files under snapshots/<commit sha>/<file>: that commit is the revision that was loaded
+            revision = cached.parent.name if cached is not None and cached.parent.parent.name == "snapshots" else None
+            return dict(source="hub", hub_id=hub_id.split("@")[0], revision=revision,
+                        file=cached.name if cached else None)
+        return dict(source="url", url=self.url)
+
+
+def find_weights(cfg: ModelCfg) -> Weights:
+    """The lookup order of the module docstring, without touching the network."""
+    name = cfg.name
+    if cfg.checkpoint:
+        return Weights("file", file=Path(cfg.checkpoint))
+    if ":" in name:
+        return Weights("spec")
+    local = find_local_weights(name)
+    if local is not None:
+        return Weights("file", file=local)
+    from timm.models import get_pretrained_cfg
+
+    pcfg = get_pretrained_cfg(name)
+    hub_id = getattr(pcfg, "hf_hub_id", None) if pcfg else None
+    return Weights("hub", hub_id=hub_id) if hub_id else Weights("url", url=getattr(pcfg, "url", None) or None)
+
+
 def load_teacher(cfg: ModelCfg) -> torch.nn.Module:
     """Build the pretrained model at the recipe's resolution (timm resamples `pos_embed`), frozen, in eval mode."""
     name, size = cfg.name, cfg.img_size
     source = name.split(":", 1)[0] if ":" in name else ""
     if source and source not in ("local-dir", "hf-hub"):
         raise UsageError(f"model.name {name!r}: only the prefixes local-dir: and hf-hub: are understood")
+    if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
+        raise UsageError(f"model.checkpoint {cfg.checkpoint} not found")
     if not source and not timm.is_model(name):
-        raise UsageError(f"model.name {name!r} is not a timm model (see timm.list_models('*dinov2*'))")
-    file = Path(cfg.checkpoint) if cfg.checkpoint else (None if source else find_local_weights(name))
-    if cfg.checkpoint and not file.is_file():
-        raise UsageError(f"model.checkpoint {file} not found")
+        raise unknown_model(name, "model.name")
+    weights = find_weights(cfg)
+    file = weights.file
+    if weights.kind == "hub":
+        file = hub_cached(weights.hub_id)  # already downloaded once: no network needed
+    where = checkpoints_dir() / f"{name.split('.')[0]}.safetensors"
+    hint = f"pass model.checkpoint=FILE or put the file at {where}"
+    if source == "hf-hub" and hub_cached(name.removeprefix("hf-hub:"), ("config.json",)) is None:
+        reason = offline_reason()
+        if reason:
+            raise UsageError(f"model.name {name}: not in the local Hub cache and {reason}")
     check_img_size(_create(name, pretrained=False, device="meta"), size)  # architecture only: no weights, no memory
+    if file is None and weights.kind in ("hub", "url"):
+        reason = offline_reason(weights.url if weights.kind == "url" else None)
+        if reason:
+            raise UsageError(f"no weights for {name} ({reason}, nothing cached): {hint}")
     if file is not None:
         try:
             # the file wins over a local-dir:/hf-hub: name's own weights; a whole CLIP (`visual.*` + text tower) goes
             # through timm's OpenAI / open_clip key conversion (the family's checkpoint_filter_fn) like any checkpoint
-            model = load_into_meta(name, file, img_size=size)
+            with quiet_hub():
+                model = load_into_meta(name, file, img_size=size)
         except Exception as e:
             raise UsageError(f"checkpoint {file} does not fit {name}: {_first_line(e)}") from None
     else:
         try:
-            model = _create(name, img_size=size, pretrained=True)
+            with quiet_hub():
+                model = _create(name, img_size=size, pretrained=True)
         except UsageError as e:
-            where = checkpoints_dir() / f"{name.split('.')[0]}.safetensors"
-            raise UsageError(f"no weights for {name}: pass model.checkpoint=FILE or put the file at {where} "
-                             f"(download failed: {str(e).split(': ', 2)[-1]})") from None
+            raise UsageError(f"no weights for {name}: {hint} (download failed: {str(e).split(': ', 2)[-1]})") \
+                from None
     model.eval().requires_grad_(False)
     return model
 
@@ -174,7 +314,9 @@ def load_spec(spec: str, img_size: int | None = None, checkpoint: str | None = N
         if img_size is None:
             img_size = json.loads((path / "config.json").read_text())["pretrained_cfg"]["input_size"][-1]
     elif ":" not in spec and not timm.is_model(spec):
-        raise UsageError(f"model {spec}: no such folder, and not a timm model name")
+        if os.sep in spec or spec.startswith("."):
+            raise UsageError(f"model {spec}: no such folder")
+        raise unknown_model(spec, "model")
     img_size = img_size or 224
     cfg = ModelCfg(name=spec, checkpoint=checkpoint, img_size=img_size)
     model = load_teacher(cfg)

@@ -9,7 +9,9 @@ model is built. Defaults here are the paper's DINOv2 settings unless a comment s
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
+import os
 import json
 import types
 import typing
@@ -128,6 +130,11 @@ class TrainCfg:
 
 
 @dataclass
+class ExportCfg:
+    head: str = opt("drop", choices=("drop", "keep"))  # drop: num_classes=0, a feature extractor (what phreg trains)
+
+
+@dataclass
 class Recipe:
     output_dir: str = "runs/phreg"
     seed: int = 0
@@ -137,6 +144,21 @@ class Recipe:
     cache: CacheCfg = opt(factory=CacheCfg)
     speed: SpeedCfg = opt(factory=SpeedCfg)
     train: TrainCfg = opt(factory=TrainCfg)
+    export: ExportCfg = opt(factory=ExportCfg)
+
+    def expand_paths(self) -> "Recipe":
+        """`~` in every path key (a shell does not expand it inside `key=~/dir`)."""
+        self.output_dir = os.path.expanduser(self.output_dir)
+        for section, key in PATH_KEYS:
+            value = getattr(getattr(self, section), key)
+            if value is None:
+                continue
+            if value.startswith("local-dir:"):
+                value = "local-dir:" + os.path.expanduser(value.removeprefix("local-dir:"))
+            elif section != "model" or key != "name":
+                value = os.path.expanduser(value)
+            setattr(getattr(self, section), key, value)
+        return self
 
     def check(self) -> None:
         """Rules that tie several keys together."""
@@ -173,6 +195,15 @@ FILLS = ("white", "black", "mean")
 # Accelerate's tracker names (`log_with`)
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT", "SIGXCPU")
+PATH_KEYS = (("model", "name"), ("model", "checkpoint"), ("data", "root"), ("data", "val_root"), ("cache", "dir"))
+# Names people reach for from other tools -> the key phreg uses; typo suggestions match against both.
+ALIASES = {"learning_rate": "lr", "lr_end": "end_lr", "min_lr": "end_lr", "final_lr": "end_lr", "steps": "max_steps",
+           "num_steps": "max_steps", "batch": "batch_size", "bs": "batch_size", "workers": "num_workers",
+           "image_size": "img_size", "resolution": "img_size", "input_size": "img_size", "num_registers": "registers",
+           "reg_tokens": "registers", "model_name": "name", "weights": "checkpoint", "pretrained": "checkpoint",
+           "out": "output_dir", "output": "output_dir", "run_dir": "output_dir", "num_views": "num",
+           "accumulate": "grad_accum", "gradient_accumulation_steps": "grad_accum", "clip": "grad_clip",
+           "val": "val_root", "train_root": "root", "images": "root", "warmup": "warmup_steps"}
 
 
 # ----------------------------------------------------------------------------------------------- parsing and checks
@@ -230,13 +261,33 @@ def from_dict(cls, data: Any, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     for k in data:
         if k not in fields:
-            close = [n for n in fields if n.startswith(str(k)[:3])]
-            hint = f" (did you mean {close[0]}?)" if close else ""
+            close = suggest(str(k), list(fields))
+            hint = f" (did you mean {prefix + '.' if prefix else ''}{close}?)" if close else ""
             raise UsageError(f"unknown recipe key {prefix + '.' if prefix else ''}{k}{hint}; "
                              f"known: {', '.join(fields)}")
     kwargs = {k: _convert(v, hints[k], f"{prefix + '.' if prefix else ''}{k}", dict(fields[k].metadata))
               for k, v in data.items()}
     return cls(**kwargs)
+
+
+def suggest(word: str, known: list[str]) -> str | None:
+    """The known key closest to `word` (difflib), also through ALIASES: `lerning_rate` -> `lr`."""
+    candidates = {k: k for k in known}
+    candidates.update({alias: key for alias, key in ALIASES.items() if key in known})
+    close = difflib.get_close_matches(word.lower(), list(candidates), n=1, cutoff=0.6)
+    return candidates[close[0]] if close else None
+
+
+def yaml_problem(e: Exception) -> str:
+    """What PyYAML says went wrong and where (1-based), in one line: `found character '\\t' that cannot start
+    any token (line 2, column 1)`."""
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    text = problem or str(e).strip().splitlines()[0]
+    context = getattr(e, "context", None)
+    if context and problem:
+        text = f"{context}, {problem}"
+    return text + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else "")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -264,17 +315,27 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     data: dict = {}
     if path is not None:
         path = Path(path)
+        path = Path(os.path.expanduser(path))
         if not path.is_file():
-            raise UsageError(f"recipe {path} not found")
+            raise UsageError(f"recipe {path} not found" + (" (it is a folder)" if path.is_dir() else ""))
+        raw = path.read_bytes()
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            text = raw.decode("utf-8")
+            if "\x00" in text:
+                raise UnicodeDecodeError("utf-8", raw, 0, 1, "NUL byte")
+        except UnicodeDecodeError:
+            kind = next((name for magic, name in BINARY_KINDS if raw.startswith(magic)), "a binary file")
+            raise UsageError(f"recipe {path} is not a YAML text file (it is {kind}); pass a recipe such as "
+                             "recipes/quickstart.yaml") from None
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise UsageError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise UsageError(f"recipe {path} is not valid YAML: {yaml_problem(e)}") from None
         if not isinstance(data, dict):
             raise UsageError(f"recipe {path}: expected a mapping of keys at the top level")
     data = apply_overrides(data, list(overrides))
     _migrate(data)
-    recipe = from_dict(Recipe, data)
+    recipe = from_dict(Recipe, data).expand_paths()
     recipe.check()
     return recipe
 
@@ -287,6 +348,10 @@ def _migrate(data: dict) -> None:
         model = data.setdefault("model", {}) if model is None else model
         model.setdefault("teacher_head", tap)
         model.setdefault("student_head", tap)
+
+
+BINARY_KINDS = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"PK\x03\x04", "a zip archive"),
+                (b"\x93NUMPY", "a NumPy array"), (b"GIF8", "a GIF image"), (b"RIFF", "a RIFF (e.g. WebP) file"))
 
 
 def to_dict(recipe: Recipe) -> dict:

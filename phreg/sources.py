@@ -25,6 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .data import IMAGE_SUFFIXES, ImageDataset, split_files
 from .errors import UsageError
+from .folders import kind  # noqa: F401  (torch-free: the CLI's checks use it before torch is imported)
 
 IMAGE_EXTS = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)
 
@@ -43,21 +44,6 @@ class Record:
 
 
 # --------------------------------------------------------------------------------------------- what a root names
-
-def kind(root: str | Path | None) -> str:
-    """'folder', 'hf' or 'wds' for a `data.root` value."""
-    if root is None:
-        return "folder"
-    text = str(root)
-    if text.startswith("wds/") or re.search(r"\.tar(\.gz)?(\}|$|\s|::)", text) or text.endswith((".tar", ".tgz")):
-        return "wds"
-    if text.startswith("hfds/"):
-        return "hf"
-    path = Path(text)
-    saved = any((path / f).is_file() for f in ("state.json", "dataset_dict.json"))  # `save_to_disk`
-    tables = any(path.glob("*.parquet")) or any(path.glob("data/*.parquet")) or any(path.glob("*.arrow"))
-    return "hf" if path.is_dir() and (saved or tables) else "folder"
-
 
 # --------------------------------------------------------------------------------------------- Hugging Face datasets
 
@@ -320,7 +306,7 @@ def open_sources(data, seed: int) -> Sources:
     unreadable: list = []
     counts, val = None, []
     if root_kind == "folder":
-        train, unreadable = scan_images(data.root)
+        train, unreadable = scan_images(data.root, "data.root")
         train, val = split_files(train, data.val_split, seed)
     elif root_kind == "hf":
         train = HFImages.open(str(data.root))
@@ -336,7 +322,7 @@ def open_sources(data, seed: int) -> Sources:
     if data.val_root:
         val_kind = kind(data.val_root)
         if val_kind == "folder":
-            val, val_unreadable = scan_images(data.val_root)
+            val, val_unreadable = scan_images(data.val_root, "data.val_root")
             unreadable += val_unreadable
         elif val_kind == "hf":
             val = HFImages.open(str(data.val_root), prefer_split="validation")

@@ -64,7 +64,8 @@ def test_resolution_not_a_multiple_of_the_patch(tmp_path, quick):
 def test_missing_weights_offline(tmp_path, quick):
     args = [a for a in quick if not str(a).startswith("model.checkpoint")]
     result = phreg("distill", *args, env={"PHREG_CHECKPOINTS": str(tmp_path / "none")})
-    assert_usage_error(result, f"no weights for {MODEL}: pass model.checkpoint=FILE or put the file at",
+    assert_usage_error(result, f"no weights for {MODEL} (HF_HUB_OFFLINE is set, nothing cached): "
+                               "pass model.checkpoint=FILE or put the file at",
                        tmp_path / "run")
 
 

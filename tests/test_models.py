@@ -101,10 +101,11 @@ def test_resolution_is_resampled(dinov2_file):
 def test_load_errors_are_one_line(tmp_path, monkeypatch, dinov2_file):
     monkeypatch.setenv("PHREG_CHECKPOINTS", str(tmp_path))
     cases = [
-        (ModelCfg(name=MODEL), f"no weights for {MODEL}: pass model.checkpoint=FILE"),
+        (ModelCfg(name=MODEL), f"no weights for {MODEL} (HF_HUB_OFFLINE is set, nothing cached): pass model.checkpoint=FILE"),
         (ModelCfg(name="vit_tiny_patch16_224", checkpoint=str(dinov2_file)), "does not fit vit_tiny_patch16_224"),
         (ModelCfg(name="resnet50"), "is a ResNet; phreg distills timm"),
         (ModelCfg(name="no_such_model"), "is not a timm model"),
+        (ModelCfg(name="vit_smal_patch14_dinov2"), "is not a timm model; closest: vit_small_patch14_dinov2"),
         (ModelCfg(name=MODEL, checkpoint=str(tmp_path / "missing.safetensors")), "not found"),
     ]
     for cfg, message in cases:

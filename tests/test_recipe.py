@@ -57,7 +57,10 @@ def test_overrides_are_typed_yaml():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("train.epoch=3", "unknown recipe key train.epoch (did you mean epochs?)"),
+    ("train.epoch=3", "unknown recipe key train.epoch (did you mean train.epochs?)"),
+    ("train.lerning_rate=3", "unknown recipe key train.lerning_rate (did you mean train.lr?)"),
+    ("data.rot=x", "unknown recipe key data.rot (did you mean data.root?)"),
+    ("export.head=none", "recipe key export.head: expected one of drop, keep"),
     ("modle.name=x", "unknown recipe key modle"),
     ("train.lr=fast", "recipe key train.lr: expected a number, got 'fast'"),
     ("train.epochs=1.5", "recipe key train.epochs: expected an integer"),
@@ -83,9 +86,22 @@ def test_unreadable_recipe_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("train: [unclosed")
     with pytest.raises(UsageError, match="not valid YAML"):
         load_recipe(tmp_path / "bad.yaml")
+    (tmp_path / "tab.yaml").write_text("train:\n\tlr: 1\n")
+    with pytest.raises(UsageError, match=r"found character '\\t' that cannot start any token \(line 2, column 1\)"):
+        load_recipe(tmp_path / "tab.yaml")
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(UsageError, match="mapping"):
         load_recipe(tmp_path / "list.yaml")
+
+
+def test_tilde_is_expanded_in_every_path_key(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/someone")
+    r = load_recipe(None, ["output_dir=~/runs/a", "data.root=~/photos", "data.val_root=~/val", "cache.dir=~/cache",
+                           "model.checkpoint=~/w.safetensors"])
+    assert (r.output_dir, r.data.root, r.data.val_root, r.cache.dir, r.model.checkpoint) == (
+        "/home/someone/runs/a", "/home/someone/photos", "/home/someone/val", "/home/someone/cache",
+        "/home/someone/w.safetensors")
+    assert load_recipe(None, ["model.name=local-dir:~/export"]).model.name == "local-dir:/home/someone/export"
 
 
 def test_hash_ignores_output_dir_only():

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
+from ..hub.export import TEXT_FILE  # noqa: F401  (the export layout names its files)
 
-TEXT_FILE = "open_clip_text.safetensors"
 TEXT_KEYS = ("token_embedding.weight", "text.token_embedding.weight", "text.transformer.embeddings.word_embeddings.weight")
 
 

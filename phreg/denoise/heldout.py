@@ -44,12 +44,17 @@ class HeldOut:
     @classmethod
     @torch.no_grad()
     def from_images(cls, images: torch.Tensor, denoiser: DenoisedTeacher, seed: int, device, head: str = "final",
-                    batch_size: int = 8, sigma: float = 5.0) -> "HeldOut":
-        """View plans are drawn per image index from `seed`, as for training crops (epoch 0)."""
+                    batch_size: int = 8, sigma: float = 5.0, progress: str | None = None) -> "HeldOut":
+        """View plans are drawn per image index from `seed`, as for training crops (epoch 0). `progress`: a label
+        for a progress bar (stderr, with ETA), none when None."""
+        from tqdm.auto import tqdm
+
         plan = denoiser.plan_fn()
         plans = torch.stack([plan(rng=np.random.default_rng([seed, 0, i])) for i in range(len(images))])
         targets, raw = [], []
-        for x, p in zip(images.split(batch_size), plans.split(batch_size)):
+        batches = zip(images.split(batch_size), plans.split(batch_size))
+        for x, p in tqdm(batches, total=-(-len(images) // batch_size), desc=progress, disable=progress is None,
+                         unit="batch", leave=False):
             x, p = x.to(device), p.to(device)
             with _autocast(device):
                 feats = denoiser.views_features(x, p)

@@ -29,7 +29,8 @@ from .disk import check_space, writing
 from .preempt import Preempted, StopRequests
 from ..data import EpochSampler, ImageDataset, collate
 from ..sources import ShardImages, open_sources
-from ..errors import UsageError
+from ..errors import Aborted, UsageError  # noqa: F401  (Aborted: raised here, imported from here by callers)
+from ..folders import data_record
 from ..hub.export import export_metadata, export_student
 from ..fastpath import set_fused_attention, teacher_autocast, use_compile
 from ..files import write_json
@@ -37,15 +38,11 @@ from ..denoise.heldout import HeldOut
 from .loss import distill_loss
 from .memory import estimate
 from .unlock import unlock, unlocked_table
-from ..backbones import PatchTokens, add_registers
-from ..models import load_teacher, normalization
+from ..backbones import PatchTokens, add_registers, backbone
+from ..models import find_weights, load_teacher, normalization
 from ..recipe import Recipe, TrainCfg, load_recipe, recipe_hash, save_recipe, to_dict
 from ..denoise.targets import DenoisedTeacher
 from ..clip.text import TEXT_FILE, load_text_tower
-
-
-class Aborted(RuntimeError):
-    """Training stopped on purpose (too many non-finite steps): one line, exit code 1."""
 
 
 def lr_factor(cfg: TrainCfg, total_steps: int):
@@ -300,6 +297,7 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
         raise UsageError("recipe key cache.enabled: the target cache needs random access (an image folder or a "
                          "Hugging Face dataset); WebDataset shards stream")
     parts = build_parts(recipe, acc.device, "bf16" if acc.mixed_precision == "bf16" else "fp32")
+    precision = "bf16 autocast" if acc.mixed_precision == "bf16" else "fp32"
     targets, m = parts.teacher, recipe.model
     say(unlocked_table(parts.student, parts.groups, parts.notes))
     say(estimate(targets.teacher, parts.student, parts.groups, recipe.views.num, cfg.batch_size,
@@ -366,7 +364,7 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
     say(f"{sum(sources.shard_counts) if sources.streaming else len(files)} training images{streamed}, "
         f"{len(val_files)} held out, {len(unreadable)} unreadable; "
         f"{steps_per_epoch} steps/epoch, {total} steps, {acc.num_processes} process(es) on {acc.device}, "
-        f"precision {acc.mixed_precision}")
+        f"precision {precision}")
     say(f"disk: {space}")
 
     cache = getattr(data, "cache", None)
@@ -404,7 +402,7 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
                         raise Aborted(f"{state.nonfinite} steps had a non-finite loss or gradient "
                                       f"(train.max_nonfinite={cfg.max_nonfinite}); lower train.lr or check the data")
                 if heldout and cfg.eval_every and state.step % cfg.eval_every == 0:
-                    scored = _score_heldout(heldout, parts.student, state.step, progress, say)
+                    scored = _score_heldout(heldout, parts.student, state.step, progress, quiet)
                 stopping, due = stop.poll()
                 if state.step >= total:
                     break
@@ -422,11 +420,13 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
             save(stop)
     wall = time.perf_counter() - progress.start
     if heldout and not (scored and scored["step"] == state.step):
-        scored = _score_heldout(heldout, parts.student, state.step, progress, say)
+        scored = _score_heldout(heldout, parts.student, state.step, progress, quiet)
     progress.close()
     if acc.is_main_process:
+        export_s = time.perf_counter()
         export_student(acc.unwrap_model(model).model, run / "export", mean=parts.mean, std=parts.std,
                        metadata=export_metadata(recipe, state.step), text_tower=run / TEXT_FILE)
+        export_s = time.perf_counter() - export_s
         with writing("the run summary", run / "summary.json"):
             write_json(run / "summary.json", dict(
                 phreg_version=__version__, base_model=m.name, recipe_hash=recipe_hash(recipe), steps=state.step,
@@ -434,11 +434,19 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
                 unreadable_files=[str(p) for p in unreadable], undecodable_files=sorted(bad),
                 heldout=scored, hardware=_hardware(acc),
                 timings=dict(total_s=round(time.perf_counter() - began, 1), cache_s=round(cache_s, 1),
-                             train_s=round(wall, 1)), versions=dict(torch=torch.__version__, timm=timm.__version__),
+                             train_s=round(wall, 1), export_s=round(export_s, 1)),
+                versions=dict(torch=torch.__version__, timm=timm.__version__),
+                weights=find_weights(m).record(m.name),  # what the model card says the student was made from
+                registers=dict(present=backbone(parts.teacher.teacher).num_registers(parts.teacher.teacher),
+                               added=m.registers, total=backbone(parts.student).num_registers(parts.student)),
+                data=data_record(recipe.data, files, val_files),
                 recipe=to_dict(recipe)))
         if unreadable or bad:
             say(f"skipped {len(unreadable) + len(bad)} unreadable image file(s); see {run / 'summary.json'}")
-        say(f"exported {run / 'export'} in {wall:.0f}s")
+        total_s = time.perf_counter() - began
+        say(f"exported {run / 'export'} in {export_s:.1f}s; the run took {total_s:.0f}s: "
+            + (f"caching teacher targets {cache_s:.0f}s, " if recipe.cache.enabled else "")
+            + f"training {wall:.0f}s, setup and the rest {max(0.0, total_s - cache_s - wall - export_s):.0f}s")
     acc.wait_for_everyone()
     acc.end_training()
     return run
@@ -470,9 +478,11 @@ def _tracker_config(recipe: Recipe) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in flat.items()}
 
 
-def _score_heldout(heldout: HeldOut, student, step: int, progress: Progress, say) -> dict:
+def _score_heldout(heldout: HeldOut, student, step: int, progress: Progress, quiet: bool) -> dict:
     result = dict(step=step, teacher=heldout.teacher_distance, student=heldout.score(student))
-    say(f"held-out mean 1-cos to denoised targets: teacher {result['teacher']:.4f}  student {result['student']:.4f}")
+    if not quiet and not progress.bar.disable:  # tqdm.write clears the bar, prints the line, redraws the bar below
+        progress.bar.write(f"step {step}: held-out mean 1-cos to denoised targets: teacher {result['teacher']:.4f}  "
+                           f"student {result['student']:.4f}")
     progress.write(dict(heldout=result))
     return result
 

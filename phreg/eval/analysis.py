@@ -8,6 +8,7 @@ images that get a picture.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -73,11 +74,15 @@ def _stats(v: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def analyze(loaded: Loaded, images: torch.Tensor, views: ViewsCfg, seed: int = 0, layers: int = 4,
-            pictures: int = 8, batch_size: int = 8, device="cpu") -> Analysis:
+            pictures: int = 8, batch_size: int = 8, device="cpu", progress: bool = True) -> Analysis:
+    from tqdm.auto import tqdm
+
     model = loaded.model.to(device)
     norms: dict[str, dict[str, list]] = {}
     nbr, cls, maps = [], [], []
-    for start in range(0, len(images), batch_size):
+    label = Path(loaded.name).name or loaded.name
+    for start in tqdm(range(0, len(images), batch_size), desc=f"{label}: tokens", unit="batch", leave=False,
+                      disable=not progress):
         x = images[start:start + batch_size].to(device)
         tok = collect(model, x, layers, class_attention=len(maps) < pictures)
         depth = max(tok.blocks)
@@ -97,7 +102,8 @@ def analyze(loaded: Loaded, images: torch.Tensor, views: ViewsCfg, seed: int = 0
                                  attn=attn[i].view(tok.grid).cpu() if attn is not None else None))
     norms_t = {layer: {k: torch.cat(v) for k, v in kinds.items()} for layer, kinds in norms.items()}
     denoiser = DenoisedTeacher(model, views, loaded.mean, loaded.std).to(device)
-    tta = HeldOut.from_images(images, denoiser, seed, device, "final", batch_size)
+    tta = HeldOut.from_images(images, denoiser, seed, device, "final", batch_size,
+                              progress=f"{label}: {views.num} TTA views" if progress else None)
     return Analysis(loaded.name, tok.grid, backbone(model).num_registers(model), bool(tok.num_cls), norms_t,
                     f"block {depth}", torch.cat(nbr),
                     torch.cat(cls) if cls else None, tta, maps)

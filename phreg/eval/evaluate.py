@@ -59,7 +59,8 @@ def probe(teacher: Loaded, student: Loaded, files, masks_dir, num_classes, ignor
         feats = torch.cat([patch_tokens(loaded.model, b.to(device)).float().cpu() for b in x.split(8)])
         feats = feats.transpose(1, 2).reshape(len(files), -1, *grid)
         with torch.enable_grad():
-            head = fit_probe(feats[train], [masks[i] for i in train], num_classes, ignore_index)
+            head = fit_probe(feats[train], [masks[i] for i in train], num_classes, ignore_index,
+                             progress=f"{role}: linear probe")
         out[role] = scores(confusion(head, feats[val], [masks[i] for i in val], num_classes, ignore_index))
     return out
 
@@ -69,10 +70,21 @@ def evaluate(student: Loaded, teacher: Loaded, images_dir, out: Path, views: int
              ignore_index: int | None = None, split: str | None = None, device="cpu", zeroshot: dict | None = None) -> dict:
     """`zeroshot`: classes, text_tower, settings, heads, sigma (see `phreg.clip.run.evaluate_zeroshot`); needs masks."""
     start = time.perf_counter()
+    timings: dict[str, float] = {}
+    clock = [start]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = round(now - clock[0], 1)
+        clock[0] = now
+
     files, images = load_images(images_dir, student, limit)
+    lap("images")
     vcfg = ViewsCfg(num=views)
     a_t: Analysis = analyze(teacher, images, vcfg, seed, pictures=pictures, device=device)
+    lap("teacher")
     a_s: Analysis = analyze(student, images, vcfg, seed, pictures=pictures, device=device)
+    lap("student")
     s_t, s_s = a_t.summary(), a_s.summary()
     t_thr = s_t["outliers"]["threshold"]  # judge the student by the teacher's own data-derived threshold
     judged = a_s.outliers(t_thr if t_thr != float("inf") else None)
@@ -81,6 +93,8 @@ def evaluate(student: Loaded, teacher: Loaded, images_dir, out: Path, views: int
     result = dict(
         schema=SCHEMA, phreg_version=__version__, seconds=None, images=len(files), img_size=student.img_size,
         views=views, seed=seed, files=[str(f) for f in files],
+        dataset=dict(images=str(images_dir), masks=str(masks) if masks else None, split=str(split) if split else None,
+                     limit=limit),
         teacher=dict(name=teacher.name, inspect=s_t, verdict=verdict(s_t)),
         student=dict(name=student.name, inspect=s_s, verdict=verdict(s_s), outliers_at_teacher_threshold=judged),
         denoised_distance=dict(teacher=a_t.tta.teacher_distance, student=dist_s.mean().item(),
@@ -91,11 +105,15 @@ def evaluate(student: Loaded, teacher: Loaded, images_dir, out: Path, views: int
                     if a_t.cls_final is not None and a_s.cls_final is not None else None),
         cost=dict(teacher=cost(teacher, device), student=cost(student, device)),
     )
+    lap("distances and cost")
     if masks and num_classes is not None:  # the linear probe, when asked for (--num-classes)
         result["probe"] = probe(teacher, student, files, masks, num_classes, ignore_index, split, device)
+        lap("probe")
         _, val = split_indices(files, split)
         d = result["denoised_distance"]
         d["val_images"] = len(val)
+        result["dataset"].update(probe_train=result["probe"]["train_images"], probe_val=len(val),
+                                 split_rule=f"from {Path(split).name}" if split else "every 4th image is val")
         d["val_teacher"] = a_t.tta.teacher_distances[val].mean().item()
         d["val_student"] = dist_s[val].mean().item()
     out.mkdir(parents=True, exist_ok=True)
@@ -115,6 +133,8 @@ def evaluate(student: Loaded, teacher: Loaded, images_dir, out: Path, views: int
                                    ("student", a_s.norms[a_s.artifact_layer])], out / "norm_histogram.png",
                                   t_thr).name)
     result["figures"] = figures
+    lap("pictures")
+    result["timings"] = timings
     result["seconds"] = round(time.perf_counter() - start, 1)
     write_json(out / "eval.json", result)
     write_report(result, out / "report.html")
@@ -172,6 +192,8 @@ def summary_rows(r: dict) -> list[dict]:
     c = r["cost"]
     rows += [dict(metric="gflops", label="forward GFLOPs per image", teacher=c["teacher"]["gflops"],
                   student=c["student"]["gflops"], better="lower"),
+             # measured once on whatever machine ran eval, next to other work: a speed, not a verdict
              dict(metric="images_per_s", label=f"images/s (batch {c['teacher']['batch']}, this machine)",
-                  teacher=c["teacher"]["images_per_s"], student=c["student"]["images_per_s"], better="higher")]
+                  teacher=c["teacher"]["images_per_s"], student=c["student"]["images_per_s"], better=None,
+                  note="hardware-dependent")]
     return rows

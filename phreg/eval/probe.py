@@ -8,7 +8,6 @@ full size.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -16,57 +15,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..data import IMAGE_SUFFIXES, load_rgb
-from ..errors import UsageError
+from ..data import load_rgb
+from .inputs import mask_files, read_mask, split_indices  # noqa: F401  (split_indices: imported from here too)
 
 
 def load_masks(files: list[Path], masks_dir: str | Path, num_classes: int, ignore_index: int | None) -> list[torch.Tensor]:
     """One single-channel integer mask per image, same stem, same size; anything else is an error."""
-    masks_dir = Path(masks_dir)
-    if not masks_dir.is_dir():
-        raise UsageError(f"--masks {masks_dir} is not a folder")
-    by_stem = {p.stem: p for p in masks_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-    masks = []
-    for f in files:
-        if f.stem not in by_stem:
-            raise UsageError(f"no mask for {f.name} in {masks_dir} (masks need the image's file stem)")
-        with Image.open(by_stem[f.stem]) as m, Image.open(f) as img:
-            if m.mode not in ("L", "P", "I", "I;16"):
-                raise UsageError(f"mask {by_stem[f.stem].name} is {m.mode}; expected a single-channel integer PNG")
-            if m.size != img.size:
-                raise UsageError(f"mask {by_stem[f.stem].name} is {m.size[0]}x{m.size[1]} but its image is "
-                                 f"{img.size[0]}x{img.size[1]}")
-            arr = torch.from_numpy(np.array(m).astype(np.int64))
-        bad = (arr >= num_classes) & (arr != (ignore_index if ignore_index is not None else -1))
-        if bad.any() or (arr < 0).any():
-            raise UsageError(f"mask {by_stem[f.stem].name} has class ids outside 0..{num_classes - 1} "
-                             f"(ignore index {ignore_index}): {sorted(set(arr[bad].unique().tolist()))[:5]}")
-        masks.append(arr)
-    return masks
-
-
-def split_indices(files: list[Path], split_file: str | None) -> tuple[list[int], list[int]]:
-    """train/val from a split file (CSV with file,split columns, or lines "name split"), else every 4th image to val."""
-    if split_file is None:
-        val = [i for i in range(len(files)) if i % 4 == 3]
-        return [i for i in range(len(files)) if i % 4 != 3], val
-    path = Path(split_file)
-    if not path.is_file():
-        raise UsageError(f"--split {path} not found")
-    text = path.read_text()
-    if "," in text.splitlines()[0]:
-        rows = [(r.get("file") or r.get("name") or "", r.get("split", "")) for r in csv.DictReader(text.splitlines())]
-    else:
-        rows = [tuple(line.split()[:2]) for line in text.splitlines() if line.strip()]
-    split = {Path(name).stem: s.strip().lower() for name, s in rows}
-    missing = [f.name for f in files if f.stem not in split]
-    if missing:
-        raise UsageError(f"--split {path} does not list {missing[0]} (and {len(missing) - 1} more)")
-    train = [i for i, f in enumerate(files) if split[f.stem] == "train"]
-    val = [i for i, f in enumerate(files) if split[f.stem] in ("val", "test")]
-    if not train or not val:
-        raise UsageError(f"--split {path}: need both train and val images, got {len(train)} and {len(val)}")
-    return train, val
+    return [torch.from_numpy(read_mask(m, f, num_classes, ignore_index)) for m, f in zip(mask_files(files, masks_dir), files)]
 
 
 def squashed_images(files: list[Path], size: int, mean, std) -> torch.Tensor:
@@ -78,8 +33,11 @@ def squashed_images(files: list[Path], size: int, mean, std) -> torch.Tensor:
 
 
 def fit_probe(feats: torch.Tensor, masks: list[torch.Tensor], num_classes: int, ignore_index: int | None,
-              steps: int = 300, lr: float = 0.05, upsample: int = 4) -> torch.nn.Module:
-    """feats (N, D, gh, gw) -> a standardize + 1x1 conv head trained with cross-entropy."""
+              steps: int = 300, lr: float = 0.05, upsample: int = 4, progress: str | None = None) -> torch.nn.Module:
+    """feats (N, D, gh, gw) -> a standardize + 1x1 conv head trained with cross-entropy. `progress`: label of a
+    progress bar (stderr, with ETA), none when None."""
+    from tqdm.auto import tqdm
+
     n, d, gh, gw = feats.shape
     mean, std = feats.mean((0, 2, 3), keepdim=True), feats.std((0, 2, 3), keepdim=True).clamp(min=1e-6)
     head = torch.nn.Conv2d(d, num_classes, 1)
@@ -90,7 +48,7 @@ def fit_probe(feats: torch.Tensor, masks: list[torch.Tensor], num_classes: int, 
     ignore = -100 if ignore_index is None else ignore_index
     x = (feats - mean) / std
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc=progress, disable=progress is None, unit="step", leave=False):
         logits = F.interpolate(head(x), size=size, mode="bilinear", align_corners=False)
         loss = F.cross_entropy(logits, labels, ignore_index=ignore)
         opt.zero_grad()

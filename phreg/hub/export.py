@@ -6,23 +6,25 @@ The folder is written whole or not at all (see `files.atomic_dir`).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import safetensors.torch
-import torch
-from timm.models._hub import save_config_for_hf
+import safetensors
 
 from .. import __version__
 from ..errors import UsageError
 from ..files import atomic_dir, replaceable
 
-from ..clip.text import TEXT_FILE  # a CLIP run's text tower, shipped beside the image tower
+if TYPE_CHECKING:  # torch and timm are imported where they are used: `phreg export RUN` checks RUN first
+    from timm.models.vision_transformer import VisionTransformer
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+TEXT_FILE = "open_clip_text.safetensors"  # CLIP runs: the text tower, shipped beside the image tower
 
 
 def export_metadata(recipe, steps: int) -> dict[str, str]:
@@ -30,16 +32,32 @@ def export_metadata(recipe, steps: int) -> dict[str, str]:
     from ..recipe import recipe_hash
 
     return dict(phreg_version=__version__, base_model=recipe.model.name, recipe_hash=recipe_hash(recipe),
-                registers=str(recipe.model.registers), steps=str(steps))
+                registers=str(recipe.model.registers), steps=str(steps), head=recipe.export.head)
 
 
-def export_student(student: torch.nn.Module, out: str | Path, mean, std, metadata: dict[str, str],
+def with_head(student: VisionTransformer, head: str) -> VisionTransformer:
+    """`drop`: a copy without the classifier (`num_classes=0`, `forward` returns pooled features), which is what a
+    feature user expects and what config.json then says; `keep`: the teacher's head, untouched by distillation."""
+    if head == "keep" or student.num_classes == 0:
+        return student
+    twin = copy.copy(student)  # shallow: the tensors stay shared, only the twin's module tables are its own
+    twin._modules, twin._parameters, twin._buffers = dict(twin._modules), dict(twin._parameters), dict(twin._buffers)
+    twin.reset_classifier(0)
+    return twin
+
+
+def export_student(student: VisionTransformer, out: str | Path, mean, std, metadata: dict[str, str],
                    text_tower: Path | None = None) -> Path:
-    """Write the export folder atomically; `metadata` (str -> str) goes into the safetensors header. A CLIP run's
-    text tower (`open_clip_text.safetensors`, when the file exists) is copied beside the image tower."""
+    """Write the export folder atomically; `metadata` (str -> str) goes into the safetensors header; its `head`
+    (keep / drop) says whether the classifier goes with it. A CLIP run's text tower (`open_clip_text.safetensors`,
+    when the file exists) is linked beside the image tower."""
+    import safetensors.torch
+    from timm.models._hub import save_config_for_hf
+
     from ..distill.disk import writing
 
     out = Path(out)
+    student = with_head(student, metadata.get("head", "drop"))
     with writing("the export", out), atomic_dir(out) as tmp:
         if text_tower is not None and Path(text_tower).is_file():
             try:  # the run's own file, never modified: a hard link saves a copy of ~250 MB
@@ -84,14 +102,12 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
     The checkpoint holds every student tensor, so the teacher's weights are not needed: the architecture is built
     empty, given its registers, and overwritten whole (strict load: a checkpoint of another recipe is refused).
     """
-    from ..backbones import add_registers
-    from ..models import _create, check_img_size, normalization
     from ..recipe import load_recipe
-    from ..distill.checkpoints import checkpoint_step, newest_valid
 
     run = Path(run)
     if not (run / "recipe.yaml").is_file():
         raise UsageError(f"{run} is not a phreg run folder (no recipe.yaml)")
+    from ..distill.checkpoints import checkpoint_step, newest_valid  # torch: only once RUN is a run
     checkpoint = newest_valid(run, move_aside=False)  # a damaged newer one is reported and skipped
     if checkpoint is None:
         raise UsageError(f"{run} has no valid checkpoint to export (expected {run / 'checkpoints' / 'step_N'} with "
@@ -101,6 +117,11 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
         raise UsageError(f"refusing to replace {out}: it exists and is not an export folder; choose a new folder")
     recipe = load_recipe(run / "recipe.yaml")
     m = recipe.model
+    import safetensors.torch
+
+    from ..backbones import add_registers
+    from ..models import _create, check_img_size, normalization
+
     try:
         saved = safetensors.torch.load_file(str(checkpoint / WEIGHTS))
     except Exception as e:  # a truncated or foreign file: safetensors raises its own error types

@@ -62,11 +62,6 @@ def check_repo_id(repo_id: str) -> str:
 
 def read_run(run: str | Path) -> Run:
     """Check that `run` holds a finished export that loads in stock timm, and gather what the card says."""
-    import timm
-
-    from ..backbones import backbone
-    from ..distill.unlock import resolve_patterns
-    from ..models import _first_line
     from ..recipe import load_recipe, recipe_hash
 
     run = Path(run)
@@ -79,6 +74,12 @@ def read_run(run: str | Path) -> Run:
     if missing:
         raise UsageError(f"{run} has no finished export ({export / missing[0]} is missing); finish the run with "
                          f"`phreg distill ... --resume` or rebuild it with `phreg export {run}`")
+    import timm  # only now: the cheap checks above answer in a fraction of a second
+
+    from ..backbones import backbone
+    from ..distill.unlock import resolve_patterns
+    from ..models import _first_line
+
     try:  # what timm's strict load checks, without reading the weights: the architecture on "meta", the header
         metadata = read_metadata(export / WEIGHTS)  # a truncated or foreign file fails here
         config = json.loads((export / CONFIG).read_text())
@@ -169,11 +170,17 @@ def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+HARDWARE_METRICS = {"images_per_s"}  # speeds of one machine at one moment: shown, never judged
+
+
 def eval_table(report: dict) -> str:
-    """The eval summary, teacher vs student; the better value of each row in bold."""
+    """The eval summary, teacher vs student; the better value of each row in bold, except for hardware-dependent
+    rows (images/s), which are shown as measured without a verdict."""
     lines = ["| metric | teacher | student | better |", "| --- | ---: | ---: | --- |"]
     for row in report["summary"]:
         t, s, better = row.get("teacher"), row.get("student"), row.get("better")
+        if row.get("metric") in HARDWARE_METRICS or row.get("note") == "hardware-dependent":
+            better = "hardware-dependent, no verdict"
         cells = [_num(t), _num(s)]
         if isinstance(t, (int, float)) and isinstance(s, (int, float)) and better in ("lower", "higher") and t != s:
             best = int((s < t) == (better == "lower"))  # 1: the student wins
@@ -212,31 +219,110 @@ def _hardware(hw: dict | None) -> str:
     return f"{what}, {precision}"
 
 
+PAPER = "https://arxiv.org/abs/2505.21501"
+BIBTEX = """@article{chen2025phreg,
+  title   = {Vision Transformers with Self-Distilled Registers},
+  author  = {Chen, Yinjie and Yan, Zipeng and Zhou, Chong and Dai, Bo and Luo, Andrew F.},
+  journal = {arXiv preprint arXiv:2505.21501},
+  year    = {2025}
+}"""
+
+
+def weights_line(name: str, hub_id: str | None, weights: dict | None) -> tuple[str, bool]:
+    """Where the teacher's weights came from, and whether they are the Hub's (only then is `base_model` set)."""
+    if not weights:
+        return f"`{name}`; weights origin not recorded (no summary.json in the run)", False
+    if weights.get("source") == "hub":
+        rev = f" at revision `{weights['revision'][:12]}`" if weights.get("revision") else ""
+        return f"[`{weights['hub_id']}`](https://huggingface.co/{weights['hub_id']}){rev} (the Hub checkpoint)", True
+    if weights.get("source") in ("file", "local-dir"):
+        sha = f" (sha256 `{weights['sha256']}`)" if weights.get("sha256") else ""
+        hub = f" `{hub_id}`" if hub_id and hub_id != name else ""
+        return f"`{name}` architecture, weights from the file `{Path(str(weights.get('file'))).name}`{sha}; " \
+               f"local weights: not the hub checkpoint{hub}", False
+    return f"`{name}` from {weights.get('url') or 'an unrecorded source'}", False
+
+
+def data_lines(data: dict | None, summary: dict) -> tuple[str, str]:
+    """(training data, held-out set) as the card states them."""
+    if not data:
+        return "not recorded (no summary.json data section)", "–"
+    t, h = data["train"], data["heldout"]
+    if t.get("dataset"):
+        count = f": {t['images']} images" if t.get("images") else " (streamed; not counted)"
+        train = f"{t['kind']} dataset `{t['dataset']}`{count}"
+        held = f"{h['images']} images ({h.get('source') or 'held out'})" if h.get("images") else "none"
+        return train, held
+    if t.get("embedded"):
+        names = ", ".join(t.get("names") or [])
+        train = f"the photos embedded in phreg (`phreg/photos`, public domain / CC0): {t['images']} images ({names})"
+    else:
+        train = f"folder `{_folder(t['folder'])}`: {t['images']} images"
+    train += f"; file-list sha256 `{t['file_list_sha256'][:16]}`"
+    if not h.get("images"):
+        held = "none"
+    elif h.get("folder"):
+        held = f"{h['images']} images from folder `{_folder(h['folder'])}` (data.val_root), never trained on"
+    else:
+        names = f" ({', '.join(h['names'])})" if h.get("names") else ""
+        held = f"{h['images']} image{'s' if h['images'] != 1 else ''}{names} held out of the training folder " \
+               f"({h.get('source')}), never trained on"
+    return train, held
+
+
+def _folder(path: str) -> str:
+    """A dataset folder as people name it, without the machine's absolute path: `camvid_subset/images`."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
+def eval_lead(report: dict) -> str:
+    """Which images the eval table was measured on: dataset folder, count, probe split."""
+    ds = report.get("dataset") or {}
+    where = f" from `{_folder(ds['images'])}`" if ds.get("images") else ""
+    text = f"Teacher vs student on {report.get('images', '?')} images{where} (`phreg eval`)"
+    if ds.get("probe_val"):
+        text += f"; linear probe trained on {ds['probe_train']} and scored on {ds['probe_val']} of them " \
+                f"({ds.get('split_rule')}), masks from `{_folder(ds['masks'])}`"
+    return text + ". Rows marked hardware-dependent are timings of one machine, not a property of the model."
+
+
 def model_card(run: Run, repo_id: str) -> str:
-    """README.md: YAML front matter the Hub indexes, then what was done, the eval when there is one, and usage."""
+    """README.md: YAML front matter the Hub indexes, then what was done, on what data, from which weights, the eval
+    when there is one, limitations, usage and the citation. `base_model` only when the weights are the Hub's."""
     r, g, summary = run.recipe, run.geometry, run.summary or {}
     hub_id, license = base_model(r.model.name, run.config)
+    weights_text, from_hub = weights_line(r.model.name, hub_id, summary.get("weights"))
     front = dict(library_name="timm", pipeline_tag="image-feature-extraction")
-    if hub_id:
-        front["base_model"] = hub_id
+    if hub_id and from_hub:
+        front["base_model"] = (summary.get("weights") or {}).get("hub_id") or hub_id
     if license:
         front["license"] = license
     front["tags"] = TAGS
-    teacher = hub_id or r.model.name
+    teacher = (hub_id if from_hub else None) or r.model.name
     size = r.model.img_size
     steps = summary.get("steps", run.metadata.get("steps", "–"))
     unlocked = "; ".join(", ".join(f"`{p}`" for p in names) + (f" at {scale:g}x lr" if scale != 1 else "")
                          for names, scale in g["unlocked"])
     batch = r.train.batch_size * r.train.grad_accum * ((summary.get("hardware") or {}).get("processes") or 1)
+    regs = summary.get("registers") or dict(present=g["registers"] - r.model.registers, added=r.model.registers,
+                                             total=g["registers"])
+    reg_text = f"{regs['added']} added (init: {r.model.register_init})" + (
+        f", {regs['present']} already in the teacher: {regs['total']} in total" if regs["present"] else "")
+    train_text, held_text = data_lines(summary.get("data"), summary)
+    head = run.metadata.get("head") or ("drop" if run.config.get("num_classes") == 0 else "keep")
     rows = [
-        ("teacher", f"`{teacher}`"),
+        ("teacher weights", weights_text),
+        ("training data", train_text),
+        ("held-out set", held_text),
         ("resolution", f"{size} x {size} px ({g['patches']} patches of {g['patch']} px)"),
-        ("registers", f"{r.model.registers} added" + (f", {g['registers']} in all" if g["registers"] > r.model.registers
-                                                      else "") + f" (init: {r.model.register_init})"),
+        ("registers", reg_text),
         ("views per image", f"{r.views.num} (shifts up to {r.views.max_shift:.0%} of the grid, flip p={r.views.flip})"),
         ("trained parameters", unlocked),
         ("optimizer", f"AdamW, lr {r.train.lr:g} -> {r.train.end_lr:g} ({r.train.schedule}), batch {batch}"),
         ("steps", f"{steps} ({summary['images_seen']} images seen)" if "images_seen" in summary else str(steps)),
+        ("classifier head", "dropped (`num_classes=0`: the model returns features)" if head == "drop"
+         else "the teacher's, kept as it was (not trained)"),
         ("wall time", _wall_time(summary)),
         ("hardware", _hardware(summary.get("hardware"))),
         ("phreg", f"{run.metadata.get('phreg_version', __version__)}, recipe hash "
@@ -244,19 +330,24 @@ def model_card(run: Run, repo_id: str) -> str:
     ]
     heldout = summary.get("heldout")
     if heldout:
-        rows.append(("held-out distance", f"mean 1 - cos to denoised teacher features: teacher "
+        n = ((summary.get("data") or {}).get("heldout") or {}).get("images")
+        on = f" on the {n} held-out image{'s' if n != 1 else ''}" if n else ""
+        rows.append(("held-out distance", f"mean 1 - cos to denoised teacher features{on}: teacher "
                                           f"{_num(heldout.get('teacher'))}, student {_num(heldout.get('student'))}"))
     name = repo_id.split("/")[1]
     tokens = g["prefix"] + g["patches"]
     prefix_words = ("class, " if g["class_token"] else "") + f"{g['registers']} registers"
     prefix_short = "class and register" if g["class_token"] else "register"
+    present = f" (it already had {regs['present']}: {regs['total']} in total)" if regs["present"] else ""
     parts = [
         "---\n" + yaml.safe_dump(front, sort_keys=False) + "---",
         f"# {name}",
-        f"`{teacher}` with **{r.model.registers} register tokens added after the fact** by PH-Reg self-distillation "
-        "(Chen et al., 2025, *Vision Transformers with Self-Distilled Registers*), made with phreg. It is a stock "
-        f"timm `{g['model_class']}` ({g['registers']} registers, `no_embed_class=True`): no extra code is needed to "
-        "use it.",
+        f"`{teacher}` with **{regs['added']} register tokens added after the fact**{present} by PH-Reg "
+        f"self-distillation ([Chen et al., 2025, *Vision Transformers with Self-Distilled Registers*]({PAPER})), "
+        f"made with phreg. It is a stock timm `{g['model_class']}` ({g['registers']} registers, "
+        "`no_embed_class=True`): no extra code is needed to use it." + (
+            "" if from_hub else " The teacher's weights came from a local file, not from the Hub checkpoint (file "
+                                "name and sha256 below)."),
         "## What was done",
         "The student is the teacher's own network with fresh register tokens. It was trained to reproduce the "
         "teacher's *denoised* patch features: each training image is seen in several shifted and mirrored views, the "
@@ -266,14 +357,26 @@ def model_card(run: Run, repo_id: str) -> str:
         "| setting | value |\n| --- | --- |\n" + "\n".join(f"| {k} | {_cell(v)} |" for k, v in rows),
     ]
     if run.eval is not None:
-        parts += ["## Evaluation",
-                  f"Teacher vs student on {run.eval.get('images', '?')} images (`phreg eval`):",
-                  eval_table(run.eval)]
+        parts += ["## Evaluation", eval_lead(run.eval), eval_table(run.eval)]
         if run.figure is not None:
             parts.append(f"![teacher vs student]({FIGURE})")
         if "zeroshot" in run.eval:
             parts.append(zeroshot_table(run.eval["zeroshot"]))
+    data = (summary.get("data") or {}).get("train") or {}
+    small = data.get("images") is not None and data["images"] < 1000
     parts += [
+        "## Limitations",
+        "\n".join([
+            f"- Trained on {data['images']} images only: a demonstration, not a general-purpose model; the features "
+            "are checked against the teacher on the images above, not on a benchmark." if small else
+            "- The features were checked against the teacher on the images named above, not on a public benchmark.",
+            "- The student learns to match the teacher's denoised features: it inherits the teacher's biases and "
+            "cannot know more than the teacher; the class token and any classifier head are not trained for a task.",
+            f"- {regs['added']} extra tokens cost compute: about {100 * regs['added'] / tokens:.0f}% more tokens per "
+            "image at this resolution (see the GFLOPs row of the evaluation when present).",
+            "- Timings (images/s, wall time) depend on the machine that measured them.",
+        ] + ([] if from_hub else ["- The teacher weights are a local file, not the Hub checkpoint: compare the "
+                                  "sha256 above before assuming they are."])),
         "## Usage",
         f"""```python
 import timm
@@ -296,6 +399,8 @@ patches = tokens[:, model.num_prefix_tokens:]  # drop the {prefix_short} tokens:
         "are those of the training machine)" + (f"\n- `{FIGURE}`: a figure from the eval report" if run.figure else "")
         + (f"\n- `{TEXT_FILE}`: CLIP's text tower (open_clip `{r.model.text_model}`), for zero-shot use"
            if r.model.text_model else ""),
+        "## Citation",
+        f"PH-Reg: [arXiv:2505.21501]({PAPER})\n\n```bibtex\n{BIBTEX}\n```",
     ]
     return "\n\n".join(parts) + "\n"
 
@@ -346,12 +451,12 @@ def stage(run: Run, repo_id: str, folder: Path) -> list[str]:
 
 def dry_run(run: str | Path, repo_id: str, out: str | Path) -> list[str]:
     """Write the upload folder to `out` (atomically) and upload nothing."""
-    repo_id, out = check_repo_id(repo_id), Path(out)
-    info = read_run(run)
-    if out.resolve().is_relative_to(info.path.resolve()) or info.path.resolve().is_relative_to(out.resolve()):
-        raise UsageError(f"--dry-run {out}: choose a folder outside the run folder {info.path} (it is never modified)")
+    repo_id, out, path = check_repo_id(repo_id), Path(out), Path(run)
+    if out.resolve().is_relative_to(path.resolve()) or path.resolve().is_relative_to(out.resolve()):
+        raise UsageError(f"--dry-run {out}: choose a folder outside the run folder {path} (it is never modified)")
     if not replaceable(out, set(FILES)):
         raise UsageError(f"--dry-run {out} exists and is not an earlier dry run; choose a new folder")
+    info = read_run(run)
     with atomic_dir(out) as tmp:
         names = stage(info, repo_id, tmp)
     return names

@@ -1,0 +1,126 @@
+"""Everything cheap, checked before anything expensive: a usage mistake is reported in about a second.
+
+Each command first checks what it can without torch or timm (the recipe, folders, files, masks, split, output folder),
+then imports the heavy machinery and loads models. Torch-free on purpose: importing torch alone takes seconds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import UsageError
+from .folders import kind, scan_images
+
+
+def user_path(text: str | None) -> str | None:
+    """argparse `type=`: `--images=~/photos` (no shell expands `~` after `=`)."""
+    return os.path.expanduser(text) if text is not None else None
+
+
+def check_model_spec(spec: str, what: str = "model") -> None:
+    """A run folder, an export folder, a local-dir:/hf-hub: name or a timm name (the name itself is checked later,
+    against timm's registry)."""
+    path = Path(spec)
+    if path.is_dir():
+        if (path / "recipe.yaml").is_file() and not (path / "export" / "config.json").is_file():
+            raise UsageError(f"{path} is a phreg run without a finished export (run it to the end, or `phreg export`)")
+        if not (path / "recipe.yaml").is_file() and not (path / "config.json").is_file():
+            raise UsageError(f"{what} {path} is neither a phreg run nor a timm export folder (no config.json)")
+        return
+    if spec.startswith("local-dir:") and not Path(spec.removeprefix("local-dir:")).is_dir():
+        raise UsageError(f"{what} {spec}: no such folder")
+    if ":" not in spec and (os.sep in spec or spec.startswith(".")):
+        raise UsageError(f"{what} {spec}: no such folder")
+
+
+def check_file(path: str | None, what: str) -> None:
+    if path is not None and not Path(path).is_file():
+        raise UsageError(f"{what} {path} not found")
+
+
+def check_out(path: str | Path | None, what: str = "--out") -> None:
+    """An output folder: absent (created later) or a folder, and never inside a file."""
+    if path is None:
+        return
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UsageError(f"{what} {path}: {p} is a file, not a folder")
+            if not os.access(p, os.W_OK):
+                raise UsageError(f"{what} {path}: {p} is not writable")
+            return
+
+
+def check_images(folder: str, limit: int = 0) -> list[Path]:
+    if limit < 0:
+        raise UsageError("--limit must be >= 0")
+    files, _ = scan_images(folder, "--images")
+    return files[:limit] if limit else files
+
+
+def check_views(views: int) -> int:
+    if views < 1:
+        raise UsageError("--views must be >= 1")
+    return views
+
+
+def check_distill(recipe) -> None:
+    """The recipe's folders and files and the output folder, before torch is imported. Whether output_dir holds a
+    run to resume is decided by `distill` itself (checkpoints are verified there)."""
+    m, d = recipe.model, recipe.data
+    name = m.name
+    if ":" in name and name.split(":", 1)[0] not in ("local-dir", "hf-hub"):
+        raise UsageError(f"model.name {name!r}: only the prefixes local-dir: and hf-hub: are understood")
+    if name.startswith("local-dir:") and not Path(name.removeprefix("local-dir:")).is_dir():
+        raise UsageError(f"model.name {name}: no such folder")
+    check_file(m.checkpoint, "model.checkpoint")
+    if kind(d.root) == "folder":  # datasets and shards are opened by their own libraries, later
+        files, _ = scan_images(d.root, "data.root")
+        if d.val_split and max(1, round(d.val_split * len(files))) >= len(files):
+            raise UsageError(f"data.val_split={d.val_split} leaves no training image out of {len(files)}")
+    if d.val_root and kind(d.val_root) == "folder":
+        scan_images(d.val_root, "data.val_root")
+    check_out(recipe.output_dir, "output_dir")
+    if recipe.cache.dir:
+        check_out(recipe.cache.dir, "cache.dir")
+
+
+def check_eval(args) -> list[Path]:
+    """Models named sensibly, images, masks (ids checked on a sample against --num-classes/--ignore-index), split,
+    output folder. Returns the image files."""
+    from .eval.inputs import check_masks, split_indices
+
+    check_views(args.views)
+    check_model_spec(args.student, "--student")
+    if args.teacher:
+        check_model_spec(args.teacher, "--teacher")
+    elif not (Path(args.student) / "recipe.yaml").is_file():
+        raise UsageError("--teacher is required unless --student is a phreg run folder")
+    else:  # the teacher is the run's base model: its weights file must still be where the recipe says
+        from .recipe import load_recipe
+
+        checkpoint = load_recipe(Path(args.student) / "recipe.yaml").model.checkpoint
+        if checkpoint and not Path(checkpoint).is_file():
+            raise UsageError(f"the teacher's weights {checkpoint} (model.checkpoint in {args.student}/recipe.yaml) "
+                             "are gone; pass --teacher MODEL --teacher-checkpoint FILE")
+    check_file(args.teacher_checkpoint, "--teacher-checkpoint")
+    if args.out is None and not (Path(args.student) / "recipe.yaml").is_file():
+        raise UsageError("--out is required unless --student is a phreg run folder (default RUN/eval)")
+    check_out(args.out)
+    files = check_images(args.images, args.limit)
+    if args.masks and (args.num_classes is not None or not getattr(args, "classes", None)):
+        check_masks(files, args.masks, args.num_classes, args.ignore_index)  # the probe's masks
+        split_indices(files, args.split)
+    elif not args.masks and args.num_classes is not None or args.split or args.ignore_index is not None:
+        raise UsageError("--num-classes, --ignore-index and --split are for the probe: pass --masks DIR too")
+    return files
+
+
+def check_inspect(args) -> list[Path]:
+    check_views(args.views)
+    check_model_spec(args.model)
+    check_file(args.checkpoint, "--checkpoint")
+    check_out(args.out)
+    return check_images(args.images, args.limit)

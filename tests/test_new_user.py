@@ -1,0 +1,255 @@
+"""What a new user hits (issue 14): mistakes answered in about a second, one line each; offline lookup in one line;
+label masks under data.root; a readable console; the model card as a record; the export's classifier head."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import timm
+import yaml
+from conftest import MODEL
+from PIL import Image
+
+from phreg.cli import main
+from phreg.errors import UsageError
+from phreg.folders import scan_images
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+
+
+def phreg(*args, env=None, drop=()) -> tuple[subprocess.CompletedProcess, float]:
+    full = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    for key in drop:
+        full.pop(key, None)
+    began = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "phreg", *map(str, args)], capture_output=True, text=True, env=full,
+                         timeout=300)
+    return out, time.perf_counter() - began
+
+
+def one_line(out: subprocess.CompletedProcess, code: int, *messages: str) -> None:
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == code and len(lines) == 1, out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    for m in messages:
+        assert m in lines[0], lines[0]
+
+
+def photos_and_masks(root: Path, n: int = 4, bad_id: int | None = None) -> tuple[Path, Path]:
+    """n random RGB photos in root/images, their label masks (ids 0..2, plus `bad_id` in the last) in root/masks."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(root / "images" / f"f{i}.png")
+        mask = rng.integers(0, 3, (32, 48)).astype(np.uint8)
+        if bad_id is not None and i == n - 1:
+            mask[0, 0] = bad_id
+        Image.fromarray(mask, "L").save(root / "masks" / f"f{i}.png")
+    return root / "images", root / "masks"
+
+
+def fake_run(folder: Path) -> Path:
+    """What the command line checks before loading anything: recipe.yaml and export/config.json."""
+    (folder / "export").mkdir(parents=True)
+    (folder / "recipe.yaml").write_text("{}\n")
+    (folder / "export" / "config.json").write_text("{}\n")
+    return folder
+
+
+# ------------------------------------------------------------------------------- 1, 4, 5: mistakes answer at once
+
+def test_usage_mistakes_answer_in_seconds_with_one_line(tmp_path):
+    images, masks = photos_and_masks(tmp_path / "data", bad_id=11)
+    run = fake_run(tmp_path / "run")
+    (tmp_path / "tab.yaml").write_text("train:\n\tlr: 1\n")
+    cases = [
+        (["distill", REPO / "phreg" / "photos" / "chelsea.png"], "is not a YAML text file (it is a PNG image)"),
+        (["distill", tmp_path / "tab.yaml"], "found character '\\t' that cannot start any token (line 2, column 1)"),
+        (["distill", QUICKSTART, "train.lerning_rate=1e-4"], "unknown recipe key train.lerning_rate (did you mean train.lr?)"),
+        (["distill", QUICKSTART, "data.root=~/no-such-photos-folder"], f"data.root: image folder {Path.home()}/no-such"),
+        (["distill", QUICKSTART, f"data.val_root={tmp_path / 'nope'}"], "data.val_root: image folder"),
+        (["eval", "--student", run, "--images", images, "--masks", masks, "--num-classes", "3"],
+         "mask f3.png has class ids outside 0..2 (ignore index None): [11]; if 11 marks unlabelled pixels pass "
+         "--ignore-index 11"),
+        (["eval", "--student", run, "--images", images, "--masks", masks], "--masks needs --num-classes"),
+        (["eval", "--student", run, "--images", images, "--masks", masks, "--num-classes", "3",
+          "--ignore-index", "11", "--split", masks / "f0.png"], "--split"),
+        (["inspect", MODEL, "--images", tmp_path / "nope"], "--images: image folder"),
+        (["export", tmp_path / "nope"], "is not a phreg run folder"),
+        (["push", run, "--repo-id", "no-owner", "--dry-run", tmp_path / "hub"], "--repo-id 'no-owner': expected OWNER/NAME"),
+    ]
+    for args, message in cases:
+        out, seconds = phreg(*args)
+        one_line(out, 2, message)
+        assert seconds < 5, (args, seconds)  # ~0.3 s here: no torch, no model before these checks
+
+
+# ------------------------------------------------------------------------------------------ 3: offline, one line
+
+@pytest.mark.parametrize("env,reason", [
+    (dict(HF_ENDPOINT="http://127.0.0.1:9"), "cannot reach 127.0.0.1"),  # no hub answers (port 9: discard, closed)
+    (dict(HF_HUB_OFFLINE="1"), "HF_HUB_OFFLINE is set"),
+])
+def test_missing_weights_offline_fail_fast_in_one_line(tmp_path, env, reason):
+    out, seconds = phreg("distill", QUICKSTART, f"output_dir={tmp_path / 'run'}",
+                         env=dict(env, HF_HOME=str(tmp_path / "hf"), PHREG_CHECKPOINTS=str(tmp_path / "none")),
+                         drop=() if "HF_HUB_OFFLINE" in env else ("HF_HUB_OFFLINE",))
+    one_line(out, 2, f"no weights for {MODEL} ({reason}, nothing cached): pass model.checkpoint=FILE or put the "
+                     f"file at {tmp_path / 'none' / MODEL}.safetensors")
+    assert out.stdout == "" and seconds < 20, seconds  # was ~55 s and ~44 lines of retries
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------- 7: masks under data.root
+
+def test_label_masks_under_data_root_are_skipped_with_one_line(tmp_path, caplog):
+    photos_and_masks(tmp_path / "root", n=3)
+    with caplog.at_level(logging.WARNING, logger="phreg"):
+        usable, bad = scan_images(tmp_path / "root", "data.root")
+    assert [p.parent.name for p in usable] == ["images"] * 3 and bad == []
+    assert [r.getMessage() for r in caplog.records] == [
+        f"data.root: skipped 3 single-channel label masks under {tmp_path / 'root'} (in masks); using 3 photos"]
+    with pytest.raises(UsageError, match="data.root: all 3 images under .* are single-channel label masks"):
+        scan_images(tmp_path / "root" / "masks", "data.root")
+    grey = tmp_path / "grey"  # a grey-level photo has many values: it is a photo, not a mask
+    grey.mkdir()
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64).astype(np.uint8), "L").save(grey / "g.png")
+    assert len(scan_images(grey)[0]) == 1
+
+
+# ----------------------------------------------------------------------------------------------- 8: --help
+
+def test_help_never_breaks_inside_a_word():
+    for command in ("push", "inspect", "eval", "distill"):
+        out, _ = phreg(command, "--help", env=dict(COLUMNS="60"))
+        assert out.returncode == 0
+        assert not re.search(r"\w-\n", out.stdout), out.stdout  # was `--dry-\nrun`, `hf-\nhub:ID`
+        assert "--dry-run" in out.stdout or command != "push"
+
+
+# ------------------------------------------------------------- 2, 8, 9: console, model card, classifier head
+
+def distill_quietly(overrides: list[str]) -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    from phreg.distill.loop import distill
+    from phreg.recipe import load_recipe
+
+    AcceleratorState._reset_state(True)
+    try:
+        distill(load_recipe(None, overrides), quiet=True)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def card(run: Path, out: Path) -> tuple[dict, str]:
+    assert main(["push", str(run), "--repo-id", "alice/student", "--dry-run", str(out)]) == 0
+    _, front, body = (out / "README.md").read_text().split("---\n", 2)
+    return yaml.safe_load(front), body
+
+
+def tiny(folder: Path, name: str, weights: Path | None, size: int, *extra: str) -> list[str]:
+    return [f"output_dir={folder}", f"model.name={name}", f"model.img_size={size}", "views.num=2",
+            "data.num_workers=0", "train.batch_size=2", "train.max_steps=1", "data.val_split=0.25",
+            *([f"model.checkpoint={weights}"] if weights else []), *extra]
+
+
+def random_weights(name: str, path: Path) -> Path:
+    safetensors.torch.save_file(timm.create_model(name, pretrained=False).state_dict(), str(path))
+    return path
+
+
+def test_card_for_local_weights_names_the_file_its_hash_and_the_data(tmp_path, dinov2_file):
+    run = tmp_path / "run"
+    distill_quietly(tiny(run, MODEL, dinov2_file, 56))
+    front, body = card(run, tmp_path / "hub")
+    assert "base_model" not in front  # the weights are a file, not (provably) the Hub's
+    sha = hashlib.sha256(dinov2_file.read_bytes()).hexdigest()
+    assert f"weights from the file `{dinov2_file.name}` (sha256 `{sha}`); local weights: not the hub checkpoint" \
+        in body
+    assert "the photos embedded in phreg" in body and "3 images (astronaut.png, coffee.png, rocket.jpg)" in body
+    assert "| held-out set | 1 image (chelsea.png) held out" in body
+    assert "**16 register tokens added after the fact**" in body and "already had" not in body
+    assert "## Limitations" in body and "https://arxiv.org/abs/2505.21501" in body and "@article{" in body
+    (run / "eval").mkdir()  # an eval report as `phreg eval` writes it: the card names its data and judges no timing
+    (run / "eval" / "eval.json").write_text(json.dumps({
+        "schema": "phreg.eval/1", "images": 67, "figures": [],
+        "dataset": {"images": "/data/camvid_subset/images", "masks": "/data/camvid_subset/masks",
+                    "split": "/data/camvid_subset/manifest.csv", "probe_train": 52, "probe_val": 15,
+                    "split_rule": "from manifest.csv"},
+        "summary": [{"metric": "images_per_s", "label": "images/s (batch 8, this machine)", "teacher": 3.05,
+                     "student": 3.94, "better": "higher"}]}))
+    _, body = card(run, tmp_path / "hub2")
+    assert "Teacher vs student on 67 images from `camvid_subset/images` (`phreg eval`); linear probe trained on 52 " \
+           "and scored on 15 of them (from manifest.csv), masks from `camvid_subset/masks`." in body
+    assert "| images/s (batch 8, this machine) | 3.05 | 3.94 | hardware-dependent, no verdict |" in body
+
+
+def test_card_for_hub_weights_has_base_model_and_revision(tmp_path, dinov2_file):
+    """The Hub path for real, offline: the weights sit in a huggingface_hub cache as timm would have downloaded them."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--timm--vit_small_patch14_dinov2.lvd142m"
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "snapshots" / revision / "model.safetensors").symlink_to(dinov2_file)
+    run = tmp_path / "run"
+    out, _ = phreg("distill", QUICKSTART, *tiny(run, MODEL, None, 56), "--quiet",
+                   env=dict(HF_HOME=str(tmp_path / "hf"), PHREG_CHECKPOINTS=str(tmp_path / "none")))
+    assert out.returncode == 0, out.stderr
+    weights = json.loads((run / "summary.json").read_text())["weights"]
+    assert weights == dict(source="hub", hub_id="timm/vit_small_patch14_dinov2.lvd142m", revision=revision,
+                           file="model.safetensors")
+    front, body = card(run, tmp_path / "hub")
+    assert front["base_model"] == "timm/vit_small_patch14_dinov2.lvd142m"
+    assert f"at revision `{revision[:12]}` (the Hub checkpoint)" in body and "local weights" not in body
+
+
+def test_card_for_a_reg4_teacher_counts_added_and_present_registers(tmp_path):
+    run = tmp_path / "run"
+    name = "vit_small_patch14_reg4_dinov2"
+    distill_quietly(tiny(run, name, random_weights(name, tmp_path / "reg4.safetensors"), 28))
+    assert json.loads((run / "summary.json").read_text())["registers"] == dict(present=4, added=16, total=20)
+    _, body = card(run, tmp_path / "hub")
+    assert "**16 register tokens added after the fact** (it already had 4: 20 in total)" in body
+    assert "| registers | 16 added (init: pos_mean), 4 already in the teacher: 20 in total |" in body
+
+
+def test_deit3_export_drops_its_head_by_default_and_keeps_it_on_request(tmp_path):
+    name = "deit3_small_patch16_224"
+    run = tmp_path / "run"
+    out, _ = phreg("distill", QUICKSTART, *tiny(run, name, random_weights(name, tmp_path / "deit3.safetensors"), 32),
+                   "train.eval_every=1")
+    assert out.returncode == 0, out.stderr
+    console = re.split(r"[\r\n]", out.stdout + out.stderr)
+    assert any(line.startswith("step 1: held-out mean 1-cos") for line in console), console  # own line, not glued
+    assert any("precision fp32" in line for line in console)
+    done = next(line for line in console if line.startswith("exported "))
+    assert re.fullmatch(r"exported .* in [\d.]+s; the run took \d+s: caching teacher targets \d+s, training \d+s, "
+                        r"setup and the rest \d+s", done), done
+    config = json.loads((run / "export" / "config.json").read_text())
+    assert config["num_classes"] == 0
+    with safetensors.safe_open(str(run / "export" / "model.safetensors"), "pt") as f:
+        assert not any(k.startswith("head.") for k in f.keys())
+    model = timm.create_model(f"local-dir:{run / 'export'}", pretrained=True)
+    assert model.num_classes == 0
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["export"]["head"] = "keep"
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["export", str(run), "--out", str(tmp_path / "kept")]) == 0
+    kept = timm.create_model(f"local-dir:{tmp_path / 'kept'}", pretrained=True)
+    assert kept.num_classes == 1000 and kept.head.weight.shape == (1000, 384)
