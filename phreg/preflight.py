@@ -92,6 +92,8 @@ def check_eval(args) -> list[Path]:
     output folder. Returns the image files."""
     from .eval.inputs import check_masks, split_indices
 
+    if getattr(args, "classes", None) and not args.masks:
+        raise UsageError("--classes needs --masks (ground-truth label maps) to score zero-shot segmentation")
     check_views(args.views)
     check_model_spec(args.student, "--student")
     if args.teacher:
@@ -113,7 +115,7 @@ def check_eval(args) -> list[Path]:
     if args.masks and (args.num_classes is not None or not getattr(args, "classes", None)):
         check_masks(files, args.masks, args.num_classes, args.ignore_index)  # the probe's masks
         split_indices(files, args.split)
-    elif not args.masks and args.num_classes is not None or args.split or args.ignore_index is not None:
+    elif not args.masks and (args.num_classes is not None or args.split or args.ignore_index is not None):
         raise UsageError("--num-classes, --ignore-index and --split are for the probe: pass --masks DIR too")
     return files
 

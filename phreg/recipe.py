@@ -163,6 +163,9 @@ class Recipe:
     def check(self) -> None:
         """Rules that tie several keys together."""
         t, m = self.train, self.model
+        if self.export.head == "drop" and m.student_head in ("naclip", "maskclip"):
+            raise UsageError(f"recipe key export.head: drop would remove the projection head that the student's "
+                             f"{m.student_head} output is read through; use keep")
         if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
             raise UsageError(f"recipe key train.betas: expected two numbers in [0, 1), got {t.betas}")
         if t.end_lr > t.lr:
