@@ -100,7 +100,9 @@ def read_run(run: str | Path) -> Run:
                          f"(hash {metadata['recipe_hash']} vs {recipe_hash(recipe)}); rebuild it with "
                          f"`phreg export {run}`")
     unlocked = [(names, g.lr_scale) for g in recipe.train.unlock if (names := resolve_patterns(student, g.params))]
-    geometry = dict(backbone(student).geometry(student), unlocked=unlocked)
+    family, init = backbone(student), recipe.model.register_init
+    geometry = dict(family.geometry(student), unlocked=unlocked,
+                    init=family.default_init(student) if init == "auto" else init)  # what `auto` resolved to
     summary = _read_json(run / "summary.json") if (run / "summary.json").is_file() else None
     report, figure = read_eval(run / "eval")
     return Run(run, recipe, summary, config, metadata, geometry, report, figure)
@@ -307,7 +309,7 @@ def model_card(run: Run, repo_id: str) -> str:
     batch = r.train.batch_size * r.train.grad_accum * ((summary.get("hardware") or {}).get("processes") or 1)
     regs = summary.get("registers") or dict(present=g["registers"] - r.model.registers, added=r.model.registers,
                                              total=g["registers"])
-    reg_text = f"{regs['added']} added (init: {r.model.register_init})" + (
+    reg_text = f"{regs['added']} added (init: {g['init']})" + (
         f", {regs['present']} already in the teacher: {regs['total']} in total" if regs["present"] else "")
     train_text, held_text = data_lines(summary.get("data"), summary)
     head = run.metadata.get("head") or ("drop" if run.config.get("num_classes") == 0 else "keep")
