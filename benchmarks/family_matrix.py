@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,18 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     work = Path(tempfile.mkdtemp(prefix="phreg_matrix_"))
+    try:
+        rows = measure(args, work)
+    finally:  # random-weight checkpoints and runs: gigabytes for the large families
+        shutil.rmtree(work, ignore_errors=True)
+    print("\n| model | timm class | prefix tokens before | after | unlocked parameters | s/step "
+          "| distill wall s | notes |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print("| " + " | ".join(str(c) for c in r) + " |")
+
+
+def measure(args, work: Path) -> list[tuple]:
+    """Distill each model for two steps on random weights; one row per model (its files deleted once measured)."""
     rows = []
     if args.recipes:
         from phreg.recipe import load_recipe
@@ -88,10 +101,9 @@ def main():
                      unlocked.group(1) if unlocked else "?", per_step, f"{wall:.0f}", f"skipped: {notes}" if notes
                      else ""))
         print(*rows[-1], sep=" | ", flush=True)
-    print("\n| model | timm class | prefix tokens before | after | unlocked parameters | s/step "
-          "| distill wall s | notes |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print("| " + " | ".join(str(c) for c in r) + " |")
+        shutil.rmtree(run, ignore_errors=True)
+        weights.unlink()
+    return rows
 
 
 if __name__ == "__main__":
