@@ -222,3 +222,16 @@ def test_class_attention_is_a_distribution_over_patches():
         total = tok.attention.sum(-1)
         assert ((total > 0) & (total <= 1 + 1e-5)).all(), total
         assert all(getattr(m, "fused_attn", True) for m in model.modules())  # eager only while reading
+
+
+@pytest.mark.parametrize("key", list(FAMILIES))
+def test_projection_of_one_token_is_the_models_own_head(key):
+    """Dense heads project each token the way the model's pooled head would see it alone: with every token equal,
+    any pool (class token, average, MAP attention) returns that token, so `project` must equal timm's forward_head."""
+    model = reduced(key)
+    tokens = torch.randn(2, 1, model.embed_dim).expand(2, model.num_prefix_tokens + 4, model.embed_dim)
+    with torch.no_grad():
+        want = model.forward_head(model.norm(tokens))
+        got = backbone(model).project(model, tokens)
+    assert got.shape == (2, model.num_prefix_tokens + 4, want.shape[-1])
+    assert (got - want[:, None]).abs().max() < 1e-4 * want.abs().max()

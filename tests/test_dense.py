@@ -129,15 +129,18 @@ def test_registers_take_part_but_never_reach_the_output(clip):
     assert (before - after).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("family", ["vit", "eva"])
+@pytest.mark.parametrize("family", ["vit", "eva", "pe_core", "rope_mixed"])
 def test_hooks_reproduce_the_last_blocks_own_attention(clip, family):
-    """q/k/v (with RoPE for Eva), SDPA and the merge of the hooks give exactly what the block's attention returns."""
+    """q/k/v (with RoPE for Eva), SDPA and the merge of the hooks give exactly what the block's attention returns:
+    `EvaAttention` (EVA-02: separate q/v biases) and `AttentionRope` (Perception Encoder, per-depth RoPE tables)."""
     if family == "vit":
         model, bb, size = clip[1], backbone(clip[1]), 64
     else:
+        name, size = dict(eva=("eva02_tiny_patch14_224", 56), pe_core=("vit_pe_core_small_patch16_384", 64),
+                          rope_mixed=("vit_small_patch16_rope_mixed_224", 64))[family]
         torch.manual_seed(0)
-        model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, depth=2, img_size=56).eval()
-        bb, size = backbone(model), 56
+        model = timm.create_model(name, pretrained=False, depth=2, img_size=size).eval()
+        bb = backbone(model)
     x = torch.randn(2, 3, size, size)
     seen = {}
     hook = model.blocks[-1].attn.register_forward_hook(lambda mod, args, out: seen.setdefault("out", out))

@@ -115,3 +115,16 @@ def test_cache_size_is_counted_and_a_cache_that_cannot_fit_is_refused(tmp_path, 
         distill(recipe, quiet=True)
     assert not (tmp_path / "run" / "target_cache").exists()  # nothing half-written
     assert not list((tmp_path / "run").glob("**/*.safetensors"))
+
+
+@pytest.mark.parametrize("name, hidden", [("eva02_base_patch14_224", 2 * 2048), ("vit_small_patch14_dinov2", 1536)])
+def test_memory_estimate_counts_every_mlp_branch(name, hidden):
+    """SwiGLU MLPs (EVA-02 base, EVA-CLIP) have fc1_g + fc1_x and no fc1: both branches are activations."""
+    torch.manual_seed(0)
+    teacher = timm.create_model(name, pretrained=False, depth=1, img_size=56).eval().requires_grad_(False)
+    student = add_registers(teacher, 4, seed=0)
+    groups = unlock(student, load_recipe(None, []).train.unlock, 1e-3, 0.0)
+    one = estimate(teacher, student, groups, 2, 1, False, False)
+    tokens, dim = 16 + student.num_prefix_tokens, student.embed_dim
+    assert one.student_per_image >= tokens * hidden * 4  # the MLP's hidden activations of one block, float32
+    assert one.teacher_per_view == (16 + teacher.num_prefix_tokens) * (7 * dim + hidden) * 2 * 4

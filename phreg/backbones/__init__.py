@@ -24,6 +24,7 @@ import pkgutil
 
 import timm
 import torch
+import torch.nn.functional as F
 
 from ..errors import UsageError
 
@@ -255,6 +256,17 @@ class Backbone:
 
     def has_rope(self, model) -> bool:
         return getattr(model, "rope", None) is not None
+
+
+def map_head_per_token(pool, x: torch.Tensor) -> torch.Tensor:
+    """A MAP head (timm `AttentionPoolLatent`: SigLIP, Perception Encoder) applied to every token on its own.
+
+    Attention over a single token is the identity, so each token takes the value path, the output projection and the
+    residual MLP: what the pooled embedding, and so the text tower, sees of one token (MaskCLIP's reading of CLIP's
+    attention-pool ResNets). The pool's own `pos_embed`, where present, is per pooled position and is left out."""
+    dim = x.shape[-1]
+    x = pool.proj(F.linear(x, pool.kv.weight[dim:], None if pool.kv.bias is None else pool.kv.bias[dim:]))
+    return x if pool.mlp is None else x + pool.mlp(pool.norm(x))
 
 
 def _set(module: torch.nn.Module, dotted: str, value: torch.Tensor) -> None:

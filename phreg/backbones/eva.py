@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 from timm.models.eva import Eva as EvaModel
 
-from . import Backbone
+from ..errors import UsageError
+from . import Backbone, map_head_per_token
 
 
 class Eva(Backbone):
@@ -47,16 +48,24 @@ class Eva(Backbone):
         attn = model.blocks[-1].attn
         x = model.blocks[-1].norm1(tokens)
         B, N, _ = x.shape
+        if getattr(attn, "gate", None) is not None:  # AttentionRope's optional output gate: not read by dense heads
+            raise UsageError("dense heads (naclip, maskclip) do not support gated attention (timm AttentionRope "
+                             "with a gate); use head final")
         if attn.qkv is not None:
-            if attn.q_bias is None:
+            if getattr(attn, "q_bias", None) is None:  # AttentionRope has no separate q/v biases
                 qkv = attn.qkv(x)
             else:
                 bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
                 qkv = attn.qkv(x) + bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, bias)
             q, k, v = qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         else:
-            q, k, v = (proj(x).reshape(B, N, attn.num_heads, -1).transpose(1, 2)
-                       for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+            kv_heads = getattr(attn, "num_kv_heads", attn.num_heads)  # grouped-query attention (AttentionRope)
+            q, k, v = (proj(x).reshape(B, N, heads, -1).transpose(1, 2)
+                       for proj, heads in ((attn.q_proj, attn.num_heads), (attn.k_proj, kv_heads),
+                                           (attn.v_proj, kv_heads)))
+        groups = getattr(attn, "num_kv_groups", 1)
+        if groups > 1:  # after norm and RoPE in timm; repeating first is the same (both act per head)
+            v = v.repeat_interleave(groups, dim=1)
         if not need_qk:
             return None, None, v
         q, k = attn.q_norm(q), attn.k_norm(k)
@@ -65,6 +74,8 @@ class Eva(Backbone):
             n, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
             q, k = (torch.cat([t[:, :, :n], apply_rot_embed_cat(t[:, :, n:], rope, half=half)], 2).type_as(v)
                     for t in (q, k))
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
         return q, k, v
 
     def last_block_merge(self, model, out):
@@ -73,4 +84,7 @@ class Eva(Backbone):
         return attn.proj(attn.norm(out.transpose(1, 2).reshape(B, L, H * d)))
 
     def project(self, model, tokens):
-        return model.head(model.fc_norm(model.norm(tokens)))
+        x = model.norm(tokens)
+        if getattr(model, "attn_pool", None) is not None:  # Perception Encoder's MAP head, per token
+            x = map_head_per_token(model.attn_pool, x)
+        return model.head(model.fc_norm(x))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from . import Backbone
+from . import Backbone, map_head_per_token
 
 
 class ViT(Backbone):
@@ -51,10 +51,6 @@ class ViT(Backbone):
 
     def project(self, model, tokens):
         x = model.norm(tokens)
-        pool = getattr(model, "attn_pool", None)
-        if pool is not None:  # MAP head: its value path per token (identity attention), then its residual MLP
-            dim = x.shape[-1]
-            v = F.linear(x, pool.kv.weight[dim:], None if pool.kv.bias is None else pool.kv.bias[dim:])
-            x = pool.proj(v)
-            x = x + pool.mlp(pool.norm(x))
+        if getattr(model, "attn_pool", None) is not None:  # SigLIP's MAP head, per token
+            x = map_head_per_token(model.attn_pool, x)
         return model.head(model.fc_norm(x))
