@@ -42,12 +42,17 @@ def use_compile(cfg: SpeedCfg, device: torch.device) -> bool:
     return device.type == "cuda" if cfg.compile == "auto" else bool(cfg.compile)
 
 
-def teacher_autocast(cfg: SpeedCfg, device: torch.device, train_precision: str):
-    """The frozen teacher may run in bf16 even when the student trains in fp32 (and vice versa)."""
+def teacher_precision(cfg: SpeedCfg, device: torch.device, train_precision: str) -> str:
+    """"bf16" or "fp32": what `speed.teacher_precision` resolves to here (auto: bf16 on a GPU unless training fp32)."""
     want = cfg.teacher_precision
     if want == "auto":
         want = "bf16" if device.type == "cuda" and train_precision != "fp32" else "fp32"
-    if want == "bf16":
+    return want
+
+
+def teacher_autocast(cfg: SpeedCfg, device: torch.device, train_precision: str):
+    """The frozen teacher may run in bf16 even when the student trains in fp32 (and vice versa)."""
+    if teacher_precision(cfg, device, train_precision) == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 

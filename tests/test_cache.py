@@ -45,6 +45,12 @@ def test_cached_batches_equal_the_uncached_path(tmp_path, dinov2_file, dtype, to
     assert (tmp_path / "targets.npy").stat().st_mtime_ns == before
     other = load_recipe(None, [f"model.name={MODEL}", "model.img_size=56", "views.num=4", "cache.plans=2"])
     assert cache_key(other, files) != cache_key(recipe, files)  # another view count: another cache
+    assert cache_key(recipe, files, "bf16") != cache_key(recipe, files, "fp32")  # bf16 targets are other targets
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"0" * 8)
+    first = cache_key(recipe, files, weights=weights)
+    weights.write_bytes(b"0" * 9)  # the file behind model.checkpoint replaced in place
+    assert cache_key(recipe, files, weights=weights) != first
 
 
 def test_crops_round_trip_exactly():

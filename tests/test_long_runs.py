@@ -234,3 +234,30 @@ def test_extending_a_run_follows_the_longer_schedule_and_trackers_log_to_tensorb
     assert [e.step for e in loss] == list(range(1, 9))
     assert [e.value for e in loss] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
     assert [e.step for e in events.Scalars("heldout/student")] == [4, 8]
+
+
+def test_every_checkpoint_keeps_the_counters_of_its_step(tmp_path, dinov2_file):
+    """A periodic checkpoint between log lines still records the images seen up to its step (a resumed run's
+    summary counts from there)."""
+    run = distill(tiny(tmp_path, dinov2_file, "train.batch_size=1", "train.max_steps=4", "train.save_every=2",
+                       "train.log_every=3", "train.keep_last=5"), quiet=True)
+    saved = {int(d.name[5:]): json.loads((d / "state.json").read_text())["train"] for d in checkpoint_dirs(run)}
+    assert {step: s["images"] for step, s in saved.items()} == {2: 2, 4: 4}
+    assert json.loads((run / "summary.json").read_text())["images_seen"] == 4
+
+
+def test_resume_after_a_crash_drops_the_metrics_logged_after_the_checkpoint(tmp_path):
+    from phreg.distill.loop import _trim_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [dict(step=s, loss=1.0) for s in (1, 2, 3)] + [dict(heldout=dict(step=2)), dict(heldout=dict(step=3))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')  # torn by the crash
+    _trim_metrics(path, 2)
+    assert [json.loads(ln) for ln in path.read_text().splitlines()] == [rows[0], rows[1], rows[3]]
+
+
+def test_a_manifest_of_the_wrong_shape_is_damage_not_a_traceback(tmp_path):
+    from phreg.distill.checkpoints import FORMAT
+
+    (tmp_path / "manifest.json").write_text(json.dumps(dict(format=FORMAT, files={"model.safetensors": "x"})))
+    assert damage(tmp_path) == "manifest.json is not a phreg checkpoint manifest"

@@ -31,11 +31,13 @@ from ..sources import fingerprint
 ARRAY, CROPS, PLANS, META = "targets.npy", "crops.npy", "plans.npy", "meta.json"
 
 
-def cache_key(recipe: Recipe, files: list[Path]) -> str:
-    """Everything a target depends on: weights, resolution, views, crops, the files themselves."""
+def cache_key(recipe: Recipe, files: list[Path], teacher_precision: str = "fp32", weights: Path | None = None) -> str:
+    """Everything a target depends on: the weights (path, size, mtime), the teacher's precision (bf16 targets are
+    not fp32 targets), resolution, views, crops, the image files themselves."""
     m, v, d = recipe.model, recipe.views, recipe.data
     stats = fingerprint(files)
-    parts = dict(format=2, name=m.name, checkpoint=m.checkpoint, img_size=m.img_size, mean=m.mean, std=m.std,
+    parts = dict(format=3, name=m.name, checkpoint=m.checkpoint, img_size=m.img_size, mean=m.mean, std=m.std,
+                 weights=fingerprint([weights]) if weights else None, teacher_precision=teacher_precision,
                  views={k: getattr(v, k) for k in ("num", "max_shift", "flip", "candidates", "fill")},
                  head=m.teacher_head, sigma=m.naclip_sigma if m.teacher_head == "naclip" else None,
                  resize=d.resize, seed=recipe.seed, plans=recipe.cache.plans, dtype=recipe.cache.dtype, files=stats)

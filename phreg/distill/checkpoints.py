@@ -79,6 +79,8 @@ def damage(folder: Path) -> str | None:
         manifest = json.loads((folder / MANIFEST).read_text())
         files = manifest["files"]
         assert manifest["format"] == FORMAT and isinstance(files, dict)
+        assert all(isinstance(w, dict) and isinstance(w.get("bytes"), int) and isinstance(w.get("sha256"), str)
+                   for w in files.values())
     except FileNotFoundError:
         return f"no {MANIFEST}"
     except (ValueError, KeyError, TypeError, AssertionError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from ..sources import ShardImages, open_sources
 from ..errors import Aborted, UsageError  # noqa: F401  (Aborted: raised here, imported from here by callers)
 from ..folders import data_record
 from ..hub.export import export_metadata, export_student
-from ..fastpath import set_fused_attention, teacher_autocast, use_compile
+from ..fastpath import set_fused_attention, teacher_autocast, teacher_precision, use_compile
 from ..files import write_json
 from ..denoise.heldout import HeldOut
 from .loss import distill_loss
@@ -296,7 +297,8 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
     if sources.streaming and recipe.cache.enabled:
         raise UsageError("recipe key cache.enabled: the target cache needs random access (an image folder or a "
                          "Hugging Face dataset); WebDataset shards stream")
-    parts = build_parts(recipe, acc.device, "bf16" if acc.mixed_precision == "bf16" else "fp32")
+    train_precision = "bf16" if acc.mixed_precision == "bf16" else "fp32"
+    parts = build_parts(recipe, acc.device, train_precision)
     precision = "bf16 autocast" if acc.mixed_precision == "bf16" else "fp32"
     targets, m = parts.teacher, recipe.model
     say(unlocked_table(parts.student, parts.groups, parts.notes))
@@ -311,7 +313,8 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
                             make_plan=targets.plan_fn())
     cache_folder = (Path(recipe.cache.dir) if recipe.cache.dir else run / "target_cache") if recipe.cache.enabled \
         else None
-    key = cache_key(recipe, files) if cache_folder else None
+    key = cache_key(recipe, files, teacher_precision(recipe.speed, acc.device, train_precision),
+                    find_weights(m).file) if cache_folder else None
     space = check_space(_disk_needs(recipe, parts, data, run, cache_folder, key))
     cache_s = time.perf_counter()
     if cache_folder:
@@ -350,6 +353,8 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
             run.mkdir(parents=True, exist_ok=True)
             if not resume:
                 (run / "metrics.jsonl").unlink(missing_ok=True)
+            else:  # rows logged after the checkpoint (a crash, not a preemption) are logged again from here
+                _trim_metrics(run / "metrics.jsonl", state.step)
             save_recipe(recipe, run / "recipe.yaml")
     if acc.is_main_process and m.text_model and not (run / TEXT_FILE).is_file():
         with writing("the CLIP text tower", run / TEXT_FILE):  # it travels with the export, for zero-shot
@@ -406,16 +411,15 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
                 stopping, due = stop.poll()
                 if state.step >= total:
                     break
-                if stopping:
-                    if progress.micro:
+                if stopping or due or (cfg.save_every and state.step % cfg.save_every == 0):
+                    if progress.micro:  # images seen and non-finite steps reach `state` at a log line
                         progress.log(state, epoch, lr)
                     where = save(stop)
+                if stopping:
                     progress.close()
                     stop.settle()
                     acc.end_training()
                     raise Preempted(state.step, where, stop.requested)
-                if due or (cfg.save_every and state.step % cfg.save_every == 0):
-                    save(stop)
         if saved_step != state.step:  # not when a finished run was resumed at its last step
             save(stop)
     wall = time.perf_counter() - progress.start
@@ -470,6 +474,24 @@ def _disk_needs(recipe: Recipe, parts: Parts, data: ImageDataset, run: Path, cac
             needs.append((cache_folder, cache_bytes(len(data), recipe.cache.plans, t.num_patches, t.dim,
                                                     recipe.cache.dtype, data.size, recipe.views.num), "target cache"))
     return needs
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep the metrics.jsonl rows up to `step` (and drop a row torn by a crash); temporary file + rename."""
+    def logged_at(line: str) -> float:
+        try:
+            row = json.loads(line)
+            return row["step"] if "step" in row else row["heldout"]["step"]
+        except (ValueError, KeyError, TypeError):
+            return math.inf
+
+    if path.is_file():
+        rows = path.read_text().splitlines(keepends=True)
+        kept = [r for r in rows if logged_at(r) <= step]
+        if len(kept) != len(rows):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(r if r.endswith("\n") else r + "\n" for r in kept))
+            os.replace(tmp, path)
 
 
 def _tracker_config(recipe: Recipe) -> dict:
