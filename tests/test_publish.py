@@ -125,7 +125,8 @@ def test_dry_run_is_the_export_plus_recipe_and_card_and_loads_in_timm(run, tmp_p
 def test_model_card_front_matter_and_body(run, tmp_path):
     front, body = card(dry(run, tmp_path / "hub"))
     assert front["library_name"] == "timm" and front["pipeline_tag"] == "image-feature-extraction"
-    assert "base_model" not in front and front["license"] == "apache-2.0"  # local weights (tests/test_new_user.py)
+    assert "base_model" not in front and "license" not in front  # local weights: their own terms, not timm's
+    assert "| license | not set: the weights are not the Hub checkpoint (timm lists `apache-2.0`" in body
     assert {"phreg", "registers", "image-feature-extraction", "timm"} <= set(front["tags"])
     assert "timm.create_model(\"hf-hub:alice/dinov2-small-reg4\", pretrained=True)" in body
     assert "forward_features" in body and "model.num_prefix_tokens" in body
@@ -159,7 +160,7 @@ def test_eval_table_and_figure_when_the_run_has_an_eval_report(run, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["repo_id", "no_export", "bad_weights", "mismatch", "bad_eval", "inside_run",
-                                  "no_token"])
+                                  "no_token", "unfinished"])
 def test_refusals_are_one_line_exit_2_and_leave_the_run_alone(run, tmp_path, capsys, monkeypatch, case):
     import huggingface_hub
 
@@ -168,7 +169,8 @@ def test_refusals_are_one_line_exit_2_and_leave_the_run_alone(run, tmp_path, cap
     message = {"repo_id": "expected OWNER/NAME", "no_export": "has no finished export",
                "bad_weights": "does not load", "mismatch": "model.safetensors does not fit config.json",
                "bad_eval": "is not a phreg eval report",
-               "inside_run": "outside the run folder", "no_token": "no Hugging Face token"}[case]
+               "inside_run": "outside the run folder", "no_token": "no Hugging Face token",
+               "unfinished": "has not finished: its export is of step"}[case]
     if case == "repo_id":
         repo_id = "alice/reg4/extra"
     elif case == "no_export":
@@ -185,6 +187,8 @@ def test_refusals_are_one_line_exit_2_and_leave_the_run_alone(run, tmp_path, cap
         (copy / "eval" / "eval.json").write_text('{"schema": "something/else"}')
     elif case == "inside_run":
         args = ["--dry-run", str(copy / "hub")]
+    elif case == "unfinished":  # stopped early, its export rebuilt from a checkpoint by `phreg export`
+        (copy / "summary.json").unlink()
     else:
         monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
         args = []

@@ -73,7 +73,8 @@ def read_run(run: str | Path) -> Run:
     missing = [n for n in (WEIGHTS, CONFIG) if not (export / n).is_file()]
     if missing:
         raise UsageError(f"{run} has no finished export ({export / missing[0]} is missing); finish the run with "
-                         f"`phreg distill ... --resume` or rebuild it with `phreg export {run}`")
+                         f"`phreg distill {run / RECIPE} output_dir={run} --resume` (a finished run whose export "
+                         f"was removed: `phreg export {run}`)")
     import timm  # only now: the cheap checks above answer in a fraction of a second
 
     from ..backbones import backbone
@@ -104,6 +105,10 @@ def read_run(run: str | Path) -> Run:
     geometry = dict(family.geometry(student), unlocked=unlocked,
                     init=family.default_init(student) if init == "auto" else init)  # what `auto` resolved to
     summary = _read_json(run / "summary.json") if (run / "summary.json").is_file() else None
+    if summary is None or str(summary.get("steps")) != metadata.get("steps"):  # `phreg export` of a stopped run
+        said = "no summary.json" if summary is None else f"summary.json says step {summary.get('steps')}"
+        raise UsageError(f"{run} has not finished: its export is of step {metadata.get('steps')}, {said}; finish "
+                         f"the run with `phreg distill {run / RECIPE} output_dir={run} --resume` before publishing")
     report, figure = read_eval(run / "eval")
     return Run(run, recipe, summary, config, metadata, geometry, report, figure)
 
@@ -298,7 +303,7 @@ def model_card(run: Run, repo_id: str) -> str:
     front = dict(library_name="timm", pipeline_tag="image-feature-extraction")
     if hub_id and from_hub:
         front["base_model"] = (summary.get("weights") or {}).get("hub_id") or hub_id
-    if license:
+    if license and from_hub:  # a local file's license is whatever its maker chose: not ours to assert
         front["license"] = license
     front["tags"] = TAGS
     teacher = (hub_id if from_hub else None) or r.model.name
@@ -315,6 +320,8 @@ def model_card(run: Run, repo_id: str) -> str:
     head = run.metadata.get("head") or ("drop" if run.config.get("num_classes") == 0 else "keep")
     rows = [
         ("teacher weights", weights_text),
+        *([("license", f"not set: the weights are not the Hub checkpoint (timm lists `{license}` for that one); "
+                       "the local file's own terms apply")] if license and not from_hub else []),
         ("training data", train_text),
         ("held-out set", held_text),
         ("resolution", f"{size} x {size} px ({g['patches']} patches of {g['patch']} px)"),
