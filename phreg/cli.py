@@ -27,7 +27,7 @@ def _distill(args) -> int:
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    check_distill(recipe)  # folders, files, output_dir: before torch is even imported
+    check_distill(recipe, resuming=args.resume or args.auto_resume)  # before torch is even imported
     from .distill.checkpoints import latest_checkpoint
     from .distill.loop import distill
     from .distill.preempt import Preempted
@@ -119,10 +119,12 @@ def _eval(args) -> int:
 
 def _zeroshot_inputs(args) -> dict:
     """Check the cheap zero-shot inputs (class file, masks, window) before any model is loaded."""
-    from .clip.zeroshot import read_classes
-
     if getattr(args, "masks", "") is None:
         raise UsageError("--classes needs --masks (ground-truth label maps) to score zero-shot segmentation")
+    if not Path(args.classes).is_file():  # before the import below (torch)
+        raise UsageError(f"--classes {args.classes} not found")
+    from .clip.zeroshot import read_classes
+
     classes = read_classes(args.classes, args.ignore_index)
     from .data import scan_images
 

@@ -7,10 +7,13 @@ then imports the heavy machinery and loads models. Torch-free on purpose: import
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from .errors import UsageError
 from .folders import kind, scan_images
+
+STEP_DIR = re.compile(r"^step_\d+$")  # a checkpoint folder (distill/checkpoints.py, which imports torch)
 
 
 def user_path(text: str | None) -> str | None:
@@ -66,9 +69,9 @@ def check_views(views: int) -> int:
     return views
 
 
-def check_distill(recipe) -> None:
-    """The recipe's folders and files and the output folder, before torch is imported. Whether output_dir holds a
-    run to resume is decided by `distill` itself (checkpoints are verified there)."""
+def check_distill(recipe, resuming: bool = False) -> None:
+    """The recipe's folders and files and the output folder, before torch is imported. A fresh run refuses an
+    output_dir that holds checkpoints here; which checkpoint a resumed run uses is decided (verified) by `distill`."""
     m, d = recipe.model, recipe.data
     name = m.name
     if ":" in name and name.split(":", 1)[0] not in ("local-dir", "hf-hub"):
@@ -83,6 +86,10 @@ def check_distill(recipe) -> None:
     if d.val_root and kind(d.val_root) == "folder":
         scan_images(d.val_root, "data.val_root")
     check_out(recipe.output_dir, "output_dir")
+    held = Path(recipe.output_dir).expanduser() / "checkpoints"
+    if not resuming and held.is_dir() and any(STEP_DIR.match(p.name) for p in held.iterdir()):
+        raise UsageError(f"{recipe.output_dir} already holds a run; pass --resume to continue it or choose another "
+                         "output_dir")
     if recipe.cache.dir:
         check_out(recipe.cache.dir, "cache.dir")
 

@@ -92,3 +92,15 @@ def test_help_and_version():
     assert out.returncode == 0 and "key=value" in out.stdout and "--resume" in out.stdout
     assert phreg("--version").stdout.startswith("phreg ")
     assert phreg().returncode == 2
+
+
+def test_a_used_output_dir_is_refused_before_any_model_loads(tmp_path):
+    from phreg.errors import UsageError
+    from phreg.preflight import check_distill
+    from phreg.recipe import load_recipe
+
+    (tmp_path / "run" / "checkpoints" / "step_00000002").mkdir(parents=True)
+    recipe = load_recipe(RECIPES / "quickstart.yaml", [f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(UsageError, match="already holds a run; pass --resume"):
+        check_distill(recipe)
+    check_distill(recipe, resuming=True)  # which checkpoint to use is distill's (verified) decision

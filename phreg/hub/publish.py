@@ -518,14 +518,14 @@ def push(run: str | Path, repo_id: str, *, private: bool = False, revision: str 
     from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 
     repo_id = check_repo_id(repo_id)
-    info = read_run(run)
     api = HfApi(endpoint=endpoint)  # no token argument: huggingface_hub finds it (HF_TOKEN, cached login)
     try:
         secret = get_token()
     except Exception:  # e.g. a failed OIDC exchange; huggingface_hub reports it again on the first call
         secret = None
-    if not secret:
+    if not secret:  # before the run is read (timm): the commonest mistake answers at once
         raise UsageError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or try --dry-run DIR first)")
+    info = read_run(run)
     where = api.endpoint or constants.ENDPOINT
 
     def call(what: str, fn):
