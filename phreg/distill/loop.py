@@ -262,7 +262,7 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
     the lr schedule is then the one the longer plan defines at each step (see README, "Long runs and clusters").
     Stops with `Preempted` after writing a checkpoint on a stop signal or Ctrl-C.
     """
-    run, cfg = Path(recipe.output_dir), recipe.train
+    run = Path(recipe.output_dir)
     flag = "--auto-resume" if auto_resume and not resume else "--resume"
     found = latest_checkpoint(run)
     resume = resume or (auto_resume and found is not None)
@@ -282,6 +282,39 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
 
     began = time.perf_counter()
     acc = make_accelerator(recipe, cpu, run)
+    s = _set_up(recipe, acc, run, old if resume else None, resume, flag, quiet)
+    scored, wall = _train(recipe, s, quiet)
+    _finish(recipe, s, scored, wall, began, quiet)
+    return run
+
+
+@dataclass
+class Session:
+    """A run once set up (`_set_up`): what the training loop and the export work with."""
+    acc: Accelerator
+    run: Path
+    parts: Parts
+    model: torch.nn.Module  # parts.model as prepared by Accelerate
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loader: DataLoader
+    state: TrainState
+    total: int  # steps of the (possibly extended) plan
+    steps_per_epoch: int
+    heldout: HeldOut | None
+    files: list
+    val_files: list
+    unreadable: list
+    bad: set  # files that failed to decode (cached ones are in the cache's metadata)
+    cache_s: float
+    resumed: bool
+
+
+def _set_up(recipe: Recipe, acc: Accelerator, run: Path, old: Recipe | None, resume: bool, flag: str,
+            quiet: bool) -> Session:
+    """Data, teacher, student, optimizer, target cache and schedule, restored from the newest valid checkpoint when
+    resuming; the recipe (and a CLIP text tower) written into the run folder."""
+    m, cfg = recipe.model, recipe.train
     say = (lambda *a: None) if quiet else acc.print
     checkpoint = None
     if resume:  # the main process verifies and moves damaged checkpoints aside; then all see the same newest one
@@ -300,7 +333,7 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
     train_precision = "bf16" if acc.mixed_precision == "bf16" else "fp32"
     parts = build_parts(recipe, acc.device, train_precision)
     precision = "bf16 autocast" if acc.mixed_precision == "bf16" else "fp32"
-    targets, m = parts.teacher, recipe.model
+    targets = parts.teacher
     say(unlocked_table(parts.student, parts.groups, parts.notes))
     say(estimate(targets.teacher, parts.student, parts.groups, recipe.views.num, cfg.batch_size,
                  acc.mixed_precision == "bf16", recipe.speed.grad_checkpointing).line())
@@ -374,9 +407,19 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
 
     cache = getattr(data, "cache", None)
     bad: set[str] = set(cache.meta.get("undecodable_files", [])) if cache else set()
+    return Session(acc, run, parts, model, optimizer, scheduler, loader, state, total, steps_per_epoch, heldout, files,
+                   val_files, unreadable, bad, cache_s, resume)
+
+
+def _train(recipe: Recipe, s: Session, quiet: bool) -> tuple[dict | None, float]:
+    """The loop: steps to the end of the plan, log lines, held-out scores and checkpoints. A stop signal or Ctrl-C
+    writes a checkpoint and raises `Preempted`. Returns the latest held-out score and the training time."""
+    acc, run, state, cfg = s.acc, s.run, s.state, recipe.train
+    model, optimizer, scheduler, loader = s.model, s.optimizer, s.scheduler, s.loader
+    targets, heldout, total, steps_per_epoch = s.parts.teacher, s.heldout, s.total, s.steps_per_epoch
     progress = Progress(acc, run / "metrics.jsonl", total, state.step, quiet)
     scored = None  # the latest held-out score
-    saved_step = state.step if resume else None
+    saved_step = state.step if s.resumed else None
 
     def save(stop: StopRequests) -> Path:
         stop.saving = True  # signals now wait until the checkpoint is complete
@@ -393,9 +436,9 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
             batches = acc.skip_first_batches(loader, skip * cfg.grad_accum) if skip else loader
             batches.set_epoch(epoch)  # Accelerate's loaders re-set the sampler's epoch from their own counter
             for batch in batches:
-                loss, found_inf = train_step(acc, model, targets, optimizer, parts.params, batch, cfg)
+                loss, found_inf = train_step(acc, model, targets, optimizer, s.parts.params, batch, cfg)
                 progress.add(loss, len(batch["image"]) * acc.num_processes, found_inf)
-                bad.update(batch["bad"])
+                s.bad.update(batch["bad"])
                 if found_inf is None:  # accumulating gradients
                     continue
                 lr = scheduler.get_last_lr()[0]
@@ -407,7 +450,7 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
                         raise Aborted(f"{state.nonfinite} steps had a non-finite loss or gradient "
                                       f"(train.max_nonfinite={cfg.max_nonfinite}); lower train.lr or check the data")
                 if heldout and cfg.eval_every and state.step % cfg.eval_every == 0:
-                    scored = _score_heldout(heldout, parts.student, state.step, progress, quiet)
+                    scored = _score_heldout(heldout, s.parts.student, state.step, progress, quiet)
                 stopping, due = stop.poll()
                 if state.step >= total:
                     break
@@ -424,8 +467,16 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
             save(stop)
     wall = time.perf_counter() - progress.start
     if heldout and not (scored and scored["step"] == state.step):
-        scored = _score_heldout(heldout, parts.student, state.step, progress, quiet)
+        scored = _score_heldout(heldout, s.parts.student, state.step, progress, quiet)
     progress.close()
+    return scored, wall
+
+
+def _finish(recipe: Recipe, s: Session, scored: dict | None, wall: float, began: float, quiet: bool) -> None:
+    """The export and `summary.json` (what the model card is made of), written by the main process."""
+    acc, run, parts, state, m = s.acc, s.run, s.parts, s.state, recipe.model
+    say = (lambda *a: None) if quiet else acc.print
+    files, val_files, unreadable, bad, cache_s, model = s.files, s.val_files, s.unreadable, s.bad, s.cache_s, s.model
     if acc.is_main_process:
         export_s = time.perf_counter()
         export_student(acc.unwrap_model(model).model, run / "export", mean=parts.mean, std=parts.std,
@@ -453,7 +504,6 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
             + f"training {wall:.0f}s, setup and the rest {max(0.0, total_s - cache_s - wall - export_s):.0f}s")
     acc.wait_for_everyone()
     acc.end_training()
-    return run
 
 
 def _disk_needs(recipe: Recipe, parts: Parts, data: ImageDataset, run: Path, cache_folder: Path | None,
