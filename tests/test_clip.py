@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -234,3 +235,29 @@ def test_segment_checks_cheap_inputs_before_loading_a_model(tmp_path, capsys):
     assert "'name' column" in capsys.readouterr().err
     assert main(["eval", "--student", "no-such-run", "--images", str(tmp_path), "--classes", str(bad)]) == 2
     assert "--classes needs --masks" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, size", [("vit_base_patch16_clip_224", 64), ("eva02_tiny_patch14_224", 56)])
+def test_a_resized_model_shares_the_weights_and_computes_what_timm_does(name, size):
+    """Windows of another size get timm's `set_input_size` on a copy that shares every weight but pos_embed."""
+    import copy
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, depth=2, img_size=size).eval()
+    x0 = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        before = model.forward_features(x0)
+    seg = Segmenter(model, torch.randn(3, 8), torch.arange(3), [0, 1, 2], head="final")
+    patch = model.patch_embed.patch_size[0]
+    other = (size + 2 * patch, size - patch)
+    sized = seg.model_at(other)
+    assert seg.model_at(other) is sized  # built once per size
+    ptr = {n: p.data_ptr() for n, p in model.named_parameters()}
+    for n, p in sized.named_parameters():
+        assert (p.data_ptr() == ptr[n]) == (not n.endswith("pos_embed")), n
+    reference = copy.deepcopy(model)  # an independent copy, resized
+    reference.set_input_size(img_size=other)
+    x = torch.randn(2, 3, *other)
+    with torch.no_grad():
+        assert torch.equal(sized.forward_features(x), reference.forward_features(x))
+        assert torch.equal(model.forward_features(x0), before)  # the original is untouched

@@ -174,15 +174,17 @@ class Segmenter:
         self._sized: dict[tuple[int, int], torch.nn.Module] = {}
 
     def model_at(self, size: tuple[int, int]):
-        """The model at input `size` (timm resamples its positional embedding; a copy, the original is untouched)."""
+        """The model at input `size`: timm's `set_input_size` on a copy that shares every parameter with the original
+        but the positional embedding it resamples (buffers, e.g. RoPE tables, are the copy's own: they are rebuilt)."""
         from ..backbones import backbone
 
         bb = backbone(self.model)
         if tuple(bb.grid(self.model)) == (size[0] // self.patch, size[1] // self.patch):
             return self.model
         if size not in self._sized:
-            model = copy.deepcopy(self.model)
-            model.set_input_size(img_size=size)
+            shared = {id(p): p for n, p in self.model.named_parameters() if not n.endswith("pos_embed")}
+            model = copy.deepcopy(self.model, memo=shared)  # a new module tree around the same weights
+            model.set_input_size(img_size=size)  # assigns a new pos_embed; never writes into a shared tensor
             self._sized[size] = model
         return self._sized[size]
 
