@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import importlib.util
-import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path

@@ -14,7 +14,6 @@ MaskCLIP reads CLIP's attention-pool ResNets: the pooled embedding is what the t
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from . import Backbone, map_head_per_token
