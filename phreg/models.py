@@ -217,6 +217,8 @@ def load_teacher(cfg: ModelCfg) -> torch.nn.Module:
             # through timm's OpenAI / open_clip key conversion (the family's checkpoint_filter_fn) like any checkpoint
             with quiet_hub():
                 model = load_into_meta(name, file, img_size=size)
+        except UsageError:
+            raise
         except Exception as e:
             raise UsageError(f"checkpoint {file} does not fit {name}: {_first_line(e)}") from None
     else:
@@ -240,7 +242,11 @@ def load_into_meta(name: str, file: str | Path, **kwargs) -> torch.nn.Module:
     `load_state_dict(assign=True)` makes those tensors the model's own.
     """
     model = timm.create_model(name, pretrained=False, device="meta", **kwargs)
-    state = timm.models.load_state_dict(str(file))
+    try:
+        state = timm.models.load_state_dict(str(file))
+    except Exception as e:  # safetensors and torch.load raise many types for a file that is not weights at all
+        raise UsageError(f"{file} is not a weights file phreg can read (safetensors, or a PyTorch state dict in "
+                         f".pth/.pt/.bin, read with weights_only=True): {_first_line(e)}") from None
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state = filter_fn(state, model)

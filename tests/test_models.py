@@ -100,6 +100,8 @@ def test_resolution_is_resampled(dinov2_file):
 
 def test_load_errors_are_one_line(tmp_path, monkeypatch, dinov2_file):
     monkeypatch.setenv("PHREG_CHECKPOINTS", str(tmp_path))
+    text = tmp_path / "notes.pth"
+    text.write_text("these are notes, not weights")
     cases = [
         (ModelCfg(name=MODEL), f"no weights for {MODEL} (HF_HUB_OFFLINE is set, nothing cached): pass model.checkpoint=FILE"),
         (ModelCfg(name="vit_tiny_patch16_224", checkpoint=str(dinov2_file)), "does not fit vit_tiny_patch16_224"),
@@ -107,6 +109,7 @@ def test_load_errors_are_one_line(tmp_path, monkeypatch, dinov2_file):
         (ModelCfg(name="no_such_model"), "is not a timm model"),
         (ModelCfg(name="vit_smal_patch14_dinov2"), "is not a timm model; closest: vit_small_patch14_dinov2"),
         (ModelCfg(name=MODEL, checkpoint=str(tmp_path / "missing.safetensors")), "not found"),
+        (ModelCfg(name=MODEL, checkpoint=str(text)), f"{text} is not a weights file phreg can read"),
     ]
     for cfg, message in cases:
         with pytest.raises(UsageError) as e:
