@@ -128,3 +128,6 @@ def test_memory_estimate_counts_every_mlp_branch(name, hidden):
     tokens, dim = 16 + student.num_prefix_tokens, student.embed_dim
     assert one.student_per_image >= tokens * hidden * 4  # the MLP's hidden activations of one block, float32
     assert one.teacher_per_view == (16 + teacher.num_prefix_tokens) * (7 * dim + hidden) * 2 * 4
+    chunked = estimate(teacher, student, groups, 8, 4, False, False, chunk=3)  # 32 views, 3 per teacher forward
+    whole = estimate(teacher, student, groups, 8, 4, False, False)
+    assert whole.total - chunked.total == (32 - 3) * one.teacher_per_view

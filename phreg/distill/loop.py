@@ -336,7 +336,7 @@ def _set_up(recipe: Recipe, acc: Accelerator, run: Path, old: Recipe | None, res
     targets = parts.teacher
     say(unlocked_table(parts.student, parts.groups, parts.notes))
     say(estimate(targets.teacher, parts.student, parts.groups, recipe.views.num, cfg.batch_size,
-                 acc.mixed_precision == "bf16", recipe.speed.grad_checkpointing).line())
+                 acc.mixed_precision == "bf16", recipe.speed.grad_checkpointing, targets.chunk(acc.device)).line())
     if sources.streaming:
         data = ShardImages(files, sources.shard_counts, m.img_size, parts.mean, parts.std, recipe.seed,
                            recipe.data.resize, targets.plan_fn(), acc.process_index, acc.num_processes,

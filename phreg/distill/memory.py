@@ -36,22 +36,25 @@ class MemoryEstimate:
     teacher_per_view: int  # no-grad working set of one view in the teacher's forward
     views: int
     batch: int
+    chunk: int = 0  # views per teacher forward (`views.chunk`, auto: what fits); 0: all of a batch's views at once
 
     @property
     def total(self) -> int:
-        per_image = self.student_per_image + self.teacher_per_view * self.views
-        return self.weights + self.unlocked + self.optimizer + self.batch * per_image
+        at_once = min(self.chunk or self.batch * self.views, self.batch * self.views)  # teacher views in one forward
+        return (self.weights + self.unlocked + self.optimizer + self.batch * self.student_per_image
+                + at_once * self.teacher_per_view)
 
     def line(self) -> str:
         gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
         return (f"memory estimate: weights {gb(self.weights)} (teacher, shared with the student) + unlocked copies "
                 f"{gb(self.unlocked)}; gradients + AdamW {gb(self.optimizer)}; activations per image "
-                f"{self.student_per_image / 1e6:.0f} MB (student) + {self.views} views x "
-                f"{self.teacher_per_view / 1e6:.0f} MB (teacher); batch {self.batch}: ~{gb(self.total)}")
+                f"{self.student_per_image / 1e6:.0f} MB (student); teacher {self.teacher_per_view / 1e6:.0f} MB per "
+                f"view, {min(self.chunk or self.batch * self.views, self.batch * self.views)} of the batch's "
+                f"{self.batch} x {self.views} views per forward; batch {self.batch}: ~{gb(self.total)}")
 
 
 def estimate(teacher: torch.nn.Module, student: torch.nn.Module, groups: list[dict], views: int, batch: int,
-             bf16: bool, checkpointing: bool) -> MemoryEstimate:
+             bf16: bool, checkpointing: bool, chunk: int = 0) -> MemoryEstimate:
     unlocked = [p for g in groups for p in g["params"]]
     act = 2 if bf16 else 4
     dim, depth = student.embed_dim, len(student.blocks)
@@ -63,4 +66,5 @@ def estimate(teacher: torch.nn.Module, student: torch.nn.Module, groups: list[di
     teacher_view = t_tokens * (4 * dim + 3 * dim + hidden) * 2  # one block's working set, as fastpath.auto_chunk
     return MemoryEstimate(weights=_bytes(teacher.parameters()) + _bytes(teacher.buffers()),
                           unlocked=_bytes(unlocked), optimizer=3 * _bytes(unlocked),
-                          student_per_image=kept * act, teacher_per_view=teacher_view * act, views=views, batch=batch)
+                          student_per_image=kept * act, teacher_per_view=teacher_view * act, views=views, batch=batch,
+                          chunk=chunk)
