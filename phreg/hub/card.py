@@ -1,0 +1,327 @@
+"""The model card: a run's record as the Hub shows it (YAML front matter the Hub indexes, then what was done, on what
+data, from which weights, the eval, limitations, usage and the citation).
+
+Pure functions of a `Run` (read by `publish.read_run`): no file is written and nothing leaves the machine here, so the
+card can be checked without a Hub or a network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .. import __version__
+from .export import CONFIG, TEXT_FILE, WEIGHTS
+
+RECIPE, CARD, FIGURE = "recipe.yaml", "README.md", "eval.png"
+TAGS = ["phreg", "registers", "image-feature-extraction", "timm", "vision-transformer"]
+
+
+@dataclass
+class Run:
+    """What a card is made of, read (never written) from a run folder."""
+    path: Path
+    recipe: object  # phreg.recipe.Recipe
+    summary: dict | None
+    config: dict
+    metadata: dict
+    geometry: dict  # from the student as timm builds it: prefix tokens, grid, width
+    eval: dict | None
+    figure: Path | None
+
+
+def base_model(name: str, config: dict) -> tuple[str | None, str | None]:
+    """The teacher's Hub id and license: `timm/vit_small_patch14_dinov2.lvd142m`, `apache-2.0`. A local-dir
+    teacher has no public id; a plain timm name without a Hub copy is given as is."""
+    from timm.models import get_pretrained_cfg
+
+    license = config.get("pretrained_cfg", {}).get("license")
+    if name.startswith("hf-hub:"):
+        return name.removeprefix("hf-hub:").split("@")[0], license
+    if name.startswith("local-dir:"):
+        return None, license
+    try:
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # unknown or malformed names: timm raises several types
+        cfg = None
+    return (cfg.hf_hub_id if cfg and cfg.hf_hub_id else name), license or (cfg.license if cfg else None)
+
+
+def _num(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+HARDWARE_METRICS = {"images_per_s"}  # speeds of one machine at one moment: shown, never judged
+
+
+def eval_table(report: dict) -> str:
+    """The eval summary, teacher vs student; the better value of each row in bold, except for hardware-dependent
+    rows (images/s), which are shown as measured without a verdict."""
+    lines = ["| metric | teacher | student | better |", "| --- | ---: | ---: | --- |"]
+    for row in report["summary"]:
+        t, s, better = row.get("teacher"), row.get("student"), row.get("better")
+        if row.get("metric") in HARDWARE_METRICS or row.get("note") == "hardware-dependent":
+            better = "hardware-dependent, no verdict"
+        cells = [_num(t), _num(s)]
+        if isinstance(t, (int, float)) and isinstance(s, (int, float)) and better in ("lower", "higher") and t != s:
+            best = int((s < t) == (better == "lower"))  # 1: the student wins
+            cells[best] = f"**{cells[best]}**"
+        lines.append(f"| {_cell(row.get('label') or row['metric'])} | {cells[0]} | {cells[1]} | "
+                     f"{_cell(better or '')} |")
+    return "\n".join(lines)
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "–"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _wall_time(summary: dict) -> str:
+    """The whole run, with the part spent filling the target cache named when there was one."""
+    t = summary.get("timings") or {}
+    if not t:
+        return _duration(summary.get("wall_s"))
+    cache = f" ({_duration(t['cache_s'])} of it computing cached teacher targets)" if t.get("cache_s", 0) >= 1 else ""
+    return _duration(t.get("total_s")) + cache
+
+
+def _hardware(hw: dict | None) -> str:
+    if not hw:
+        return "–"
+    device = str(hw.get("device", ""))
+    precision = {"no": "fp32"}.get(str(hw.get("precision")), hw.get("precision"))
+    if device.startswith("cuda"):
+        what = f"{hw.get('processes', 1)} x {hw.get('name') or 'GPU'}"
+    else:
+        what = f"CPU ({hw.get('torch_threads', '?')} threads)"
+    return f"{what}, {precision}"
+
+
+PAPER = "https://arxiv.org/abs/2505.21501"
+BIBTEX = """@article{chen2025phreg,
+  title   = {Vision Transformers with Self-Distilled Registers},
+  author  = {Chen, Yinjie and Yan, Zipeng and Zhou, Chong and Dai, Bo and Luo, Andrew F.},
+  journal = {arXiv preprint arXiv:2505.21501},
+  year    = {2025}
+}"""
+
+
+def weights_line(name: str, hub_id: str | None, weights: dict | None) -> tuple[str, bool]:
+    """Where the teacher's weights came from, and whether they are the Hub's (only then is `base_model` set)."""
+    if not weights:
+        return f"`{name}`; weights origin not recorded (no summary.json in the run)", False
+    if weights.get("source") == "hub":
+        rev = f" at revision `{weights['revision'][:12]}`" if weights.get("revision") else ""
+        return f"[`{weights['hub_id']}`](https://huggingface.co/{weights['hub_id']}){rev} (the Hub checkpoint)", True
+    if weights.get("source") in ("file", "local-dir"):
+        sha = f" (sha256 `{weights['sha256']}`)" if weights.get("sha256") else ""
+        hub = f" `{hub_id}`" if hub_id and hub_id != name else ""
+        return f"`{name}` architecture, weights from the file `{Path(str(weights.get('file'))).name}`{sha}; " \
+               f"local weights: not the hub checkpoint{hub}", False
+    return f"`{name}` from {weights.get('url') or 'an unrecorded source'}", False
+
+
+def data_lines(data: dict | None, summary: dict) -> tuple[str, str]:
+    """(training data, held-out set) as the card states them."""
+    if not data:
+        return "not recorded (no summary.json data section)", "–"
+    t, h = data["train"], data["heldout"]
+    if t.get("dataset"):
+        count = f": {t['images']} images" if t.get("images") else " (streamed; not counted)"
+        train = f"{t['kind']} dataset `{t['dataset']}`{count}"
+        held = f"{h['images']} images ({h.get('source') or 'held out'})" if h.get("images") else "none"
+        return train, held
+    if t.get("embedded"):
+        names = ", ".join(t.get("names") or [])
+        train = f"the photos embedded in phreg (`phreg/photos`, public domain / CC0): {t['images']} images ({names})"
+    else:
+        train = f"folder `{_folder(t['folder'])}`: {t['images']} images"
+    train += f"; file-list sha256 `{t['file_list_sha256'][:16]}`"
+    if not h.get("images"):
+        held = "none"
+    elif h.get("folder"):
+        held = f"{h['images']} images from folder `{_folder(h['folder'])}` (data.val_root), never trained on"
+    else:
+        names = f" ({', '.join(h['names'])})" if h.get("names") else ""
+        held = f"{h['images']} image{'s' if h['images'] != 1 else ''}{names} held out of the training folder " \
+               f"({h.get('source')}), never trained on"
+    return train, held
+
+
+def _folder(path: str) -> str:
+    """A dataset folder as people name it, without the machine's absolute path: `camvid_subset/images`."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
+def eval_lead(report: dict) -> str:
+    """Which images the eval table was measured on: dataset folder, count, probe split."""
+    ds = report.get("dataset") or {}
+    where = f" from `{_folder(ds['images'])}`" if ds.get("images") else ""
+    text = f"Teacher vs student on {report.get('images', '?')} images{where} (`phreg eval`)"
+    if ds.get("probe_val"):
+        text += f"; linear probe trained on {ds['probe_train']} and scored on {ds['probe_val']} of them " \
+                f"({ds.get('split_rule')}), masks from `{_folder(ds['masks'])}`"
+    return text + ". Rows marked hardware-dependent are timings of one machine, not a property of the model."
+
+
+def model_card(run: Run, repo_id: str) -> str:
+    """README.md: YAML front matter the Hub indexes, then what was done, on what data, from which weights, the eval
+    when there is one, limitations, usage and the citation. `base_model` only when the weights are the Hub's."""
+    r, g, summary = run.recipe, run.geometry, run.summary or {}
+    hub_id, license = base_model(r.model.name, run.config)
+    weights_text, from_hub = weights_line(r.model.name, hub_id, summary.get("weights"))
+    front = dict(library_name="timm", pipeline_tag="image-feature-extraction")
+    if hub_id and from_hub:
+        front["base_model"] = (summary.get("weights") or {}).get("hub_id") or hub_id
+    if license and from_hub:  # a local file's license is whatever its maker chose: not ours to assert
+        front["license"] = license
+    front["tags"] = TAGS
+    teacher = (hub_id if from_hub else None) or r.model.name
+    size = r.model.img_size
+    steps = summary.get("steps", run.metadata.get("steps", "–"))
+    unlocked = "; ".join(", ".join(f"`{p}`" for p in names) + (f" at {scale:g}x lr" if scale != 1 else "")
+                         for names, scale in g["unlocked"])
+    batch = r.train.batch_size * r.train.grad_accum * ((summary.get("hardware") or {}).get("processes") or 1)
+    regs = summary.get("registers") or dict(present=g["registers"] - r.model.registers, added=r.model.registers,
+                                             total=g["registers"])
+    reg_text = f"{regs['added']} added (init: {g['init']})" + (
+        f", {regs['present']} already in the teacher: {regs['total']} in total" if regs["present"] else "")
+    train_text, held_text = data_lines(summary.get("data"), summary)
+    head = run.metadata.get("head") or ("drop" if run.config.get("num_classes") == 0 else "keep")
+    rows = [
+        ("teacher weights", weights_text),
+        *([("license", f"not set: the weights are not the Hub checkpoint (timm lists `{license}` for that one); "
+                       "the local file's own terms apply")] if license and not from_hub else []),
+        ("training data", train_text),
+        ("held-out set", held_text),
+        ("resolution", f"{size} x {size} px ({g['patches']} patches of {g['patch']} px)"),
+        ("registers", reg_text),
+        ("views per image", f"{r.views.num} (shifts up to {r.views.max_shift:.0%} of the grid, flip p={r.views.flip})"),
+        ("trained parameters", unlocked),
+        ("optimizer", f"AdamW, lr {r.train.lr:g} -> {r.train.end_lr:g} ({r.train.schedule}), batch {batch}"),
+        ("steps", f"{steps} ({summary['images_seen']} images seen)" if "images_seen" in summary else str(steps)),
+        ("classifier head", "dropped (`num_classes=0`: the model returns features)" if head == "drop"
+         else "the teacher's, kept as it was (not trained)"),
+        ("wall time", _wall_time(summary)),
+        ("hardware", _hardware(summary.get("hardware"))),
+        ("phreg", f"{run.metadata.get('phreg_version', __version__)}, recipe hash "
+                  f"`{run.metadata.get('recipe_hash', '–')}` ([recipe.yaml](recipe.yaml))"),
+    ]
+    heldout = summary.get("heldout")
+    if heldout:
+        n = ((summary.get("data") or {}).get("heldout") or {}).get("images")
+        on = f" on the {n} held-out image{'s' if n != 1 else ''}" if n else ""
+        rows.append(("held-out distance", f"mean 1 - cos to denoised teacher features{on}: teacher "
+                                          f"{_num(heldout.get('teacher'))}, student {_num(heldout.get('student'))}"))
+    name = repo_id.split("/")[1]
+    tokens = g["prefix"] + g["patches"]
+    prefix_words = ("class, " if g["class_token"] else "") + f"{g['registers']} registers"
+    prefix_short = "class and register" if g["class_token"] else "register"
+    present = f" (it already had {regs['present']}: {regs['total']} in total)" if regs["present"] else ""
+    parts = [
+        "---\n" + yaml.safe_dump(front, sort_keys=False) + "---",
+        f"# {name}",
+        f"`{teacher}` with **{regs['added']} register tokens added after the fact**{present} by PH-Reg "
+        f"self-distillation ([Chen et al., 2025, *Vision Transformers with Self-Distilled Registers*]({PAPER})), "
+        f"made with phreg. It is a stock timm `{g['model_class']}` ({g['registers']} registers, "
+        "`no_embed_class=True`): no extra code is needed to use it." + (
+            "" if from_hub else " The teacher's weights came from a local file, not from the Hub checkpoint (file "
+                                "name and sha256 below)."),
+        "## What was done",
+        "The student is the teacher's own network with fresh register tokens. It was trained to reproduce the "
+        "teacher's *denoised* patch features: each training image is seen in several shifted and mirrored views, the "
+        "frozen teacher's features of every view are mapped back to the original patch grid and averaged, which "
+        "cancels the artifacts tied to positions. Only the parameters listed below were trained, on (1 - cosine) + "
+        "MSE over patch tokens; the rest is the teacher, unchanged.",
+        "| setting | value |\n| --- | --- |\n" + "\n".join(f"| {k} | {_cell(v)} |" for k, v in rows),
+    ]
+    if run.eval is not None:
+        parts += ["## Evaluation", eval_lead(run.eval), eval_table(run.eval)]
+        if run.figure is not None:
+            parts.append(f"![teacher vs student]({FIGURE})")
+        if "zeroshot" in run.eval:
+            parts.append(zeroshot_table(run.eval["zeroshot"]))
+    data = (summary.get("data") or {}).get("train") or {}
+    small = data.get("images") is not None and data["images"] < 1000
+    parts += [
+        "## Limitations",
+        "\n".join([
+            f"- Trained on {data['images']} images only: a demonstration, not a general-purpose model; the features "
+            "are checked against the teacher on the images above, not on a benchmark." if small else
+            "- The features were checked against the teacher on the images named above, not on a public benchmark.",
+            "- The student learns to match the teacher's denoised features: it inherits the teacher's biases and "
+            "cannot know more than the teacher; the class token and any classifier head are not trained for a task.",
+            f"- {regs['added']} extra tokens cost compute: about {100 * regs['added'] / tokens:.0f}% more tokens per "
+            "image at this resolution (see the GFLOPs row of the evaluation when present).",
+            "- Timings (images/s, wall time) depend on the machine that measured them.",
+        ] + ([] if from_hub else ["- The teacher weights are a local file, not the Hub checkpoint: compare the "
+                                  "sha256 above before assuming they are."])),
+        "## Usage",
+        f"""```python
+import timm
+import torch
+from PIL import Image
+
+model = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()
+config = timm.data.resolve_data_config({{}}, model=model)  # {size} px, the model's own mean/std
+transform = timm.data.create_transform(**config)
+x = transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0)
+with torch.no_grad():
+    tokens = model.forward_features(x)         # (1, {tokens}, {g['width']}): {prefix_words}, patches
+patches = tokens[:, model.num_prefix_tokens:]  # drop the {prefix_short} tokens: (1, {g['patches']}, {g['width']})
+```""",
+        "Other resolutions: `timm.create_model(..., pretrained=True, dynamic_img_size=True)`.",
+        *(clip_usage(repo_id, r.model, size // g["patch"]) if r.model.text_model else []),
+        "## Files",
+        f"- `{WEIGHTS}`, `{CONFIG}`: the student in timm's Hub layout\n"
+        f"- `{RECIPE}`: the resolved phreg recipe it was trained with (`phreg distill {RECIPE}`; local paths in it "
+        "are those of the training machine)" + (f"\n- `{FIGURE}`: a figure from the eval report" if run.figure else "")
+        + (f"\n- `{TEXT_FILE}`: CLIP's text tower (open_clip `{r.model.text_model}`), for zero-shot use"
+           if r.model.text_model else ""),
+        "## Citation",
+        f"PH-Reg: [arXiv:2505.21501]({PAPER})\n\n```bibtex\n{BIBTEX}\n```",
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def zeroshot_table(z: dict) -> str:
+    """Zero-shot segmentation, per class, teacher vs student (from `phreg eval --classes`)."""
+    t, s = z["teacher"], z["student"]
+    lines = [f"Zero-shot segmentation on {z['images']} images (teacher through {t['head']}, student through "
+             f"{s['head']}; {z['text_model']} text tower, 80 ImageNet templates):", "",
+             "| class | teacher IoU | student IoU |", "| --- | ---: | ---: |",
+             f"| **mIoU** | {_num(t['miou'])} | {_num(s['miou'])} |"]
+    lines += [f"| {_cell(n)} | {_num(t['per_class_iou'][n])} | {_num(s['per_class_iou'][n])} |" for n in t["per_class_iou"]]
+    return "\n".join(lines)
+
+
+def clip_usage(repo_id: str, m, grid: int) -> list[str]:
+    """Dense CLIP features through the MaskCLIP head, and zero-shot with the shipped text tower."""
+    return [
+        "Dense, text-aligned features through the MaskCLIP head (what this student was trained on) and zero-shot "
+        "segmentation with the shipped text tower (with phreg installed):",
+        f"""```python
+import phreg
+feats = phreg.dense_features(model, x, head="maskclip")  # (1, {grid}, {grid}, D): CLIP's embedding space
+```
+```bash
+phreg segment hf-hub:{repo_id} --images DIR --classes classes.csv --out segmentation/
+```""",
+        f"The text tower alone, with open_clip: `clip = open_clip.create_model(\"{m.text_model}\")`, "
+        f"`clip.load_state_dict(safetensors.torch.load_file(\"{TEXT_FILE}\"), strict=False)`, then "
+        f"`clip.encode_text(open_clip.get_tokenizer(\"{m.text_model}\")(texts))`.",
+    ]
