@@ -260,3 +260,12 @@ def test_a_resized_model_shares_the_weights_and_computes_what_timm_does(name, si
     with torch.no_grad():
         assert torch.equal(sized.forward_features(x), reference.forward_features(x))
         assert torch.equal(model.forward_features(x0), before)  # the original is untouched
+
+
+def test_a_text_tower_tag_offline_and_not_cached_is_one_line_at_once():
+    """No hub is reachable here (conftest sets HF_HUB_OFFLINE) and no CLIP is cached: no retries, one line."""
+    cfg = ModelCfg(name="eva02_base_patch16_clip_224.merged2b", text_model="EVA02-B-16",
+                   text_pretrained="merged2b_s8b_b131k")
+    with pytest.raises(UsageError, match=r"no weights for the text tower EVA02-B-16 \(merged2b_s8b_b131k\) "
+                                         r"\(HF_HUB_OFFLINE is set, nothing cached\)"):
+        load_text_tower(cfg)

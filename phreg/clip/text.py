@@ -78,13 +78,36 @@ class TextTower(torch.nn.Module):
 def _create(name: str, pretrained: str | None):
     import open_clip
 
+    from ..models import quiet_hub
+
     if name not in open_clip.list_models():
         raise UsageError(f"model.text_model {name!r} is not an open_clip model (see open_clip.list_models())")
+    if pretrained and not Path(pretrained).is_file():  # a tag: its weights come from the cache or the Hub
+        pretrained = _cached_or_reachable(name, pretrained)
     try:
-        return open_clip.create_model(name, pretrained=pretrained, weights_only=True)
+        with quiet_hub():
+            return open_clip.create_model(name, pretrained=pretrained, weights_only=True)
     except Exception as e:  # a mismatching checkpoint, no network for a tag, ...: open_clip raises many types
         what = f"open_clip {name} with weights {pretrained}" if pretrained else f"open_clip {name}"
         raise UsageError(f"could not build {what}: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+
+
+def _cached_or_reachable(name: str, tag: str) -> str:
+    """The cached weights file of open_clip `name`/`tag`, or the tag itself when the Hub can be reached; offline and
+    not cached: one line at once, instead of the hub client's retries."""
+    import open_clip
+
+    from ..models import HUB_FILES, hub_cached, offline_reason
+
+    repo = (open_clip.get_pretrained_cfg(name, tag) or {}).get("hf_hub", "").strip("/")
+    found = hub_cached(repo, ("open_clip_model.safetensors", *HUB_FILES)) if repo else None
+    if found is not None:
+        return str(found)
+    reason = offline_reason()
+    if reason:
+        raise UsageError(f"no weights for the text tower {name} ({tag}) ({reason}, nothing cached): pass a whole "
+                         "CLIP checkpoint as model.checkpoint (eval and segment also take a saved text tower: --text)")
+    return tag
 
 
 def load_saved(path: str | Path, name: str | None = None) -> TextTower:
