@@ -198,12 +198,20 @@ class Backbone:
         raise NotImplementedError
 
     def last_block_merge(self, model, out: torch.Tensor) -> torch.Tensor:
-        """(B, heads, L, d_h) attention output -> the last block's output projection (B, L, D)."""
-        raise NotImplementedError
+        """(B, heads, L, d_h) attention output -> the last block's output projection (B, L, D), as timm's `Attention`,
+        `EvaAttention` and `AttentionRope` do it (their `norm` is an identity unless scale-norm is on)."""
+        attn = model.blocks[-1].attn
+        B, H, L, d = out.shape
+        return attn.proj(attn.norm(out.transpose(1, 2).reshape(B, L, H * d)))
 
     def project(self, model, tokens: torch.Tensor) -> torch.Tensor:
-        """The model's final norm and projection head, applied to every token: (B, L, D) -> (B, L, D_out)."""
-        raise NotImplementedError
+        """The model's final norm and projection head, applied to every token: (B, L, D) -> (B, L, D_out).
+        timm's order: `norm`, then the pool (a MAP head, SigLIP / Perception Encoder: per token), `fc_norm`, `head`
+        (CLIP: `ln_post` and `proj`; DINOv2: the norm only, its head is the identity)."""
+        x = model.norm(tokens)
+        if getattr(model, "attn_pool", None) is not None:
+            x = map_head_per_token(model.attn_pool, x)
+        return model.head(model.fc_norm(x))
 
     def block_outputs(self, model, x: torch.Tensor, last: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Final features and the pre-norm outputs (B, N, D), prefix tokens included, of the last `last` blocks."""

@@ -23,7 +23,7 @@ from timm.layers import apply_rot_embed_cat
 from timm.models.eva import Eva as EvaModel
 
 from ..errors import UsageError
-from . import Backbone, map_head_per_token
+from . import Backbone
 
 
 class Eva(Backbone):
@@ -77,14 +77,3 @@ class Eva(Backbone):
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
         return q, k, v
-
-    def last_block_merge(self, model, out):
-        attn = model.blocks[-1].attn
-        B, H, L, d = out.shape
-        return attn.proj(attn.norm(out.transpose(1, 2).reshape(B, L, H * d)))
-
-    def project(self, model, tokens):
-        x = model.norm(tokens)
-        if getattr(model, "attn_pool", None) is not None:  # Perception Encoder's MAP head, per token
-            x = map_head_per_token(model.attn_pool, x)
-        return model.head(model.fc_norm(x))

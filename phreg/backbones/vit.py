@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from timm.models.vision_transformer import VisionTransformer
 
-from . import Backbone, map_head_per_token
+from . import Backbone
 
 
 class ViT(Backbone):
@@ -42,14 +42,3 @@ class ViT(Backbone):
         if not need_qk:
             return None, None, v
         return attn.q_norm(q), attn.k_norm(k), v
-
-    def last_block_merge(self, model, out):
-        attn = model.blocks[-1].attn
-        B, H, L, d = out.shape
-        return attn.proj(attn.norm(out.transpose(1, 2).reshape(B, L, H * d)))
-
-    def project(self, model, tokens):
-        x = model.norm(tokens)
-        if getattr(model, "attn_pool", None) is not None:  # SigLIP's MAP head, per token
-            x = map_head_per_token(model.attn_pool, x)
-        return model.head(model.fc_norm(x))

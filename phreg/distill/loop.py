@@ -417,6 +417,7 @@ def _train(recipe: Recipe, s: Session, quiet: bool) -> tuple[dict | None, float]
     acc, run, state, cfg = s.acc, s.run, s.state, recipe.train
     model, optimizer, scheduler, loader = s.model, s.optimizer, s.scheduler, s.loader
     targets, heldout, total, steps_per_epoch = s.parts.teacher, s.heldout, s.total, s.steps_per_epoch
+    params = s.parts.params  # the unlocked parameters, gathered once
     progress = Progress(acc, run / "metrics.jsonl", total, state.step, quiet)
     scored = None  # the latest held-out score
     saved_step = state.step if s.resumed else None
@@ -436,7 +437,7 @@ def _train(recipe: Recipe, s: Session, quiet: bool) -> tuple[dict | None, float]
             batches = acc.skip_first_batches(loader, skip * cfg.grad_accum) if skip else loader
             batches.set_epoch(epoch)  # Accelerate's loaders re-set the sampler's epoch from their own counter
             for batch in batches:
-                loss, found_inf = train_step(acc, model, targets, optimizer, s.parts.params, batch, cfg)
+                loss, found_inf = train_step(acc, model, targets, optimizer, params, batch, cfg)
                 progress.add(loss, len(batch["image"]) * acc.num_processes, found_inf)
                 s.bad.update(batch["bad"])
                 if found_inf is None:  # accumulating gradients

@@ -39,17 +39,21 @@ class MemoryEstimate:
     chunk: int = 0  # views per teacher forward (`views.chunk`, auto: what fits); 0: all of a batch's views at once
 
     @property
+    def at_once(self) -> int:
+        """Teacher views in one forward."""
+        return min(self.chunk or self.batch * self.views, self.batch * self.views)
+
+    @property
     def total(self) -> int:
-        at_once = min(self.chunk or self.batch * self.views, self.batch * self.views)  # teacher views in one forward
         return (self.weights + self.unlocked + self.optimizer + self.batch * self.student_per_image
-                + at_once * self.teacher_per_view)
+                + self.at_once * self.teacher_per_view)
 
     def line(self) -> str:
         gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
         return (f"memory estimate: weights {gb(self.weights)} (teacher, shared with the student) + unlocked copies "
                 f"{gb(self.unlocked)}; gradients + AdamW {gb(self.optimizer)}; activations per image "
                 f"{self.student_per_image / 1e6:.0f} MB (student); teacher {self.teacher_per_view / 1e6:.0f} MB per "
-                f"view, {min(self.chunk or self.batch * self.views, self.batch * self.views)} of the batch's "
+                f"view, {self.at_once} of the batch's "
                 f"{self.batch} x {self.views} views per forward; batch {self.batch}: ~{gb(self.total)}")
 
 
