@@ -36,7 +36,7 @@ def ratios(teacher, x, mean, std, views: int, registers: int, seeds=(0, 1, 2)) -
         targets = torch.cat([denoiser(a, p) for a, p in zip(x.split(4), plans.split(4))])
         raw = cosine_distance(patch_tokens(teacher, x), targets).mean().item()
         out = {"teacher (raw)": raw}
-        for init in [*backbone(teacher).init_candidates(teacher), "randn"]:
+        for init in [*backbone(teacher).init_candidates(), "randn"]:
             d = [cosine_distance(patch_tokens(add_registers(teacher, registers, init, seed=s), x), targets).mean()
                  for s in seeds]
             out[init] = torch.stack(d).mean().item() / raw

@@ -30,7 +30,7 @@ def opt(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, **checks):
     return field(default=default, default_factory=factory, metadata=checks)
 
 
-HEADS = ("final", "last_block", "naclip", "maskclip")  # dense heads, see phreg/dense.py
+HEADS = ("final", "last_block", "naclip", "maskclip")  # dense heads, see phreg/backbones/heads.py
 
 
 @dataclass
@@ -44,7 +44,7 @@ class ModelCfg:
     register_noise: float = opt(0.02, ge=0)
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
-    teacher_head: str = opt("final", choices=HEADS)  # how the teacher's targets are read (phreg.dense)
+    teacher_head: str = opt("final", choices=HEADS)  # how the teacher's targets are read (phreg.backbones.heads)
     student_head: str = opt("final", choices=HEADS)  # which student output learns them
     naclip_sigma: float = opt(5.0, gt=0)  # NACLIP's Gaussian neighbourhood width, in patches
     text_model: Optional[str] = None  # open_clip model name of the text tower (CLIP family); None = no zero-shot

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import phreg
 from phreg.backbones import add_registers, backbone
-from phreg.dense import gaussian_omega, head_tokens
+from phreg.backbones.heads import gaussian_omega
 
 SIGMA = 1.5
 
@@ -86,13 +86,13 @@ def test_maskclip_is_attention_with_an_identity_matrix(clip):
     bb = backbone(model)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        tokens, ctx = bb.last_block_input(model, x)
-        q, k, v = bb.last_block_qkv(model, tokens, ctx)
+        tokens, ctx = bb.last_block_input(x)
+        q, k, v = bb.last_block_qkv(tokens, ctx)
         N = k.shape[2]
         identity = torch.full((N, N), float("-inf")).fill_diagonal_(0)  # softmax -> the identity matrix
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=identity)[:, :, model.num_prefix_tokens:]
-        want = bb.project(model, bb.last_block_merge(model, attn))
-        got = head_tokens(model, x, "maskclip")
+        want = bb.project(bb.last_block_merge(attn))
+        got = bb.patch_tokens(x, "maskclip")
     assert (got - want).abs().max() < 1e-5
 
 
@@ -146,11 +146,11 @@ def test_hooks_reproduce_the_last_blocks_own_attention(clip, family):
     hook = model.blocks[-1].attn.register_forward_hook(lambda mod, args, out: seen.setdefault("out", out))
     with torch.no_grad():
         model.forward_features(x)
-        tokens, ctx = bb.last_block_input(model, x)
-        q, k, v = bb.last_block_qkv(model, tokens, ctx)
-        mine = bb.last_block_merge(model, F.scaled_dot_product_attention(q, k, v))
-        heads = {h: head_tokens(model, x, h, family=bb) for h in ("naclip", "maskclip")}
+        tokens, ctx = bb.last_block_input(x)
+        q, k, v = bb.last_block_qkv(tokens, ctx)
+        mine = bb.last_block_merge(F.scaled_dot_product_attention(q, k, v))
+        heads = {h: bb.patch_tokens(x, h) for h in ("naclip", "maskclip")}
     hook.remove()
     assert (mine - seen["out"]).abs().max() < 1e-5
-    grid = (size // bb.patch_size(model)) ** 2
+    grid = (size // bb.patch_size) ** 2
     assert all(t.shape[:2] == (2, grid) for t in heads.values())

@@ -5,14 +5,16 @@ A family (`vit.py` for timm `VisionTransformer`, ...) subclasses `Backbone` and 
 * build the student: a stock timm model of the *same class* with R more register tokens, whose state is the
   teacher's own tensors (shared, not copied) plus the few that change, so that R=0 computes the teacher's function;
 * start the new registers where they barely move that function (`register_init`);
-* read patch tokens at a tap point (`patch_tokens`), and expose what the dense heads of `phreg.dense` (NACLIP,
+* read patch tokens at a tap point (`patch_tokens`), and expose what the dense heads of `heads.py` (NACLIP,
   MaskCLIP) need: the tokens entering the last block, q/k/v of its attention, its output projection and the model's
   final norm + projection head (`last_block_input`, `last_block_qkv`, `last_block_merge`, `project`);
 * name its semantic parts (`parts`: registers, class_token, pos_embed, patch_embed, last_block, norm, ...), so one
   recipe unlocks the same thing in every family.
 
+`backbone(model)` is the family of a model, bound to it: `backbone(m).grid`, `backbone(m).patch_tokens(x)`.
+
 Adding a family = adding one module here: every module of this package is imported, and each `Backbone` subclass
-registers itself for its timm class.
+registers itself for its timm class. The dense-head math lives once, in `heads.py`, written against these hooks.
 """
 
 from __future__ import annotations
@@ -27,12 +29,18 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
+from . import heads
+from .heads import NACLIP_SIGMA
 
-FAMILIES: dict[type, "Backbone"] = {}
+FAMILIES: dict[type, type["Backbone"]] = {}  # timm class -> its family
 
 
 class Backbone:
-    """One family of timm models. Subclasses set `model_class` and `reg_arg` and override what differs."""
+    """One family of timm models, bound to one model: `backbone(model).grid`, `backbone(model).patch_tokens(x)`.
+
+    Subclasses set `model_class` and `reg_arg` and override what differs. A handle is cheap (it holds the model and
+    nothing else), so callers ask for one where they need it instead of passing the model around twice.
+    """
 
     model_class: type  # the timm class this family covers
     reg_arg: str  # the timm constructor argument that sets the number of register tokens
@@ -41,82 +49,110 @@ class Backbone:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if getattr(cls, "model_class", None) is not None:
-            FAMILIES[cls.model_class] = cls()
+            FAMILIES[cls.model_class] = cls
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
 
     # ------------------------------------------------------------------------------------------------- geometry
-    def num_registers(self, model) -> int:
-        return int(getattr(model, "num_reg_tokens", 0) or 0)
+    @property
+    def num_registers(self) -> int:
+        return int(getattr(self.model, "num_reg_tokens", 0) or 0)
 
-    def has_class_token(self, model) -> bool:
-        return getattr(model, "cls_token", None) is not None
+    @property
+    def has_class_token(self) -> bool:
+        return getattr(self.model, "cls_token", None) is not None
 
-    def num_prefix(self, model) -> int:
-        return int(model.num_prefix_tokens)
+    @property
+    def num_prefix(self) -> int:
+        return int(self.model.num_prefix_tokens)
 
-    def patch_size(self, model) -> int:
-        return int(model.patch_embed.patch_size[0])
+    @property
+    def patch_size(self) -> int:
+        return int(self.model.patch_embed.patch_size[0])
 
-    def grid(self, model) -> tuple[int, int]:
-        return tuple(model.patch_embed.grid_size)
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.model.patch_embed.grid_size)
+
+    @property
+    def has_rope(self) -> bool:
+        return getattr(self.model, "rope", None) is not None
+
+    @property
+    def mlp_width(self) -> int:
+        """Hidden activations per token of one MLP (SwiGLU / GLU: both branches), for memory estimates."""
+        mlp = self.model.blocks[0].mlp
+        return sum(m.out_features for n, m in mlp.named_modules()
+                   if isinstance(m, torch.nn.Linear) and not n.startswith("fc2"))
+
+    def geometry(self) -> dict:
+        """What a model card and `inspect` say about the token layout."""
+        model = self.model
+        return dict(prefix=self.num_prefix, registers=self.num_registers, class_token=self.has_class_token,
+                    patches=model.patch_embed.num_patches, grid=list(self.grid), patch=self.patch_size,
+                    width=model.embed_dim, pos_embed=getattr(model, "pos_embed", None) is not None,
+                    rope=self.has_rope, family=self.name, model_class=type(model).__name__)
 
     # ------------------------------------------------------------------------------------------------- student
-    def student_args(self, teacher, registers: int) -> dict:
+    def student_args(self, registers: int) -> dict:
         """Constructor arguments of the student: the teacher's, plus R registers, prefix tokens without pos-embed."""
         from timm.models import get_model_args
 
-        return dict(get_model_args(teacher), **{self.reg_arg: self.num_registers(teacher) + registers},
+        return dict(get_model_args(self.model), **{self.reg_arg: self.num_registers + registers},
                     no_embed_class=True)
 
-    def fold_state(self, teacher) -> dict[str, torch.Tensor]:
-        """The teacher's state with any prefix-token positional embedding folded into the tokens (exact: a prefix
+    def fold_state(self) -> dict[str, torch.Tensor]:
+        """The model's state with any prefix-token positional embedding folded into the tokens (exact: a prefix
         token's input is token + its positional entry, and the student adds none to prefix tokens)."""
-        sd = dict(teacher.state_dict())
-        prefix = 0 if teacher.no_embed_class or teacher.pos_embed is None else self.num_prefix(teacher)
+        model = self.model
+        sd = dict(model.state_dict())
+        prefix = 0 if model.no_embed_class or model.pos_embed is None else self.num_prefix
         if not prefix:
             return sd
         pos = sd["pos_embed"]
         sd["pos_embed"] = pos[:, prefix:]
-        cls = int(self.has_class_token(teacher))
+        cls = int(self.has_class_token)
         if cls:
             sd["cls_token"] = sd["cls_token"] + pos[:, :1]
         if sd.get("reg_token") is not None:
             sd["reg_token"] = sd["reg_token"] + pos[:, cls:prefix]
         return sd
 
-    def patch_pos_embed(self, model) -> torch.Tensor | None:
+    def patch_pos_embed(self) -> torch.Tensor | None:
         """(1, L, D) absolute positional embedding of the patch cells, or None (RoPE-only models)."""
+        model = self.model
         if getattr(model, "pos_embed", None) is None:
             return None
-        prefix = 0 if model.no_embed_class else self.num_prefix(model)
+        prefix = 0 if model.no_embed_class else self.num_prefix
         return model.pos_embed[:, prefix:]
 
-    def default_init(self, model) -> str:
+    def default_init(self) -> str:
         """What `register_init: auto` means for this model (README, "Register init"; benchmarks/register_init.py):
         the mean patch positional embedding where there is one; else the patch embedding of a grey image, the
         position-free candidate that started closest to the teacher on real DINOv2-S (1.14x the raw teacher's
         distance to the denoised targets, vs 5.6x for zeros and 13.8x for the class token)."""
-        return "pos_mean" if self.patch_pos_embed(model) is not None else "grey_patch"
+        return "pos_mean" if self.patch_pos_embed() is not None else "grey_patch"
 
-    def init_candidates(self, model) -> dict[str, torch.Tensor]:
-        """(1, D) starting points for fresh registers, each a token that should move the teacher's function little.
+    def init_candidates(self) -> dict[str, torch.Tensor]:
+        """(1, D) starting points for fresh registers, each a token that should move the model's function little.
 
         pos_mean: the mean patch positional embedding (a token without content at the average position);
         class_token: the (folded) class token; register_mean: the mean of the model's own registers;
         grey_patch: the mean input token of a constant image at the normalization mean (patch embedding of zeros,
         plus the mean positional embedding where there is one); zeros.
         """
+        model = self.model
         dim = model.embed_dim
         ref = next(model.parameters())
         out: dict[str, torch.Tensor] = {"zeros": torch.zeros(1, dim, device=ref.device)}
-        pos = self.patch_pos_embed(model)
+        pos = self.patch_pos_embed()
         if pos is not None:
             out["pos_mean"] = pos.detach().float().mean(1)
-        folded = None
-        if self.has_class_token(model) or self.num_registers(model):
-            folded = self.fold_state(model)
-        if self.has_class_token(model):
+        folded = self.fold_state() if self.has_class_token or self.num_registers else None
+        if self.has_class_token:
             out["class_token"] = folded["cls_token"].detach().float()[:, 0]
-        if self.num_registers(model):
+        if self.num_registers:
             out["register_mean"] = folded["reg_token"].detach().float().mean(1)
         with torch.no_grad():
             size = model.patch_embed.img_size
@@ -125,46 +161,47 @@ class Backbone:
         out["grey_patch"] = grey + (out["pos_mean"] if pos is not None else 0)
         return out
 
-    def register_init(self, teacher, registers: int, init: str, noise: float, g: torch.Generator) -> torch.Tensor:
+    def register_init(self, registers: int, init: str, noise: float, g: torch.Generator) -> torch.Tensor:
         """(1, R, D) fresh registers: "randn" is the paper's randn / sqrt(dim); the others start every register at one
         of `init_candidates` (+ `noise` x the spread of what it was taken from, so registers can differentiate);
         "auto" is `default_init`."""
-        dim = teacher.embed_dim
+        dim = self.model.embed_dim
         if init == "randn":
             return torch.randn(1, registers, dim, generator=g) / math.sqrt(dim)
-        init = self.default_init(teacher) if init == "auto" else init
-        candidates = self.init_candidates(teacher)
+        init = self.default_init() if init == "auto" else init
+        candidates = self.init_candidates()
         if init not in candidates:
-            raise UsageError(f"recipe key model.register_init: {type(teacher).__name__} has no {init} to start "
+            raise UsageError(f"recipe key model.register_init: {type(self.model).__name__} has no {init} to start "
                              f"registers from; choose auto, randn or one of {', '.join(sorted(candidates))}")
         base = candidates[init].cpu()
-        spread = self._spread(teacher, init)
-        return base[:, None].expand(1, registers, dim) + noise * spread * torch.randn(1, registers, dim, generator=g)
+        return base[:, None].expand(1, registers, dim) + noise * self._spread() * torch.randn(1, registers, dim,
+                                                                                             generator=g)
 
-    def _spread(self, model, init: str) -> float:
+    def _spread(self) -> float:
         """The scale of the symmetry-breaking noise: the std of the positional embedding (as before) where there is
         one, else of the patch tokens entering the first block."""
-        pos = self.patch_pos_embed(model)
+        pos = self.patch_pos_embed()
         if pos is not None:
             return pos.detach().float().std().item()
-        w = model.patch_embed.proj.weight.detach().float()
+        w = self.model.patch_embed.proj.weight.detach().float()
         return (w.std() * math.sqrt(w[0].numel() / 3)).item()  # ~ token std for unit-variance normalized pixels
 
-    def add_registers(self, teacher, registers: int, init: str = "auto", noise: float = 0.02, seed: int = 0):
-        """The student: the teacher's class with `registers` more register tokens.
+    def add_registers(self, registers: int, init: str = "auto", noise: float = 0.02, seed: int = 0):
+        """The student: this (teacher) model's class with `registers` more register tokens.
 
         Built on the meta device and given the teacher's tensors with `assign=True`: every tensor the student does not
         change *is* the teacher's (no copy). Training must therefore give unlocked tensors their own storage first
         (`phreg.distill.unlock` does). Non-persistent buffers (RoPE tables, ...) are taken from the teacher too.
         """
-        args = self.student_args(teacher, registers)
+        teacher = self.model
+        args = self.student_args(registers)
         arch = teacher.pretrained_cfg["architecture"]
         student = timm.create_model(arch, pretrained=False, pretrained_cfg=copy.deepcopy(teacher.pretrained_cfg),
                                     device="meta", **args)
-        sd = self.fold_state(teacher)
+        sd = self.fold_state()
         g = torch.Generator().manual_seed(seed)
         if registers:
-            new = self.register_init(teacher, registers, init, noise, g).to(next(teacher.parameters()))
+            new = self.register_init(registers, init, noise, g).to(next(teacher.parameters()))
             old = sd.get("reg_token")
             sd["reg_token"] = new if old is None else torch.cat([old, new], 1)
         student.load_state_dict(sd, assign=True)
@@ -175,53 +212,56 @@ class Backbone:
         return student.eval()
 
     # ------------------------------------------------------------------------------------------------- tokens
-    def patch_tokens(self, model, x: torch.Tensor, tap: str = "final", sigma: float = 5.0) -> torch.Tensor:
+    def patch_tokens(self, x: torch.Tensor, tap: str = "final", sigma: float = NACLIP_SIGMA) -> torch.Tensor:
         """Patch tokens (B, L, D), prefix tokens dropped. tap: "final" (normalized), "last_block" (pre-norm), or a
-        dense head that replaces the last block ("naclip", "maskclip": see `phreg.dense`)."""
+        dense head that replaces the last block ("naclip", "maskclip": see `phreg.backbones.heads`)."""
         if tap == "final":
-            return model.forward_features(x)[:, self.num_prefix(model):]
+            return self.model.forward_features(x)[:, self.num_prefix:]
         if tap == "last_block":
-            return model.forward_intermediates(x, indices=1, norm=False, output_fmt="NLC",
-                                               intermediates_only=True)[-1]
-        from ..dense import head_tokens
+            return self.model.forward_intermediates(x, indices=1, norm=False, output_fmt="NLC",
+                                                    intermediates_only=True)[-1]
+        return heads.head_tokens(self, x, tap, sigma)
 
-        return head_tokens(model, x, tap, sigma)
+    def head_dim(self, head: str = "final") -> int:
+        """Width of the features a head returns: the model's width, or its projection's (CLIP ViT-B/16: 768 vs 512)."""
+        return heads.head_dim(self, head)
 
-    # Dense-head hooks (phreg.dense). Tokens are in timm's order: prefix tokens (class, registers) first.
-    def last_block_input(self, model, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    # Dense-head hooks (phreg.backbones.heads). Tokens are in timm's order: prefix tokens (class, registers) first.
+    def last_block_input(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """All tokens (B, N, D) entering the last block, and what its attention needs besides them (e.g. RoPE)."""
         raise NotImplementedError
 
-    def last_block_qkv(self, model, tokens: torch.Tensor, ctx: dict, need_qk: bool = True):
+    def last_block_qkv(self, tokens: torch.Tensor, ctx: dict, need_qk: bool = True):
         """q, k, v (B, heads, N, d_h) of the last block's attention on `norm1(tokens)`, as its forward computes them
         (q/k norms, RoPE); q and k may be None when `need_qk` is False."""
         raise NotImplementedError
 
-    def last_block_merge(self, model, out: torch.Tensor) -> torch.Tensor:
+    def last_block_merge(self, out: torch.Tensor) -> torch.Tensor:
         """(B, heads, L, d_h) attention output -> the last block's output projection (B, L, D), as timm's `Attention`,
         `EvaAttention` and `AttentionRope` do it (their `norm` is an identity unless scale-norm is on)."""
-        attn = model.blocks[-1].attn
+        attn = self.model.blocks[-1].attn
         B, H, L, d = out.shape
         return attn.proj(attn.norm(out.transpose(1, 2).reshape(B, L, H * d)))
 
-    def project(self, model, tokens: torch.Tensor) -> torch.Tensor:
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
         """The model's final norm and projection head, applied to every token: (B, L, D) -> (B, L, D_out).
         timm's order: `norm`, then the pool (a MAP head, SigLIP / Perception Encoder: per token), `fc_norm`, `head`
         (CLIP: `ln_post` and `proj`; DINOv2: the norm only, its head is the identity)."""
+        model = self.model
         x = model.norm(tokens)
         if getattr(model, "attn_pool", None) is not None:
             x = map_head_per_token(model.attn_pool, x)
         return model.head(model.fc_norm(x))
 
-    def block_outputs(self, model, x: torch.Tensor, last: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def block_outputs(self, x: torch.Tensor, last: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Final features and the pre-norm outputs (B, N, D), prefix tokens included, of the last `last` blocks."""
-        prefix = self.num_prefix(model)
-        final, inter = model.forward_intermediates(x, indices=last, return_prefix_tokens=prefix > 0, norm=False,
-                                                   output_fmt="NLC")
+        prefix = self.num_prefix
+        final, inter = self.model.forward_intermediates(x, indices=last, return_prefix_tokens=prefix > 0, norm=False,
+                                                        output_fmt="NLC")
         return final, [torch.cat([p, s], 1) for s, p in inter] if prefix else list(inter)
 
     # ------------------------------------------------------------------------------------------------- parts
-    def parts(self, model) -> dict[str, list[str]]:
+    def parts(self) -> dict[str, list[str]]:
         """Semantic part -> parameter-name patterns (fnmatch). A part the model lacks maps to [].
 
         `patch_embed` is the patch-embedding conv (weight, and bias where there is one), as the paper unlocks it: a
@@ -229,41 +269,25 @@ class Backbone:
         input norm and stays frozen; unlock it by name if wanted. `norm` is the final norm (absent where timm pools
         with `fc_norm` instead, e.g. EVA-02 classifiers).
         """
+        model = self.model
         last = len(model.blocks) - 1
         return dict(
             registers=["reg_token"] if getattr(model, "reg_token", None) is not None else [],
-            class_token=["cls_token"] if self.has_class_token(model) else [],
+            class_token=["cls_token"] if self.has_class_token else [],
             pos_embed=["pos_embed"] if getattr(model, "pos_embed", None) is not None else [],
             patch_embed=["patch_embed.proj.*"],
             last_block=[f"blocks.{last}.*"],
             norm=["norm.*"] if any(True for _ in model.norm.parameters()) else [],
         )
 
-    def blocks(self, model) -> list[str]:
+    def blocks(self) -> list[str]:
         """Parameter-name prefix of every transformer block, first to last (`last_blocks:N` takes the last N)."""
-        return [f"blocks.{i}." for i in range(len(model.blocks))]
+        return [f"blocks.{i}." for i in range(len(self.model.blocks))]
 
     # ------------------------------------------------------------------------------------------------- internals
-    def attention(self, model, block: int = -1) -> torch.nn.Module:
+    def attention(self, block: int = -1) -> torch.nn.Module:
         """The attention module of a block (timm's eager path applies `attn_drop` to the softmax weights)."""
-        return model.blocks[block].attn
-
-    def mlp_width(self, model) -> int:
-        """Hidden activations per token of one MLP (SwiGLU / GLU: both branches), for memory estimates."""
-        mlp = model.blocks[0].mlp
-        return sum(m.out_features for n, m in mlp.named_modules()
-                   if isinstance(m, torch.nn.Linear) and not n.startswith("fc2"))
-
-    def geometry(self, model) -> dict:
-        """What a model card and `inspect` say about the token layout."""
-        return dict(prefix=self.num_prefix(model), registers=self.num_registers(model),
-                    class_token=self.has_class_token(model), patches=model.patch_embed.num_patches,
-                    grid=list(self.grid(model)), patch=self.patch_size(model), width=model.embed_dim,
-                    pos_embed=getattr(model, "pos_embed", None) is not None, rope=self.has_rope(model),
-                    family=self.name, model_class=type(model).__name__)
-
-    def has_rope(self, model) -> bool:
-        return getattr(model, "rope", None) is not None
+        return self.model.blocks[block].attn
 
 
 def map_head_per_token(pool, x: torch.Tensor) -> torch.Tensor:
@@ -285,27 +309,27 @@ def _set(module: torch.nn.Module, dotted: str, value: torch.Tensor) -> None:
 
 
 def backbone(model, name: str = "") -> Backbone:
-    """The family of a timm model instance (exact class first, then the nearest base class)."""
+    """The family of a timm model instance (exact class first, then the nearest base class), bound to it."""
     for cls in type(model).__mro__:
         if cls in FAMILIES:
-            return FAMILIES[cls]
+            return FAMILIES[cls](model)
     known = " and ".join(sorted(c.__name__ for c in FAMILIES))
     what = f"model {name!r}" if name else "the model"
     raise UsageError(f"{what} is a {type(model).__name__}; phreg distills timm {known} models")
 
 
-def patch_tokens(model, x: torch.Tensor, tap: str = "final", sigma: float = 5.0) -> torch.Tensor:
-    return backbone(model).patch_tokens(model, x, tap, sigma)
+def patch_tokens(model, x: torch.Tensor, tap: str = "final", sigma: float = NACLIP_SIGMA) -> torch.Tensor:
+    return backbone(model).patch_tokens(x, tap, sigma)
 
 
 def add_registers(teacher, registers: int, init: str = "auto", noise: float = 0.02, seed: int = 0):
-    return backbone(teacher).add_registers(teacher, registers, init, noise, seed)
+    return backbone(teacher).add_registers(registers, init, noise, seed)
 
 
 class PatchTokens(torch.nn.Module):
     """A model whose forward() returns patch tokens, so DDP and autocast wrappers see the call."""
 
-    def __init__(self, model, tap: str = "final", sigma: float = 5.0):
+    def __init__(self, model, tap: str = "final", sigma: float = NACLIP_SIGMA):
         super().__init__()
         self.model, self.tap, self.sigma = model, tap, sigma
 

@@ -11,7 +11,7 @@ What differs from `VisionTransformer`:
 * without an absolute positional embedding, registers start at the patch embedding of a grey image
   (`Backbone.default_init`, measured in README "Register init");
 * MLPs may be SwiGLU (`fc1_g` / `fc1_x`) or packed GLU (`fc1` of twice the width);
-* dense heads (`phreg.dense`) compute the last block's attention as `EvaAttention.forward` does: fused `qkv` with
+* dense heads (`heads.py`) compute the last block's attention as `EvaAttention.forward` does: fused `qkv` with
   separate q/v biases or separate `q_proj`/`k_proj`/`v_proj`, q/k norms, RoPE on the patch tokens only.
 """
 
@@ -31,11 +31,13 @@ class Eva(Backbone):
     reg_arg = "num_reg_tokens"
     name = "eva"
 
-    def num_registers(self, model) -> int:
-        return 0 if model.reg_token is None else int(model.reg_token.shape[1])
+    @property
+    def num_registers(self) -> int:
+        return 0 if self.model.reg_token is None else int(self.model.reg_token.shape[1])
 
     # ------------------------------------------------------------------------------------------------- dense hooks
-    def last_block_input(self, model, x):
+    def last_block_input(self, x):
+        model = self.model
         x = model.patch_embed(x)
         x, rope = model._pos_embed(x)  # what forward_features does, up to the last block
         x = model.norm_pre(x)
@@ -44,7 +46,8 @@ class Eva(Backbone):
             x = blk(x, rope=rope[i] if mixed else rope)
         return x, dict(rope=rope[-1] if mixed else rope)
 
-    def last_block_qkv(self, model, tokens, ctx, need_qk=True):
+    def last_block_qkv(self, tokens, ctx, need_qk=True):
+        model = self.model
         attn = model.blocks[-1].attn
         x = model.blocks[-1].norm1(tokens)
         B, N, _ = x.shape

@@ -25,7 +25,8 @@ class ViT(Backbone):
     name = "vit"
 
     # ------------------------------------------------------------------------------------------------- dense hooks
-    def last_block_input(self, model, x):
+    def last_block_input(self, x):
+        model = self.model
         x = model.patch_embed(x)
         x = model._pos_embed(x)  # what forward_features does, up to the last block
         x = model.patch_drop(x)
@@ -34,7 +35,8 @@ class ViT(Backbone):
             x = blk(x)
         return x, {}
 
-    def last_block_qkv(self, model, tokens, ctx, need_qk=True):
+    def last_block_qkv(self, tokens, ctx, need_qk=True):
+        model = self.model
         attn = model.blocks[-1].attn
         B, N, _ = tokens.shape
         qkv = attn.qkv(model.blocks[-1].norm1(tokens)).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)

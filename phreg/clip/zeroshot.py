@@ -3,7 +3,7 @@
 Classes come from a class file (below). Each class name (and each synonym) is embedded with the 80 ImageNet prompt
 templates: every prompt's embedding normalized, averaged, renormalized. An image is resized so its short side is
 `short_side`, then read in `crop` x `crop` windows every `stride` pixels (the last window is shifted back inside the
-image); each window's dense features (`phreg.dense`, e.g. the NACLIP or MaskCLIP head) are normalized and scored
+image); each window's dense features (`phreg.dense_features`, e.g. the NACLIP or MaskCLIP head) are normalized and scored
 against every query by cosine similarity, upsampled bilinearly to the window, summed and divided by how many windows
 saw each pixel. The logits are upsampled to the image's own size, `softmax(logit_scale * logits)` over all queries,
 the max over each class's synonyms gives the class probability; the prediction is the argmax, and pixels whose best
@@ -165,7 +165,7 @@ class Segmenter:
         if crop and (crop > short_side or stride < 1):
             raise UsageError(f"zero-shot window: crop {crop} must be <= short side {short_side}, stride >= 1")
         self.model, self.head, self.sigma = model, head, sigma
-        self.patch = backbone(model).patch_size(model)
+        self.patch = backbone(model).patch_size
         if crop % self.patch:
             raise UsageError(f"zero-shot window: crop {crop} is not a multiple of the patch size {self.patch}")
         self.queries, self.owner, self.ids = F.normalize(queries.float(), dim=-1), owner, torch.tensor(ids)
@@ -178,8 +178,7 @@ class Segmenter:
         but the positional embedding it resamples (buffers, e.g. RoPE tables, are the copy's own: they are rebuilt)."""
         from ..backbones import backbone
 
-        bb = backbone(self.model)
-        if tuple(bb.grid(self.model)) == (size[0] // self.patch, size[1] // self.patch):
+        if tuple(backbone(self.model).grid) == (size[0] // self.patch, size[1] // self.patch):
             return self.model
         if size not in self._sized:
             shared = {id(p): p for n, p in self.model.named_parameters() if not n.endswith("pos_embed")}

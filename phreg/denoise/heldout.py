@@ -26,7 +26,7 @@ def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class HeldOut:
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, raw: torch.Tensor, head: str = "final",
                  batch_size: int = 8, sigma: float = 5.0):
-        """`head`: how a scored model's patch features are read (the student's head; see `phreg.dense`)."""
+        """`head`: how a scored model's patch features are read (the student's head; see `phreg.backbones.heads`)."""
         self.images, self.targets, self.head, self.sigma, self.batch_size = images, targets, head, sigma, batch_size
         self.teacher_distances = cosine_distance(raw, targets)
         self.teacher_distance = self.teacher_distances.mean().item()

@@ -9,7 +9,6 @@ import torch
 
 from ..fastpath import auto_chunk
 from ..backbones import PatchTokens, backbone
-from ..dense import head_dim
 from ..recipe import ViewsCfg
 from .views import make_views, merge_views, sample_plan
 
@@ -26,7 +25,7 @@ class DenoisedTeacher(torch.nn.Module):
     """All views of a batch in one forward (split into chunks only to fit memory), then merged.
 
     `autocast` is the teacher's own precision context (it may differ from the student's); `compile` wraps the
-    teacher's forward in torch.compile. `head` is how the teacher's patch features are read (`phreg.dense`:
+    teacher's forward in torch.compile. `head` is how the teacher's patch features are read (`phreg.backbones.heads`:
     final, last_block, naclip with neighbourhood width `sigma`, maskclip).
     """
 
@@ -36,8 +35,8 @@ class DenoisedTeacher(torch.nn.Module):
         self.teacher = teacher.eval().requires_grad_(False)
         self.cfg, self.autocast, self.head = views, autocast, head
         family = backbone(teacher)
-        self.patch, self.grid = family.patch_size(teacher), family.grid(teacher)
-        self.num_patches, self.dim = self.grid[0] * self.grid[1], head_dim(teacher, head)
+        self.patch, self.grid = family.patch_size, family.grid
+        self.num_patches, self.dim = self.grid[0] * self.grid[1], family.head_dim(head)
         tokens = PatchTokens(teacher, head, sigma)
         self.tokens = torch.compile(tokens) if compile else tokens
         self.register_buffer("fill", fill_value(views.fill, mean, std), persistent=False)

@@ -493,8 +493,8 @@ def _finish(recipe: Recipe, s: Session, scored: dict | None, wall: float, began:
                              train_s=round(wall, 1), export_s=round(export_s, 1)),
                 versions=dict(torch=torch.__version__, timm=timm.__version__),
                 weights=find_weights(m).record(m.name),  # what the model card says the student was made from
-                registers=dict(present=backbone(parts.teacher.teacher).num_registers(parts.teacher.teacher),
-                               added=m.registers, total=backbone(parts.student).num_registers(parts.student)),
+                registers=dict(present=backbone(parts.teacher.teacher).num_registers,
+                               added=m.registers, total=backbone(parts.student).num_registers),
                 data=data_record(recipe.data, files, val_files),
                 recipe=to_dict(recipe)))
         if unreadable or bad:

@@ -62,7 +62,7 @@ def estimate(teacher: torch.nn.Module, student: torch.nn.Module, groups: list[di
     unlocked = [p for g in groups for p in g["params"]]
     act = 2 if bf16 else 4
     dim, depth = student.embed_dim, len(student.blocks)
-    hidden = backbone(student).mlp_width(student)  # SwiGLU has fc1_g + fc1_x, no fc1
+    hidden = backbone(student).mlp_width  # SwiGLU has fc1_g + fc1_x, no fc1
     s_tokens = student.patch_embed.num_patches + student.num_prefix_tokens
     t_tokens = teacher.patch_embed.num_patches + teacher.num_prefix_tokens
     per_block = block_activation_elems(s_tokens, dim, hidden)

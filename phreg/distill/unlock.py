@@ -30,11 +30,11 @@ def semantic_patterns(model: torch.nn.Module, name: str) -> list[str] | None:
     m = re.fullmatch(r"last_blocks:(\d+)", name)
     if m:
         n = int(m.group(1))
-        blocks = family.blocks(model)
+        blocks = family.blocks()
         if not 1 <= n <= len(blocks):
             raise UsageError(f"recipe key train.unlock: {name}: the model has {len(blocks)} blocks")
         return [b + "*" for b in blocks[-n:]]
-    parts = family.parts(model)
+    parts = family.parts()
     return parts[name] if name in parts else None
 
 

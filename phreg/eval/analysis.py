@@ -104,7 +104,7 @@ def analyze(loaded: Loaded, images: torch.Tensor, views: ViewsCfg, seed: int = 0
     denoiser = DenoisedTeacher(model, views, loaded.mean, loaded.std).to(device)
     tta = HeldOut.from_images(images, denoiser, seed, device, "final", batch_size,
                               progress=f"{label}: {views.num} TTA views" if progress else None)
-    return Analysis(loaded.name, tok.grid, backbone(model).num_registers(model), bool(tok.num_cls), norms_t,
+    return Analysis(loaded.name, tok.grid, backbone(model).num_registers, bool(tok.num_cls), norms_t,
                     f"block {depth}", torch.cat(nbr),
                     torch.cat(cls) if cls else None, tta, maps)
 

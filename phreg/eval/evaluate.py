@@ -55,7 +55,7 @@ def probe(teacher: Loaded, student: Loaded, files, masks_dir, num_classes, ignor
     out = dict(train_images=len(train), val_images=len(val), num_classes=num_classes, ignore_index=ignore_index)
     for role, loaded in (("teacher", teacher), ("student", student)):
         x = squashed_images(files, loaded.img_size, loaded.mean, loaded.std)
-        grid = backbone(loaded.model).grid(loaded.model)
+        grid = backbone(loaded.model).grid
         feats = torch.cat([patch_tokens(loaded.model, b.to(device)).float().cpu() for b in x.split(8)])
         feats = feats.transpose(1, 2).reshape(len(files), -1, *grid)
         with torch.enable_grad():

@@ -48,15 +48,15 @@ def collect(model: torch.nn.Module, x: torch.Tensor, last: int = 4, class_attent
     family = backbone(model)
     depth = len(model.blocks)
     last = min(max(last, 2), depth)
-    prefix, cls = family.num_prefix(model), int(family.has_class_token(model))
+    prefix, cls = family.num_prefix, int(family.has_class_token)
     seen: list[torch.Tensor] = []
     capture = contextlib.nullcontext()
     if class_attention and cls:
-        capture = class_attention_of(family.attention(model, -1), prefix, seen)
+        capture = class_attention_of(family.attention(-1), prefix, seen)
     with capture:
-        final, outputs = family.block_outputs(model, x, last)
+        final, outputs = family.block_outputs(x, last)
     blocks = {depth - last + i: t for i, t in enumerate(outputs)}
-    return Tokens(blocks, final, cls, family.num_registers(model), family.grid(model),
+    return Tokens(blocks, final, cls, family.num_registers, family.grid,
                   seen[0] if seen else None)
 
 

@@ -86,8 +86,8 @@ def read_run(run: str | Path) -> Run:
                          f"`phreg export {run}`")
     unlocked = [(names, g.lr_scale) for g in recipe.train.unlock if (names := resolve_patterns(student, g.params))]
     family, init = backbone(student), recipe.model.register_init
-    geometry = dict(family.geometry(student), unlocked=unlocked,
-                    init=family.default_init(student) if init == "auto" else init)  # what `auto` resolved to
+    geometry = dict(family.geometry(), unlocked=unlocked,
+                    init=family.default_init() if init == "auto" else init)  # what `auto` resolved to
     summary = _read_json(run / "summary.json") if (run / "summary.json").is_file() else None
     if summary is None or str(summary.get("steps")) != metadata.get("steps"):  # `phreg export` of a stopped run
         said = "no summary.json" if summary is None else f"summary.json says step {summary.get('steps')}"
