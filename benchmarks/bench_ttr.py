@@ -1,10 +1,12 @@
 """Test-time registers on the implanted-artifact fixture: every figure the README and the closing notes quote.
 
+    python benchmarks/bench_ttr.py --weights DINOv2_S.safetensors --camvid CAMVID_SUBSET [--json FILE]
     python benchmarks/bench_ttr.py --weights DINOv2_S.safetensors --images TRAIN_DIR --val VAL_DIR [--json FILE]
 
 DINOv2-S/14 at 224 px with artifacts implanted by `phreg.eval.fixture` (ground truth: the units it overwrote), and
 its low-norm variant (`phreg.ttr.fixture.cancel_artifacts`). The register neurons are found on `--images` (16 by
-default); outliers, CLS cosines and timings are measured on `--val`. Reports:
+default); outliers, CLS cosines and timings are measured on `--val`. `--camvid` takes both from the CamVid subset
+of ../shared/assets (its manifest's train and val frames). Reports:
   precision / recall   the finder's neurons against the implanted units (high-norm and low-norm fixture)
   outlier cut          1 - outlier tokens with test-time registers / without, on --val, at the last block: the
                        two-tailed ratio rule and, for the high-norm fixture, the teacher's own `inspect` threshold
@@ -18,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +38,7 @@ from phreg.ttr import add_test_time_registers, find_register_neurons, outlier_ma
 from phreg.ttr.fixture import cancel_artifacts
 
 
-def images(folder, n, size, mean, std) -> torch.Tensor:
-    files, _ = scan_images(folder)
+def images(files, n, size, mean, std) -> torch.Tensor:
     data = ImageDataset(files[:n], size, mean, std, train=False)
     return torch.stack([data[i]["image"] for i in range(len(data))])
 
@@ -81,18 +84,28 @@ def timed(fn, reps=3) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--weights", required=True, help="DINOv2-S/14 safetensors (timm vit_small_patch14_dinov2)")
-    ap.add_argument("--images", required=True, help="unlabeled images the neurons are found on")
-    ap.add_argument("--val", required=True, help="held-out images for outliers, cosines and timings")
+    ap.add_argument("--camvid", type=Path, help="the CamVid subset folder (manifest.csv, images/): train and val")
+    ap.add_argument("--images", help="unlabeled images the neurons are found on")
+    ap.add_argument("--val", help="held-out images for outliers, cosines and timings")
     ap.add_argument("--n", type=int, default=16, help="images used from --images")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.camvid:
+        with open(args.camvid / "manifest.csv") as f:
+            rows = list(csv.DictReader(f))
+        split = {part: sorted(args.camvid / "images" / r["file"] for r in rows if r["split"] == part)
+                 for part in ("train", "val")}
+    elif args.images and args.val:
+        split = dict(train=scan_images(args.images)[0], val=scan_images(args.val)[0])
+    else:
+        ap.error("give --camvid, or --images and --val")
     torch.manual_seed(0)
     cfg = ModelCfg(name="vit_small_patch14_dinov2", checkpoint=args.weights, img_size=224)
     clean = load_teacher(cfg)
     mean, std = normalization(clean, cfg)
-    train = images(args.images, args.n, 224, mean, std)
-    val = images(args.val, 10_000, 224, mean, std)
+    train = images(split["train"], args.n, 224, mean, std)
+    val = images(split["val"], 10_000, 224, mean, std)
 
     high = copy.deepcopy(clean)
     implanted = implant_artifacts(high, calibration_images(224, mean, std))

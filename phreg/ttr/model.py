@@ -169,10 +169,10 @@ def load_test_time_registers(path: str | Path, checkpoint: str | Path | None = N
         checkpoint = path.parent / weights["file"]
     cfg = ModelCfg(name=base["name"], checkpoint=str(checkpoint) if checkpoint else None, img_size=base["img_size"],
                    mean=base.get("mean"), std=base.get("std"))
-    found = find_weights(cfg)
-    if found.kind == "file" and found.file.is_file() and weights.get("sha256") \
-            and sha256_file(found.file) != weights["sha256"]:
-        raise UsageError(f"{found.file} is not the base these register neurons were found in "
+    source = find_weights(cfg)
+    if source.kind == "file" and source.file.is_file() and weights.get("sha256") \
+            and sha256_file(source.file) != weights["sha256"]:
+        raise UsageError(f"{source.file} is not the base these register neurons were found in "
                          f"(its sha256 is not the recorded {weights['sha256'][:16]}...)")
     model = add_test_time_registers(load_teacher(cfg), neurons)
     ttr = _ttr(model)
