@@ -201,10 +201,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _export(args) -> int:
     began = time.perf_counter()
-    if args.format == "transformers":
-        from .hub.transformers import ARCHITECTURE, export_run_transformers
+    if args.format in ("transformers", "both"):
+        from .hub.transformers import ARCHITECTURE, SUFFIX, export_run_transformers
 
-        out, check = export_run_transformers(args.run, args.out)
+        if args.format == "both":  # DIR (timm) and DIR-transformers
+            timm_out = Path(args.out) if args.out else Path(args.run) / "export"
+            out, check = export_run_transformers(args.run, timm_out.with_name(timm_out.name + SUFFIX), timm_out)
+            print(f"exported {timm_out} (timm)")
+        else:
+            out, check = export_run_transformers(args.run, args.out)
         print(f"exported {out} in {time.perf_counter() - began:.1f}s: transformers {ARCHITECTURE}, "
               f"{check['registers']} registers; last_hidden_state = timm forward_features to max |diff| "
               f"{check['max_diff']:.1e} at {check['img_size']} px")
@@ -335,10 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=user_path, help="run folder (output_dir of phreg distill)")
     p.add_argument("--out", type=user_path, metavar="DIR", help="where to write the export (default: RUN/export, "
                    "RUN/export-transformers for --format transformers), replaced atomically")
-    p.add_argument("--format", default="timm", choices=("timm", "transformers"),
+    p.add_argument("--format", default="timm", choices=("timm", "transformers", "both"),
                    help="timm (default): timm's Hub layout; transformers: a folder AutoModel.from_pretrained loads as "
                         "Dinov2WithRegistersModel, with its image-processor config (DINOv2 family; needs "
-                        "pip install 'phreg[transformers]')")
+                        "pip install 'phreg[transformers]'); both: DIR and DIR-transformers")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("push", formatter_class=HelpFormatter, help="upload a finished run to the Hugging Face Hub (model card included)",

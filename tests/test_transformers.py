@@ -2,7 +2,7 @@
 
 Real DINOv2-S at the export's resolution and others, random reduced-depth L and g (SwiGLU) and a teacher with its own
 registers, the refusal of other families, the image-processor config, and the CLI (`phreg export --format
-transformers`, `phreg push --format transformers|both --dry-run`).
+transformers|both`, `phreg push --format transformers|both --dry-run`).
 """
 
 from __future__ import annotations
@@ -220,6 +220,16 @@ def test_cli_export_format_transformers(run, tmp_path, capsys):
     assert (out / "model.safetensors").read_bytes() == first  # and writes the same bytes
 
 
+def test_cli_export_format_both(run, tmp_path, capsys):
+    out = tmp_path / "exp"
+    assert main(["export", str(run), "--format", "both", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"exported {out} (timm)" in said and f"exported {out}-transformers in" in said, said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "exp-transformers"]
+    assert tree(out) == tree(run / "export")  # the finished run's export, rebuilt byte for byte
+    assert sorted(p.name for p in (tmp_path / "exp-transformers").iterdir()) == sorted(FILES)
+
+
 def test_cli_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, monkeypatch):
     clip = tmp_path / "cliprun"
     save_recipe(load_recipe(None, ["model.name=vit_base_patch16_clip_224.openai", f"output_dir={clip}"]),
@@ -228,6 +238,9 @@ def test_cli_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, mo
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "cannot represent it exactly" in err and "use the timm export" in err, err
     assert not (tmp_path / "out").exists() and sorted(p.name for p in clip.iterdir()) == ["recipe.yaml"]
+    assert main(["export", str(clip), "--format", "both"]) == 2  # refused before the timm export is written too
+    assert "cannot represent it exactly" in capsys.readouterr().err
+    assert sorted(p.name for p in clip.iterdir()) == ["recipe.yaml"]
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     assert main(["export", str(clip), "--format", "transformers", "--out", str(tmp_path / "mine")]) == 2

@@ -239,7 +239,13 @@ def write_transformers(student, folder: str | Path, metadata: dict[str, str] | N
     _sort_metadata(folder / WEIGHTS)
     (folder / CONFIG).write_text(json.dumps(hf_config(student), indent=2) + "\n")
     (folder / PROCESSOR).write_text(json.dumps(processor_config(data), indent=2) + "\n")
-    loaded = transformers.AutoModel.from_pretrained(str(folder)).eval()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # a local folder: its "Loading weights" bar says nothing
+    try:
+        loaded = transformers.AutoModel.from_pretrained(str(folder)).eval()
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     if type(loaded).__name__ != ARCHITECTURE:
         raise Aborted(f"transformers {transformers.__version__} loads the export as {type(loaded).__name__}, "
                       f"not {ARCHITECTURE}")
@@ -290,12 +296,14 @@ def stage_transformers(export: str | Path, folder: str | Path, run: str | Path =
     return write_transformers(student, folder, metadata)
 
 
-def export_run_transformers(run: str | Path, out: str | Path | None = None) -> tuple[Path, dict]:
+def export_run_transformers(run: str | Path, out: str | Path | None = None,
+                            timm_out: str | Path | None = None) -> tuple[Path, dict]:
     """`phreg export RUN --format transformers`: the newest checkpoint -> `out` (default RUN/export-transformers).
 
-    Through the timm export of that checkpoint, written by `hub.export.export_run` to a temporary folder beside
-    `out` and removed after: the transformers folder is the conversion of exactly what `phreg export RUN` writes.
-    Everything that can be checked without the weights is checked before anything is written."""
+    Through the timm export of that checkpoint, written by `hub.export.export_run` to `timm_out` (`--format both`)
+    or else to a temporary folder beside `out`, removed after: the transformers folder is the conversion of exactly
+    what `phreg export RUN` writes. Everything that can be checked without the weights is checked before anything is
+    written."""
     from ..models import _create
     from ..recipe import load_recipe
     from .export import export_run
@@ -309,11 +317,13 @@ def export_run_transformers(run: str | Path, out: str | Path | None = None) -> t
     require_transformers()
     name = load_recipe(run / "recipe.yaml").model.name
     check_exportable(_create(name, pretrained=False, device="meta"), name, run)  # the teacher's layout is the student's
+    if timm_out is not None:
+        student, metadata = _from_timm_export(export_run(run, timm_out))
+        return out, export_transformers(student, out, metadata, name, run)
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".timm", dir=out.parent))
     try:
-        export_run(run, scratch / "export")
-        student, metadata = _from_timm_export(scratch / "export")
+        student, metadata = _from_timm_export(export_run(run, scratch / "export"))
         return out, export_transformers(student, out, metadata, name, run)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
