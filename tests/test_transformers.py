@@ -7,6 +7,7 @@ transformers|both`, `phreg push --format transformers|both --dry-run`).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -309,3 +310,22 @@ def test_cli_push_dry_run_transformers_only(run, tmp_path):
     with torch.no_grad():  # the card's snippet gives timm's tokens for the same pixels
         want = timm_model.forward_features(scope["inputs"]["pixel_values"])
     assert (scope["tokens"] - want).abs().max().item() < TOLERANCE
+
+
+def test_cli_push_both_formats_is_one_commit_of_the_dry_run_folder(run, tmp_path):
+    """Through a stand-in Hub: the commit holds the timm files at the root and the transformers files under
+    transformers/, the bytes of the dry run."""
+    from test_publish import StandInHub, assert_no_token, phreg_push
+
+    out = tmp_path / "hub"
+    assert main(["push", str(run), "--repo-id", "alice/both", "--dry-run", str(out), "--format", "both"]) == 0
+    with StandInHub() as hub:
+        result = phreg_push(run, hub.url, tmp_path / "home", "--repo-id", "alice/both", "--format", "both")
+    assert result.returncode == 0, result.stderr
+    (commit,) = hub.commits
+    lines = [json.loads(line) for line in commit["body"].decode().splitlines()]
+    sent = {v["value"]["path"]: base64.b64decode(v["value"]["content"]) for v in lines[1:] if v["key"] == "file"}
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert sorted(sent) == files and "transformers/model.safetensors" in sent
+    assert all(sent[name] == (out / name).read_bytes() for name in files)
+    assert_no_token(result.stdout, result.stderr)

@@ -368,6 +368,7 @@ with torch.no_grad():
 patches = tokens[:, 1 + model.config.num_register_tokens:]  # (1, {g['patches']}, {g['width']})
 ```""",
         f"`last_hidden_state` equals timm's `forward_features` to float32 rounding: max |diff| {_diff(t['max_diff'])} "
-        f"on random {size} px inputs, measured when this upload was made. At other sizes (multiples of "
+        f"on random {size} px inputs, measured with transformers {t['transformers']} when this upload was made. "
+        f"At other sizes (multiples of "
         f"{g['patch']} px) both libraries resample the patch position embeddings alike (bicubic, antialiased).",
     ]
