@@ -138,6 +138,28 @@ def test_random_reduced_depth_shapes_are_exact(name, size, registers, tmp_path):
         assert max_difference(model, hf(tmp_path / "hf"), x) > 1e-2
 
 
+def test_an_export_that_does_not_match_timm_is_not_written(tmp_path, monkeypatch):
+    """The self-check: a conversion gone wrong (here: the LayerScale of block 1 swapped) stops with one line and
+    leaves no folder behind."""
+    import phreg.hub.transformers as hub_transformers
+    from phreg.errors import Aborted
+
+    teacher = randomized(timm.create_model("vit_small_patch14_dinov2", pretrained=False, depth=2, img_size=28))
+    model = timm_export(add_registers(teacher, 4), tmp_path / "timm")
+    convert = hub_transformers.convert_state
+
+    def wrong(sd, depth):
+        out = convert(sd, depth)
+        a, b = "encoder.layer.1.layer_scale1.lambda1", "encoder.layer.1.layer_scale2.lambda1"
+        out[a], out[b] = out[b], out[a]
+        return out
+
+    monkeypatch.setattr(hub_transformers, "convert_state", wrong)
+    with pytest.raises(Aborted, match=r"differs from the timm student by .* at 28 px; nothing written"):
+        export_transformers(model, tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["timm"]
+
+
 @pytest.mark.parametrize("name,why", [
     ("eva02_small_patch14_224.mim_in22k", "rotary position embeddings"),
     ("vit_base_patch16_siglip_224", "no class token"),

@@ -364,7 +364,7 @@ processor = AutoImageProcessor.from_pretrained("{repo_id}"{sub})  # {size} px, t
 model = AutoModel.from_pretrained("{repo_id}"{sub}).eval()  # {HF_CLASS}
 inputs = processor(images=Image.open("image.jpg").convert("RGB"), return_tensors="pt")
 with torch.no_grad():
-    tokens = model(**inputs).last_hidden_state  # (1, {tokens}, {g['width']}): class, {g['registers']} registers, patches
+    tokens = model(**inputs).last_hidden_state  # (1, {tokens}, {g['width']}): class, registers, patches
 patches = tokens[:, 1 + model.config.num_register_tokens:]  # (1, {g['patches']}, {g['width']})
 ```""",
         f"`last_hidden_state` equals timm's `forward_features` to float32 rounding: max |diff| {_diff(t['max_diff'])} "

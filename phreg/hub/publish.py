@@ -3,8 +3,9 @@
 `stage` builds the exact folder that is uploaded: the run's export (`model.safetensors`, `config.json`), its resolved
 `recipe.yaml`, a model card `README.md`, and `eval.png` when the run has an eval report. `--format transformers` puts
 the student as transformers' `Dinov2WithRegistersModel` in the export's place (`hub/transformers.py`), `--format both`
-beside it in `transformers/` (timm only reads a repository's root). `--dry-run DIR` writes that folder and stops; `push` sends it as ONE commit through huggingface_hub's public API. The token is left to
-huggingface_hub (`HF_TOKEN`, then the cached login) and never handed to anything that prints or writes.
+beside it in `transformers/` (timm only reads a repository's root). `--dry-run DIR` writes that folder and stops;
+`push` sends it as ONE commit through huggingface_hub's public API. The token is left to huggingface_hub
+(`HF_TOKEN`, then the cached login) and never handed to anything that prints or writes.
 The run folder is only ever read.
 """
 
