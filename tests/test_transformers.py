@@ -172,7 +172,9 @@ def test_other_families_are_refused_in_one_line(name, why):
     with pytest.raises(UsageError) as e:
         check_exportable(student, name, "runs/x")
     text = str(e.value)
-    assert why in text and "\n" not in text and "use the timm export" in text
+    assert text.startswith(f"no transformers export of {name}: ") and why in text and "\n" not in text
+    assert "use the timm export" in text
+    assert ("cannot compute it exactly" in text) == (not name.startswith("deit3"))  # DeiT-III would; it is no DINOv2
     assert "timm.create_model('local-dir:runs/x/export', pretrained=True)" in text
 
 
@@ -259,10 +261,10 @@ def test_cli_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, mo
                 clip / "recipe.yaml")
     assert main(["export", str(clip), "--format", "transformers", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "cannot represent it exactly" in err and "use the timm export" in err, err
+    assert "\n" not in err and "cannot compute it exactly" in err and "use the timm export" in err, err
     assert not (tmp_path / "out").exists() and sorted(p.name for p in clip.iterdir()) == ["recipe.yaml"]
     assert main(["export", str(clip), "--format", "both"]) == 2  # refused before the timm export is written too
-    assert "cannot represent it exactly" in capsys.readouterr().err
+    assert "cannot compute it exactly" in capsys.readouterr().err
     assert sorted(p.name for p in clip.iterdir()) == ["recipe.yaml"]
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")

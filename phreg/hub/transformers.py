@@ -44,38 +44,54 @@ PIL_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1}
 # ------------------------------------------------------------------------------------------------ what fits
 
 def refusal(model) -> str | None:
-    """Why `Dinov2WithRegistersModel` cannot compute this timm model's function exactly, or None when it can.
+    """Why this timm model has no transformers export, or None when it has one. Only the structure is read, so a
+    model on the "meta" device will do (the teacher's layout is the student's).
 
-    The layout is checked module by module, so the reason names what is missing; a layout that fits but is not a
-    DINOv2 (DeiT-III) is refused too: transformers would present it as a DINOv2."""
+    The layout is checked module by module, so the reason names what `Dinov2WithRegistersModel` lacks; a layout that
+    fits but is not a DINOv2 (DeiT-III) is refused too: transformers would present it as a DINOv2."""
+    reason = layout_refusal(model)
+    if reason:
+        return f"transformers' {ARCHITECTURE} cannot compute it exactly: {reason}"
+    arch = model.pretrained_cfg.get("architecture") or type(model).__name__
+    if "dinov2" not in arch:
+        return f"{arch} is not a DINOv2; its layout fits, but transformers' one ViT with register tokens is " \
+               f"{ARCHITECTURE}, DINOv2's class (preprocessing, documentation), and would present it as one"
+    return None
+
+
+def layout_refusal(model) -> str | None:
+    """What in this timm model's layout `Dinov2WithRegistersModel` does not have, or None."""
     import torch.nn as nn
-    from timm.layers import GluMlp, LayerScale, Mlp
+    from timm.layers import Attention, GluMlp, LayerScale, Mlp, PatchEmbed
     from timm.models.vision_transformer import Block, VisionTransformer
 
     if not isinstance(model, VisionTransformer):
         if getattr(model, "rope", None) is not None:
-            return f"a timm {type(model).__name__} with rotary position embeddings (RoPE), which " \
-                   f"{ARCHITECTURE} does not have"
-        return f"transformers has no class for a timm {type(model).__name__} with register tokens"
+            return f"it is a timm {type(model).__name__} with rotary position embeddings (RoPE)"
+        return f"it is a timm {type(model).__name__}, not a VisionTransformer"
     if model.cls_token is None:
-        return f"it has no class token (it pools with a MAP head), and {ARCHITECTURE} always puts one first"
+        return "it has no class token (it pools with a MAP head), and transformers always puts one first"
     if model.pos_embed is None:
         return "it has no absolute positional embedding"
     if not isinstance(model.norm_pre, nn.Identity):
-        return f"a norm before the first block (CLIP's ln_pre), which {ARCHITECTURE} does not have"
+        return "it normalizes the tokens before the first block (CLIP's ln_pre)"
     pe = model.patch_embed
-    if not isinstance(pe.norm, nn.Identity) or pe.proj.bias is None:
-        return "its patch embedding is not a conv with a bias alone"
+    if type(pe) is not PatchEmbed or not isinstance(pe.norm, nn.Identity) or pe.proj.bias is None \
+            or pe.dynamic_img_pad or tuple(pe.proj.kernel_size) != tuple(pe.proj.stride) or any(pe.proj.padding):
+        return "its patch embedding is not one strided conv with a bias"
     if pe.patch_size[0] != pe.patch_size[1] or pe.grid_size[0] != pe.grid_size[1]:
         return f"its patches or patch grid are not square ({ARCHITECTURE} keeps a square grid)"
     if not isinstance(model.norm, nn.LayerNorm):
         return "it has no final LayerNorm"
     for b in model.blocks:
-        if type(b) is not Block:
-            return f"its blocks are timm {type(b).__name__}, not the pre-norm Block of {ARCHITECTURE}"
+        if type(b) is not Block or type(b.attn) is not Attention:
+            return f"its blocks are timm {type(b).__name__} / {type(b.attn).__name__}, not pre-norm Block / Attention"
         a, mlp = b.attn, b.mlp
-        if not all(isinstance(m, nn.Identity) for m in (a.q_norm, a.k_norm, a.norm)) or a.qkv.bias is None:
-            return "its attention normalizes queries, keys or its output, or has no q/k/v bias"
+        if not all(isinstance(m, nn.Identity) for m in (a.q_norm, a.k_norm, a.norm)) or a.qkv.bias is None \
+                or a.proj.bias is None or getattr(a, "gate", None) is not None:
+            return "its attention normalizes or gates queries, keys or its output, or has no q/k/v or output bias"
+        if a.num_heads * a.head_dim != model.embed_dim:
+            return f"its attention is {a.num_heads} x {a.head_dim} wide, not {model.embed_dim}"
         if not all(isinstance(ls, LayerScale) for ls in (b.ls1, b.ls2)):
             return "its blocks have no LayerScale"
         if not all(isinstance(n, nn.LayerNorm) and n.eps == model.norm.eps for n in (b.norm1, b.norm2)):
@@ -87,12 +103,10 @@ def refusal(model) -> str | None:
             return f"its MLP is a timm {type(mlp).__name__}, neither GELU nor SwiGLU with the gate first"
         if not isinstance(mlp.norm, nn.Identity):
             return "its MLP has an inner norm"
-    if mlp_ratio(model) is None:
-        return f"its MLP width {model.blocks[0].mlp.fc2.in_features} has no integer mlp_ratio in transformers"
-    arch = model.pretrained_cfg.get("architecture") or type(model).__name__
-    if "dinov2" not in arch:
-        return f"{arch} is not a DINOv2, and transformers' one ViT with register tokens is {ARCHITECTURE} " \
-               "(DINOv2's class, preprocessing and documentation)"
+        if mlp.fc1.bias is None or mlp.fc2.bias is None:
+            return "its MLP has no biases"
+    if len({b.mlp.fc2.in_features for b in model.blocks}) != 1 or mlp_ratio(model) is None:
+        return f"its MLP width {model.blocks[0].mlp.fc2.in_features} is no integer mlp_ratio of the width, or varies"
     return None
 
 
@@ -100,7 +114,7 @@ def check_exportable(model, name: str, run: str | Path = "RUN") -> None:
     """One line (exit 2) when `model` cannot go to transformers exactly, pointing to the timm export of `run`."""
     reason = refusal(model)
     if reason:
-        raise UsageError(f"{name}: transformers cannot represent it exactly ({reason}); use the timm export: "
+        raise UsageError(f"no transformers export of {name}: {reason}; use the timm export: "
                          f"timm.create_model('local-dir:{run}/export', pretrained=True)")
 
 
@@ -157,11 +171,15 @@ def processor_config(data: dict) -> dict:
     timm: resize to floor(size / crop_pct) (the short side; both sides for crop_mode "squash"), center crop `size`,
     the run's mean / std."""
     height, width = data["input_size"][-2:]
-    scale = math.floor(min(height, width) / (data.get("crop_pct") or 1.0))
+    mode, interpolation = data.get("crop_mode") or "center", data.get("interpolation") or "bicubic"
+    if mode not in ("center", "squash") or interpolation not in PIL_RESAMPLE or height != width:
+        raise UsageError(f"transformers' BitImageProcessor has no equivalent of timm's {mode} crop with "
+                         f"{interpolation} resizing to {height} x {width}")
+    scale = math.floor(height / (data.get("crop_pct") or 1.0))
     return dict(
         image_processor_type="BitImageProcessor", do_convert_rgb=True,
-        do_resize=True, size=dict(height=scale, width=scale) if data.get("crop_mode") == "squash" else
-        dict(shortest_edge=scale), resample=PIL_RESAMPLE.get(data.get("interpolation"), 3),
+        do_resize=True, size=dict(height=scale, width=scale) if mode == "squash" else dict(shortest_edge=scale),
+        resample=PIL_RESAMPLE[interpolation],
         do_center_crop=True, crop_size=dict(height=height, width=width),
         do_rescale=True, rescale_factor=1 / 255,
         do_normalize=True, image_mean=[float(v) for v in data["mean"]], image_std=[float(v) for v in data["std"]],
@@ -178,6 +196,8 @@ def convert_state(sd: dict, depth: int) -> dict:
 
     cls = sd["cls_token"]
     dim = cls.shape[-1]
+    if math.isqrt(sd["pos_embed"].shape[1]) ** 2 != sd["pos_embed"].shape[1]:  # a square grid, no prefix entries
+        raise ValueError("pos_embed has prefix entries: expected a phreg student (no_embed_class=True)")
     reg = sd.get("reg_token")
     out = {
         "embeddings.cls_token": cls,
@@ -226,15 +246,17 @@ def write_transformers(student, folder: str | Path, metadata: dict[str, str] | N
     import torch
     from timm.data import resolve_data_config
 
-    from ..backbones import backbone
     from .export import _sort_metadata
 
     transformers = require_transformers()
+    if not student.no_embed_class:  # phreg's students never are: their class entry is folded into cls_token
+        raise UsageError("the transformers export takes a phreg student (no_embed_class=True, the class token's "
+                         "position entry folded into it)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     size = student.patch_embed.img_size[0]
     data = dict(resolve_data_config({}, model=student), input_size=(3, size, size))
-    tensors = convert_state(backbone(student).fold_state(student), len(student.blocks))
+    tensors = convert_state(student.state_dict(), len(student.blocks))
     (folder / WEIGHTS).write_bytes(safetensors.torch.save(tensors, metadata={"format": "pt", **(metadata or {})}))
     _sort_metadata(folder / WEIGHTS)
     (folder / CONFIG).write_text(json.dumps(hf_config(student), indent=2) + "\n")
