@@ -114,6 +114,7 @@ def test_other_resolutions_resample_alike_in_both_libraries(dinov2_s, size):
 
 
 @pytest.mark.parametrize("name,size,registers", [
+    ("vit_base_patch14_dinov2", 42, 16),
     ("vit_large_patch14_dinov2", 42, 16),
     ("vit_giant_patch14_dinov2", 28, 4),  # SwiGLU
     ("vit_small_patch14_reg4_dinov2", 42, 4),  # 4 registers of its own + 4
