@@ -200,9 +200,22 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _export(args) -> int:
+    began = time.perf_counter()
+    if args.format in ("transformers", "both"):
+        from .hub.transformers import ARCHITECTURE, SUFFIX, export_run_transformers
+
+        if args.format == "both":  # DIR (timm) and DIR-transformers
+            timm_out = Path(args.out) if args.out else Path(args.run) / "export"
+            out, check = export_run_transformers(args.run, timm_out.with_name(timm_out.name + SUFFIX), timm_out)
+            print(f"exported {timm_out} (timm)")
+        else:
+            out, check = export_run_transformers(args.run, args.out)
+        print(f"exported {out} in {time.perf_counter() - began:.1f}s: transformers {ARCHITECTURE}, "
+              f"{check['registers']} registers; last_hidden_state = timm forward_features to max |diff| "
+              f"{check['max_diff']:.1e} at {check['img_size']} px")
+        return 0
     from .hub.export import export_run
 
-    began = time.perf_counter()
     out = export_run(args.run, args.out)
     print(f"exported {out} in {time.perf_counter() - began:.1f}s")
     return 0
@@ -216,13 +229,13 @@ def _push(args) -> int:
         raise UsageError("--tries must be >= 1 and --retry-wait >= 0")
     began = time.perf_counter()
     if args.dry_run:
-        names = dry_run(args.run, args.repo_id, args.dry_run)
+        names = dry_run(args.run, args.repo_id, args.dry_run, args.format)
         print(f"dry run: wrote {', '.join(names)} to {args.dry_run} in {time.perf_counter() - began:.1f}s; "
               "nothing uploaded")
         return 0
     try:
         print(push(args.run, args.repo_id, private=args.private, revision=args.revision,
-                   commit_message=args.commit_message, tries=args.tries, wait=args.retry_wait))
+                   commit_message=args.commit_message, tries=args.tries, wait=args.retry_wait, fmt=args.format))
     except PushError as e:
         print(f"phreg: error: {e}", file=sys.stderr)
         return 1
@@ -325,7 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write RUN/export/{model.safetensors,config.json} (or --out DIR) from the run's "
                                    "latest checkpoint, as distill does at the end; the teacher's weights are not needed.")
     p.add_argument("run", type=user_path, help="run folder (output_dir of phreg distill)")
-    p.add_argument("--out", type=user_path, metavar="DIR", help="where to write the export (default: RUN/export), replaced atomically")
+    p.add_argument("--out", type=user_path, metavar="DIR", help="where to write the export (default: RUN/export, "
+                   "RUN/export-transformers for --format transformers), replaced atomically")
+    p.add_argument("--format", default="timm", choices=("timm", "transformers", "both"),
+                   help="timm (default): timm's Hub layout; transformers: a folder AutoModel.from_pretrained loads as "
+                        "Dinov2WithRegistersModel, with its image-processor config (DINOv2 family; needs "
+                        "pip install 'phreg[transformers]'); both: DIR and DIR-transformers")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("push", formatter_class=HelpFormatter, help="upload a finished run to the Hugging Face Hub (model card included)",
@@ -341,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", type=user_path, metavar="DIR", help="write the exact upload folder to DIR and upload nothing")
     p.add_argument("--tries", type=int, default=4, metavar="N", help="attempts per Hub call on network errors, 429 and 5xx")
     p.add_argument("--retry-wait", type=float, default=2.0, metavar="S", help="first wait between tries, doubling")
+    p.add_argument("--format", default="timm", choices=("timm", "transformers", "both"),
+                   help="timm (default); transformers: Dinov2WithRegistersModel in its place (DINOv2 family); both: "
+                        "timm's at the root, transformers' in transformers/ (the card shows how to load each)")
     p.set_defaults(func=_push)
     return parser
 

@@ -79,10 +79,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def replaceable(path: str | Path, names: set[str]) -> bool:
+def replaceable(path: str | Path, names: set[str], folders: dict[str, set[str]] | None = None) -> bool:
     """May `atomic_dir(path)` replace what is there? Only if it is absent, or a folder holding nothing but `names`
-    (an earlier output of the same command): a mistyped `--out ~` must never delete a folder of the user's."""
-    path = Path(path)
+    (an earlier output of the same command) and the subfolders `folders` names, each holding nothing but its own
+    names: a mistyped `--out ~` must never delete a folder of the user's."""
+    path, folders = Path(path), folders or {}
     if not path.exists():
         return True
-    return path.is_dir() and not path.is_symlink() and all(p.name in names and p.is_file() for p in path.iterdir())
+    return path.is_dir() and not path.is_symlink() and all(
+        (p.name in names and p.is_file()) or (p.name in folders and p.is_dir() and replaceable(p, folders[p.name]))
+        for p in path.iterdir())

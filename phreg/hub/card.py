@@ -14,6 +14,7 @@ import yaml
 
 from .. import __version__
 from .export import CONFIG, TEXT_FILE, WEIGHTS
+from .transformers import ARCHITECTURE as HF_CLASS, FILES as HF_FILES
 
 RECIPE, CARD, FIGURE = "recipe.yaml", "README.md", "eval.png"
 TAGS = ["phreg", "registers", "image-feature-extraction", "timm", "vision-transformer"]
@@ -178,18 +179,21 @@ def eval_lead(report: dict) -> str:
     return text + ". Rows marked hardware-dependent are timings of one machine, not a property of the model."
 
 
-def model_card(run: Run, repo_id: str) -> str:
+def model_card(run: Run, repo_id: str, transformers: dict | None = None, timm: bool = True) -> str:
     """README.md: YAML front matter the Hub indexes, then what was done, on what data, from which weights, the eval
-    when there is one, limitations, usage and the citation. `base_model` only when the weights are the Hub's."""
+    when there is one, limitations, usage and the citation. `base_model` only when the weights are the Hub's.
+
+    `transformers`: what `hub.transformers.write_transformers` measured when the upload holds that format too
+    (`subfolder` None: at the root, instead of timm's, which `timm=False` says)."""
     r, g, summary = run.recipe, run.geometry, run.summary or {}
     hub_id, license = base_model(r.model.name, run.config)
     weights_text, from_hub = weights_line(r.model.name, hub_id, summary.get("weights"))
-    front = dict(library_name="timm", pipeline_tag="image-feature-extraction")
+    front = dict(library_name="timm" if timm else "transformers", pipeline_tag="image-feature-extraction")
     if hub_id and from_hub:
         front["base_model"] = (summary.get("weights") or {}).get("hub_id") or hub_id
     if license and from_hub:  # a local file's license is whatever its maker chose: not ours to assert
         front["license"] = license
-    front["tags"] = TAGS
+    front["tags"] = (TAGS if timm else [t for t in TAGS if t != "timm"]) + (["transformers"] if transformers else [])
     teacher = (hub_id if from_hub else None) or r.model.name
     size = r.model.img_size
     steps = summary.get("steps", run.metadata.get("steps", "–"))
@@ -237,8 +241,12 @@ def model_card(run: Run, repo_id: str) -> str:
         f"# {name}",
         f"`{teacher}` with **{regs['added']} register tokens added after the fact**{present} by PH-Reg "
         f"self-distillation ([Chen et al., 2025, *Vision Transformers with Self-Distilled Registers*]({PAPER})), "
-        f"made with phreg. It is a stock timm `{g['model_class']}` ({g['registers']} registers, "
-        "`no_embed_class=True`): no extra code is needed to use it." + (
+        f"made with phreg. " + (f"It is a stock timm `{g['model_class']}` ({g['registers']} registers, "
+                                "`no_embed_class=True`): no extra code is needed to use it." if timm else
+                                f"It is a stock Hugging Face transformers `{HF_CLASS}` ({g['registers']} registers), "
+                                "converted exactly from phreg's timm student: no extra code is needed to use it.")
+        + (f" The same student is also in `{transformers['subfolder']}/` as a transformers `{HF_CLASS}`."
+           if timm and transformers else "") + (
             "" if from_hub else " The teacher's weights came from a local file, not from the Hub checkpoint (file "
                                 "name and sha256 below)."),
         "## What was done",
@@ -271,7 +279,8 @@ def model_card(run: Run, repo_id: str) -> str:
         ] + ([] if from_hub else ["- The teacher weights are a local file, not the Hub checkpoint: compare the "
                                   "sha256 above before assuming they are."])),
         "## Usage",
-        f"""```python
+        *([] if timm else transformers_usage(repo_id, transformers, g)),
+        *([f"""```python
 import timm
 import torch
 from PIL import Image
@@ -284,11 +293,13 @@ with torch.no_grad():
     tokens = model.forward_features(x)         # (1, {tokens}, {g['width']}): {prefix_words}, patches
 patches = tokens[:, model.num_prefix_tokens:]  # drop the {prefix_short} tokens: (1, {g['patches']}, {g['width']})
 ```""",
-        "Other resolutions: `timm.create_model(..., pretrained=True, dynamic_img_size=True)`.",
+        "Other resolutions: `timm.create_model(..., pretrained=True, dynamic_img_size=True)`."] if timm else []),
         *(clip_usage(repo_id, r.model, size // g["patch"]) if r.model.text_model else []),
+        *(transformers_usage(repo_id, transformers, g) if timm and transformers else []),
         "## Files",
-        f"- `{WEIGHTS}`, `{CONFIG}`: the student in timm's Hub layout\n"
-        f"- `{RECIPE}`: the resolved phreg recipe it was trained with (`phreg distill {RECIPE}`; local paths in it "
+        (f"- `{WEIGHTS}`, `{CONFIG}`: the student in timm's Hub layout\n" if timm else "")
+        + (transformers_files(transformers) if transformers else "")
+        + f"- `{RECIPE}`: the resolved phreg recipe it was trained with (`phreg distill {RECIPE}`; local paths in it "
         "are those of the training machine)" + (f"\n- `{FIGURE}`: a figure from the eval report" if run.figure else "")
         + (f"\n- `{TEXT_FILE}`: CLIP's text tower (open_clip `{r.model.text_model}`), for zero-shot use"
            if r.model.text_model else ""),
@@ -324,4 +335,40 @@ phreg segment hf-hub:{repo_id} --images DIR --classes classes.csv --out segmenta
         f"The text tower alone, with open_clip: `clip = open_clip.create_model(\"{m.text_model}\")`, "
         f"`clip.load_state_dict(safetensors.torch.load_file(\"{TEXT_FILE}\"), strict=False)`, then "
         f"`clip.encode_text(open_clip.get_tokenizer(\"{m.text_model}\")(texts))`.",
+    ]
+
+
+def _diff(d: float) -> str:
+    return "0 (bit-identical)" if d == 0 else f"{d:.1e}"
+
+
+def transformers_files(t: dict) -> str:
+    folder = f"{t['subfolder']}/" if t.get("subfolder") else ""
+    return f"- {', '.join(f'`{folder}{n}`' for n in HF_FILES)}: the student as a transformers `{HF_CLASS}` and its " \
+           "image processor\n"
+
+
+def transformers_usage(repo_id: str, t: dict, g: dict) -> list[str]:
+    """Loading the student with transformers' AutoModel and AutoImageProcessor (the folder `t['subfolder']` when the
+    repository holds timm's format at its root), and what was measured against timm."""
+    sub = f', subfolder="{t["subfolder"]}"' if t.get("subfolder") else ""
+    size, tokens = t["img_size"], g["prefix"] + g["patches"]
+    return [
+        "With Hugging Face transformers (>= 4.48, no phreg or timm needed):",
+        f"""```python
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel
+
+processor = AutoImageProcessor.from_pretrained("{repo_id}"{sub})  # {size} px, the run's mean/std
+model = AutoModel.from_pretrained("{repo_id}"{sub}).eval()  # {HF_CLASS}
+inputs = processor(images=Image.open("image.jpg").convert("RGB"), return_tensors="pt")
+with torch.no_grad():
+    tokens = model(**inputs).last_hidden_state  # (1, {tokens}, {g['width']}): class, registers, patches
+patches = tokens[:, 1 + model.config.num_register_tokens:]  # (1, {g['patches']}, {g['width']})
+```""",
+        f"`last_hidden_state` equals timm's `forward_features` to float32 rounding: max |diff| {_diff(t['max_diff'])} "
+        f"on random {size} px inputs, measured with transformers {t['transformers']} when this upload was made. "
+        f"At other sizes (multiples of "
+        f"{g['patch']} px) both libraries resample the patch position embeddings alike (bicubic, antialiased).",
     ]

@@ -1,9 +1,11 @@
 """Publish a finished run on the Hugging Face Hub, loadable with `timm.create_model('hf-hub:OWNER/NAME')`.
 
 `stage` builds the exact folder that is uploaded: the run's export (`model.safetensors`, `config.json`), its resolved
-`recipe.yaml`, a model card `README.md`, and `eval.png` when the run has an eval report. `--dry-run DIR` writes that
-folder and stops; `push` sends it as ONE commit through huggingface_hub's public API. The token is left to
-huggingface_hub (`HF_TOKEN`, then the cached login) and never handed to anything that prints or writes.
+`recipe.yaml`, a model card `README.md`, and `eval.png` when the run has an eval report. `--format transformers` puts
+the student as transformers' `Dinov2WithRegistersModel` in the export's place (`hub/transformers.py`), `--format both`
+beside it in `transformers/` (timm only reads a repository's root). `--dry-run DIR` writes that folder and stops;
+`push` sends it as ONE commit through huggingface_hub's public API. The token is left to huggingface_hub
+(`HF_TOKEN`, then the cached login) and never handed to anything that prints or writes.
 The run folder is only ever read.
 """
 
@@ -24,8 +26,10 @@ from ..errors import UsageError
 from .card import CARD, FIGURE, RECIPE, Run, model_card
 from .export import CONFIG, TEXT_FILE, WEIGHTS, read_metadata
 from ..files import atomic_dir, replaceable
+from .transformers import FILES as TRANSFORMERS_FILES, PROCESSOR, SUBFOLDER
 
-FILES = (WEIGHTS, CONFIG, RECIPE, CARD, FIGURE, TEXT_FILE)
+FILES = (WEIGHTS, CONFIG, RECIPE, CARD, FIGURE, TEXT_FILE, PROCESSOR)
+FORMATS = ("timm", "transformers", "both")
 EVAL_SCHEMA = "phreg.eval/"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # The Hub's rules for one path segment: letters, digits, '-', '_', '.', no '--' or '..', no leading/trailing '-'/'.'.
@@ -132,29 +136,40 @@ def read_eval(folder: Path) -> tuple[dict | None, Path | None]:
 
 # ------------------------------------------------------------------------------------------------ staging, upload
 
-def stage(run: Run, repo_id: str, folder: Path) -> list[str]:
-    """Fill `folder` with exactly what is uploaded; returns the file names."""
-    shutil.copyfile(run.path / "export" / WEIGHTS, folder / WEIGHTS)
-    shutil.copyfile(run.path / "export" / CONFIG, folder / CONFIG)
-    if (run.path / "export" / TEXT_FILE).is_file():
-        shutil.copyfile(run.path / "export" / TEXT_FILE, folder / TEXT_FILE)
+def stage(run: Run, repo_id: str, folder: Path, fmt: str = "timm") -> list[str]:
+    """Fill `folder` with exactly what is uploaded; returns the file paths relative to it.
+
+    `fmt`: timm (the export), transformers (the export converted, in its place) or both (timm's at the root, where
+    timm reads it; transformers' in `transformers/`, loaded with `subfolder="transformers"`)."""
+    converted = None
+    if fmt in ("transformers", "both"):  # first: a family transformers cannot represent is refused before any copy
+        from .transformers import stage_transformers
+
+        converted = stage_transformers(run.path / "export", folder if fmt == "transformers" else folder / SUBFOLDER,
+                                       run.path)
+        converted["subfolder"] = SUBFOLDER if fmt == "both" else None
+    if fmt != "transformers":
+        shutil.copyfile(run.path / "export" / WEIGHTS, folder / WEIGHTS)
+        shutil.copyfile(run.path / "export" / CONFIG, folder / CONFIG)
+        if (run.path / "export" / TEXT_FILE).is_file():
+            shutil.copyfile(run.path / "export" / TEXT_FILE, folder / TEXT_FILE)
     shutil.copyfile(run.path / RECIPE, folder / RECIPE)
-    (folder / CARD).write_text(model_card(run, repo_id))
+    (folder / CARD).write_text(model_card(run, repo_id, transformers=converted, timm=fmt != "transformers"))
     if run.figure is not None:
         shutil.copyfile(run.figure, folder / FIGURE)
-    return sorted(p.name for p in folder.iterdir())
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
-def dry_run(run: str | Path, repo_id: str, out: str | Path) -> list[str]:
+def dry_run(run: str | Path, repo_id: str, out: str | Path, fmt: str = "timm") -> list[str]:
     """Write the upload folder to `out` (atomically) and upload nothing."""
     repo_id, out, path = check_repo_id(repo_id), Path(out), Path(run)
     if out.resolve().is_relative_to(path.resolve()) or path.resolve().is_relative_to(out.resolve()):
         raise UsageError(f"--dry-run {out}: choose a folder outside the run folder {path} (it is never modified)")
-    if not replaceable(out, set(FILES)):
+    if not replaceable(out, set(FILES), folders={SUBFOLDER: set(TRANSFORMERS_FILES)}):
         raise UsageError(f"--dry-run {out} exists and is not an earlier dry run; choose a new folder")
     info = read_run(run)
     with atomic_dir(out) as tmp:
-        names = stage(info, repo_id, tmp)
+        names = stage(info, repo_id, tmp, fmt)
     return names
 
 
@@ -196,7 +211,7 @@ def _cause(e: BaseException, endpoint: str, secret: str | None) -> str:
 
 def push(run: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
          commit_message: str | None = None, endpoint: str | None = None, tries: int = 4, wait: float = 2.0,
-         say=print) -> str:
+         say=print, fmt: str = "timm") -> str:
     """Create the repo if missing, then upload the staged folder as one commit; returns the commit URL.
 
     Each Hub call is retried on transient errors, waiting `wait`, 2 `wait`, 4 `wait`, ... seconds. Retrying the
@@ -231,7 +246,7 @@ def push(run: str | Path, repo_id: str, *, private: bool = False, revision: str 
     message = commit_message or (f"phreg {__version__}: {info.recipe.model.name} + {info.geometry['registers']} "
                                  f"registers, {steps} steps")
     with tempfile.TemporaryDirectory(prefix="phreg-push-") as tmp:
-        names = stage(info, repo_id, Path(tmp))
+        names = stage(info, repo_id, Path(tmp), fmt)
         call("create repo", lambda: api.create_repo(repo_id, private=True if private else None, exist_ok=True))
         if revision and revision != "main" and not revision.startswith("refs/"):
             call("create branch", lambda: api.create_branch(repo_id, branch=revision, exist_ok=True))
