@@ -19,17 +19,16 @@ from torch.utils.data import Dataset, Sampler
 
 from .errors import UsageError
 from .folders import IMAGE_SUFFIXES, embedded_photos, scan_images  # noqa: F401  (the folder scan is torch-free)
+from .preflight import check_val_split
 
 log = logging.getLogger("phreg")
 
 
 def split_files(files: list[Path], fraction: float, seed: int = 0) -> tuple[list[Path], list[Path]]:
     """Hold out round(fraction * n) files (at least one when fraction > 0), chosen by seed: (train, held out)."""
-    if fraction <= 0:
+    n_val = check_val_split(fraction, len(files))
+    if not n_val:
         return files, []
-    n_val = max(1, round(fraction * len(files)))
-    if n_val >= len(files):
-        raise UsageError(f"data.val_split={fraction} leaves no training image out of {len(files)}")
     held = set(np.random.default_rng([seed, 2**32 - 1]).permutation(len(files))[:n_val].tolist())
     return [f for i, f in enumerate(files) if i not in held], [f for i, f in enumerate(files) if i in held]
 

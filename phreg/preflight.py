@@ -37,6 +37,39 @@ def check_model_spec(spec: str, what: str = "model") -> None:
         raise UsageError(f"{what} {spec}: no such folder")
 
 
+MODEL_PREFIXES = ("local-dir", "hf-hub")  # model.name = PREFIX:WHERE; anything else is a timm name
+
+
+def check_model_name(name: str, checkpoint: str | None = None) -> None:
+    """`model.name`'s prefix and `local-dir:` folder, and `model.checkpoint`: what `distill` checks before torch is
+    imported and `load_teacher` checks again for every caller that comes without the CLI (tests, benchmarks, ttr)."""
+    if ":" in name and name.split(":", 1)[0] not in MODEL_PREFIXES:
+        raise UsageError(f"model.name {name!r}: only the prefixes local-dir: and hf-hub: are understood")
+    if name.startswith("local-dir:") and not Path(name.removeprefix("local-dir:")).is_dir():
+        raise UsageError(f"model.name {name}: no such folder")
+    check_file(checkpoint, "model.checkpoint")
+
+
+def check_img_size(model, img_size: int) -> None:
+    """The resolution against a built model's patch size (a meta-device model will do: no weights are read)."""
+    p = model.patch_embed.patch_size[0]
+    if img_size % p:
+        lo, hi = (img_size // p) * p, (img_size // p + 1) * p
+        raise UsageError(f"model.img_size={img_size} is not a multiple of the patch size {p}; "
+                         f"nearest valid sizes: {', '.join(str(s) for s in (lo, hi) if s > 0)}")
+
+
+def check_val_split(fraction: float, n: int) -> int:
+    """How many of `n` images `data.val_split` holds out: round(fraction * n), at least one when fraction > 0, and
+    never all of them. Checked here on the folder's scan, and by `data.split_files` on every list it splits."""
+    if fraction <= 0:
+        return 0
+    held = max(1, round(fraction * n))
+    if held >= n:
+        raise UsageError(f"data.val_split={fraction} leaves no training image out of {n}")
+    return held
+
+
 def check_file(path: str | None, what: str) -> None:
     if path is not None and not Path(path).is_file():
         raise UsageError(f"{what} {path} not found")
@@ -73,16 +106,10 @@ def check_distill(recipe, resuming: bool = False) -> None:
     """The recipe's folders and files and the output folder, before torch is imported. A fresh run refuses an
     output_dir that holds checkpoints here; which checkpoint a resumed run uses is decided (verified) by `distill`."""
     m, d = recipe.model, recipe.data
-    name = m.name
-    if ":" in name and name.split(":", 1)[0] not in ("local-dir", "hf-hub"):
-        raise UsageError(f"model.name {name!r}: only the prefixes local-dir: and hf-hub: are understood")
-    if name.startswith("local-dir:") and not Path(name.removeprefix("local-dir:")).is_dir():
-        raise UsageError(f"model.name {name}: no such folder")
-    check_file(m.checkpoint, "model.checkpoint")
+    check_model_name(m.name, m.checkpoint)
     if kind(d.root) == "folder":  # datasets and shards are opened by their own libraries, later
         files, _ = scan_images(d.root, "data.root")
-        if d.val_split and max(1, round(d.val_split * len(files))) >= len(files):
-            raise UsageError(f"data.val_split={d.val_split} leaves no training image out of {len(files)}")
+        check_val_split(d.val_split, len(files))
     if d.val_root and kind(d.val_root) == "folder":
         scan_images(d.val_root, "data.val_root")
     check_out(recipe.output_dir, "output_dir")

@@ -1,5 +1,7 @@
 """Teacher loading, the student with registers, the unlocked subset: on real DINOv2-S weights."""
 
+from pathlib import Path
+
 import pytest
 import safetensors.torch
 import timm
@@ -115,3 +117,31 @@ def test_load_errors_are_one_line(tmp_path, monkeypatch, dinov2_file):
         with pytest.raises(UsageError) as e:
             load_teacher(cfg)
         assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_loaders_refuse_a_spec_in_the_words_of_the_cli_checks(tmp_path):
+    """`load_spec` / `load_teacher` without the CLI say what `phreg eval` / `phreg distill` say before torch loads."""
+    from phreg.models import load_spec
+    from phreg.preflight import check_distill, check_model_spec
+    from phreg.recipe import load_recipe
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("model: {name: vit_small_patch14_dinov2}\n")
+    (tmp_path / "empty").mkdir()
+    specs = [str(run), str(tmp_path / "empty"), str(tmp_path / "gone"), f"local-dir:{tmp_path / 'gone'}"]
+    for spec in specs:
+        with pytest.raises(UsageError) as preflight:
+            check_model_spec(spec)
+        with pytest.raises(UsageError) as loader:
+            load_spec(spec)
+        assert str(loader.value) == str(preflight.value), spec
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    for overrides in (["model.name=timm:vit_small_patch14_dinov2"], [f"model.name=local-dir:{tmp_path / 'gone'}"],
+                      [f"model.checkpoint={tmp_path / 'gone.safetensors'}"]):
+        r = load_recipe(recipe, [f"output_dir={tmp_path / 'out'}", *overrides])
+        with pytest.raises(UsageError) as preflight:
+            check_distill(r)
+        with pytest.raises(UsageError) as loader:
+            load_teacher(r.model)
+        assert str(loader.value) == str(preflight.value), overrides

@@ -1,0 +1,19 @@
+"""Pretrained models, in three steps that each have their module:
+
+- `weights`: where a model's weights come from (a file, the checkpoints folder, a local-dir: / hf-hub: name, timm's
+  download), what the Hub cache holds, whether the network answers, and the hashes a card records; no torch;
+- `loading`: building the model and loading those weights into it, frozen, at the recipe's resolution;
+- `specs`: what a user types on the command line (a timm name, an export folder, a run folder), resolved to a model.
+
+Everything is importable from `phreg.models` as before the split.
+"""
+
+from ..preflight import check_img_size
+from .loading import build_model, error_summary, load_into_meta, load_teacher, normalization, unknown_model
+from .specs import Loaded, load_run_teacher, load_spec, run_recipe
+from .weights import (HUB_FILES, WEIGHT_SUFFIXES, Weights, checkpoints_dir, find_local_weights, find_weights,
+                      hub_cached, offline_reason, quiet_hub, sha256_file)
+
+# The names hub/export.py, hub/transformers.py and hub/publish.py import (other branches edit those files): their
+# import lines can move to build_model / error_summary and these two go.
+_create, _first_line = build_model, error_summary
