@@ -105,7 +105,8 @@ def test_load_errors_are_one_line(tmp_path, monkeypatch, dinov2_file):
     text = tmp_path / "notes.pth"
     text.write_text("these are notes, not weights")
     cases = [
-        (ModelCfg(name=MODEL), f"no weights for {MODEL} (HF_HUB_OFFLINE is set, nothing cached): pass model.checkpoint=FILE"),
+        (ModelCfg(name=MODEL),
+         f"no weights for {MODEL} (HF_HUB_OFFLINE is set, nothing cached): pass model.checkpoint=FILE"),
         (ModelCfg(name="vit_tiny_patch16_224", checkpoint=str(dinov2_file)), "does not fit vit_tiny_patch16_224"),
         (ModelCfg(name="resnet50"), "is a ResNet; phreg distills timm"),
         (ModelCfg(name="no_such_model"), "is not a timm model"),

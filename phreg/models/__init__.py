@@ -14,6 +14,11 @@ from .specs import Loaded, load_run_teacher, load_spec, run_recipe
 from .weights import (HUB_FILES, WEIGHT_SUFFIXES, Weights, checkpoints_dir, find_local_weights, find_weights,
                       hub_cached, offline_reason, quiet_hub, sha256_file)
 
+__all__ = ["HUB_FILES", "WEIGHT_SUFFIXES", "Loaded", "Weights", "build_model", "check_img_size", "checkpoints_dir",
+           "error_summary", "find_local_weights", "find_weights", "hub_cached", "load_into_meta", "load_run_teacher",
+           "load_spec", "load_teacher", "normalization", "offline_reason", "quiet_hub", "run_recipe", "sha256_file",
+           "unknown_model"]
+
 # The names hub/export.py, hub/transformers.py and hub/publish.py import (other branches edit those files): their
 # import lines can move to build_model / error_summary and these two go.
 _create, _first_line = build_model, error_summary

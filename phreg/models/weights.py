@@ -115,7 +115,8 @@ class Weights:
     def record(self, name: str) -> dict:
         """What the model card needs to say where the weights came from: file name + sha256, or hub id + revision."""
         if self.kind == "file":
-            return dict(source="file", file=self.file.name, sha256=sha256_file(self.file), bytes=self.file.stat().st_size)
+            return dict(source="file", file=self.file.name, sha256=sha256_file(self.file),
+                        bytes=self.file.stat().st_size)
         spec = name if self.kind == "spec" else None
         if spec and spec.startswith("local-dir:"):
             folder = Path(spec.removeprefix("local-dir:"))
