@@ -55,12 +55,14 @@ def test_unknown_recipe_key(tmp_path, quick):
                        tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_resolution_not_a_multiple_of_the_patch(tmp_path, quick):
     assert_usage_error(phreg("distill", *quick, "model.img_size=230"),
                        "model.img_size=230 is not a multiple of the patch size 14; nearest valid sizes: 224, 238",
                        tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_missing_weights_offline(tmp_path, quick):
     args = [a for a in quick if not str(a).startswith("model.checkpoint")]
     result = phreg("distill", *args, env={"PHREG_CHECKPOINTS": str(tmp_path / "none")})
@@ -69,6 +71,7 @@ def test_missing_weights_offline(tmp_path, quick):
                        tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_checkpoint_of_the_wrong_architecture(tmp_path, quick):
     safetensors.torch.save_file(timm.create_model("vit_tiny_patch16_224").state_dict(), str(tmp_path / "t.safetensors"))
     assert_usage_error(phreg("distill", *quick, f"model.checkpoint={tmp_path / 't.safetensors'}"),
@@ -81,6 +84,7 @@ def test_recipe_file_missing_and_bad_override(tmp_path):
                        "recipe key train.epochs: expected an integer")
 
 
+@pytest.mark.slow
 def test_resume_without_checkpoint_and_rerun_into_a_used_folder(tmp_path, quick):
     assert_usage_error(phreg("distill", *quick, "--resume"), "--resume: no checkpoint")
     assert phreg("distill", *quick, "--quiet").returncode == 0

@@ -37,6 +37,7 @@ def open_clip_b16(tmp_path_factory):
     return model, path
 
 
+@pytest.mark.slow
 def test_whole_clip_checkpoint_gives_open_clips_towers(open_clip_b16, tmp_path):
     import open_clip
 
@@ -172,6 +173,7 @@ def tiny_clip(tmp_path):
     return dict(clip=clip, file=tmp_path / "clip.safetensors", image=image)
 
 
+@pytest.mark.slow
 def test_clip_run_end_to_end(tiny_clip, camvid, tmp_path, capsys):
     """distill (NACLIP targets, MaskCLIP student) -> eval --classes -> segment -> push --dry-run, on random weights."""
     import open_clip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 
+import pytest
 import safetensors.torch
 import timm
 import torch
@@ -45,6 +46,7 @@ def test_auto_choices_on_cpu(teacher224):
         assert torch.is_autocast_enabled("cpu")
 
 
+@pytest.mark.slow
 def test_engine_is_correct_with_every_fast_path_switch_on(tmp_path, dinov2_file):
     """compile (teacher and student), a bf16 teacher, one view per teacher forward, fused attention, cached targets."""
     fast = ["speed.compile=true", "speed.teacher_precision=bf16", "speed.fused_attn=true", "views.chunk=1",

@@ -35,6 +35,7 @@ def artifact_checkpoint(tmp_path_factory, dinov2_file) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_inspect_finds_the_implanted_artifacts_and_none_in_the_clean_model(camvid, dinov2_file,
                                                                           artifact_checkpoint, tmp_path):
     clean = inspect_model(load_spec(MODEL, 224, str(dinov2_file)), camvid["val"], None, views=4, limit=8)
@@ -57,6 +58,7 @@ def test_inspect_finds_the_implanted_artifacts_and_none_in_the_clean_model(camvi
     assert all((out / f).read_bytes()[:4] == b"\x89PNG" for f in saved["figures"])
 
 
+@pytest.mark.slow
 def test_distilling_the_artifact_model_removes_its_outliers_on_unseen_images(camvid, artifact_checkpoint,
                                                                              tmp_path):
     recipe = load_recipe(RECIPES / "dinov2_vits14.yaml", [

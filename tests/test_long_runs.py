@@ -89,6 +89,7 @@ def one_line(stderr: str) -> str:
     return lines[-1]
 
 
+@pytest.mark.slow
 def test_a_signal_checkpoints_and_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, dinov2_file):
     """SIGTERM (plain --resume) and SIGUSR1 (--auto-resume, with a second SIGTERM and a Ctrl-C arriving while the
     checkpoint is written) at random steps: both runs end bitwise equal to one that was never stopped."""
@@ -138,6 +139,7 @@ class Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_damaged_and_planted_checkpoints_are_moved_aside_and_the_newest_valid_one_is_used(tmp_path, dinov2_file,
                                                                                          capsys):
     recipe = tiny(tmp_path, dinov2_file, "train.max_steps=3", "train.save_every=0", "train.keep_last=3",
@@ -176,6 +178,7 @@ def test_damaged_and_planted_checkpoints_are_moved_aside_and_the_newest_valid_on
         distill(recipe, resume=True, quiet=True)
 
 
+@pytest.mark.slow
 def test_full_disk_is_one_line_exit_1_and_no_export(tmp_path, dinov2_file):
     """A real 150 MB tmpfs where the test may mount one (a checkpoint of DINOv2-S is ~100 MB), else a simulated
     ENOSPC; and the up-front estimate refusing a run that cannot fit."""

@@ -103,6 +103,7 @@ def test_usage_mistakes_answer_in_seconds_with_one_line(tmp_path):
     (dict(HF_ENDPOINT="http://127.0.0.1:9"), "cannot reach 127.0.0.1"),  # no hub answers (port 9: discard, closed)
     (dict(HF_HUB_OFFLINE="1"), "HF_HUB_OFFLINE is set"),
 ])
+@pytest.mark.slow
 def test_missing_weights_offline_fail_fast_in_one_line(tmp_path, env, reason):
     out, seconds = phreg("distill", QUICKSTART, f"output_dir={tmp_path / 'run'}",
                          env=dict(env, HF_HOME=str(tmp_path / "hf"), PHREG_CHECKPOINTS=str(tmp_path / "none")),
@@ -199,6 +200,7 @@ def test_card_for_local_weights_names_the_file_its_hash_and_the_data(tmp_path, d
     assert "| images/s (batch 8, this machine) | 3.05 | 3.94 | hardware-dependent, no verdict |" in body
 
 
+@pytest.mark.slow
 def test_card_for_hub_weights_has_base_model_and_revision(tmp_path, dinov2_file):
     """The Hub path for real, offline: the weights sit in a huggingface_hub cache as timm would have downloaded them."""
     revision = "0123456789abcdef0123456789abcdef01234567"
@@ -229,6 +231,7 @@ def test_card_for_a_reg4_teacher_counts_added_and_present_registers(tmp_path):
     assert "| registers | 16 added (init: pos_mean), 4 already in the teacher: 20 in total |" in body
 
 
+@pytest.mark.slow
 def test_deit3_export_drops_its_head_by_default_and_keeps_it_on_request(tmp_path):
     name = "deit3_small_patch16_224"
     run = tmp_path / "run"

@@ -296,6 +296,7 @@ def assert_no_token(*texts: str, folders: tuple[Path, ...] = ()):
             assert not p.is_file() or TOKEN.encode() not in p.read_bytes(), p
 
 
+@pytest.mark.slow
 def test_push_is_one_commit_of_exactly_the_dry_run_folder(run, tmp_path):
     """The first request fails with 503 and is retried; then repo, branch, README check, preupload, ONE commit."""
     out = dry(run, tmp_path / "hub", repo_id="alice/reg4")
@@ -323,6 +324,7 @@ def test_push_is_one_commit_of_exactly_the_dry_run_folder(run, tmp_path):
 
 
 @pytest.mark.parametrize("status", [500, 401, None])
+@pytest.mark.slow
 def test_push_failure_is_one_line_nonzero_and_leaves_the_run_untouched(run, tmp_path, status):
     """500 on every call (retried, then given up), 401 (not retried), no server at all (connection refused)."""
     before = tree(run)

@@ -3,12 +3,15 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from phreg.recipe import load_recipe
 from phreg.distill.loop import distill
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
+@pytest.mark.slow
 def test_student_gets_closer_to_denoised_targets_on_unseen_images(tmp_path, camvid, dinov2_file):
     recipe = load_recipe(RECIPES / "dinov2_vits14.yaml", [
         f"output_dir={tmp_path / 'run'}", f"model.checkpoint={dinov2_file}", f"data.root={camvid['train']}",

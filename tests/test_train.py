@@ -105,6 +105,7 @@ CRASH = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("mode", ["fresh_views", "cache_and_accumulation"])
+@pytest.mark.slow
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, dinov2_file, mode):
     extra = ["train.batch_size=1", "train.max_steps=6", "train.save_every=2"]  # 4 photos: resume mid-epoch
     if mode != "fresh_views":
@@ -162,6 +163,7 @@ def test_loss_by_hand():
 
 
 @pytest.mark.parametrize("arch", ["vit_base_patch16_clip_224.openai", "deit3_small_patch16_224.fb_in1k"])
+@pytest.mark.slow
 def test_other_backbones_run_the_whole_pipeline(tmp_path, arch):
     """CLIP (pre-norm, projection head) and DeiT-III (no_embed_class, class head) with random weights."""
     model = timm.create_model(arch, pretrained=False)
@@ -180,6 +182,7 @@ def test_other_backbones_run_the_whole_pipeline(tmp_path, arch):
         assert student(torch.randn(1, 3, 64, 64)).shape == (1, classes or model.num_features)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_with_their_batches_together(tmp_path, dinov2_file):
     """`torchrun`/`accelerate launch` with 2 CPU processes x batch 2 = one process x batch 4 on the same 4 photos:
     DDP averages the gradients, the sharded cache build is shared, and only rank 0 writes the run files."""

@@ -223,6 +223,7 @@ def run(tmp_path_factory, dinov2_file) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_cli_export_format_transformers(run, tmp_path, capsys):
     before = tree(run)
     out = tmp_path / "hf"
@@ -246,6 +247,7 @@ def test_cli_export_format_transformers(run, tmp_path, capsys):
     assert (out / "model.safetensors").read_bytes() == first  # and writes the same bytes
 
 
+@pytest.mark.slow
 def test_cli_export_format_both(run, tmp_path, capsys):
     out = tmp_path / "exp"
     assert main(["export", str(run), "--format", "both", "--out", str(out)]) == 0
@@ -291,6 +293,7 @@ def run_snippet(body: str, marker: str, repo: str, local: Path) -> dict:
     return scope
 
 
+@pytest.mark.slow
 def test_cli_push_dry_run_both_formats_in_one_repository(run, tmp_path):
     repo, out = "alice/dinov2-small-reg4", tmp_path / "hub"
     args = ["push", str(run), "--repo-id", repo, "--dry-run", str(out), "--format", "both"]
@@ -321,6 +324,7 @@ def test_cli_push_dry_run_both_formats_in_one_repository(run, tmp_path):
     assert main(args) == 0  # a second dry run replaces the first, subfolder included
 
 
+@pytest.mark.slow
 def test_cli_push_dry_run_transformers_only(run, tmp_path):
     repo, out = "alice/dinov2-small-reg4", tmp_path / "hub"
     assert main(["push", str(run), "--repo-id", repo, "--dry-run", str(out), "--format", "transformers"]) == 0
@@ -337,6 +341,7 @@ def test_cli_push_dry_run_transformers_only(run, tmp_path):
     assert (scope["tokens"] - want).abs().max().item() < TOLERANCE
 
 
+@pytest.mark.slow
 def test_cli_push_both_formats_is_one_commit_of_the_dry_run_folder(run, tmp_path):
     """Through a stand-in Hub: the commit holds the timm files at the root and the transformers files under
     transformers/, the bytes of the dry run."""

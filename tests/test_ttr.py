@@ -80,6 +80,7 @@ def cls_cosine(a, b, x) -> torch.Tensor:
     return F.cosine_similarity(a.forward_features(x)[:, 0], b.forward_features(x)[:, 0], dim=-1)
 
 
+@pytest.mark.slow
 def test_the_finder_recovers_the_implanted_neurons(artifacts, frames):
     model, implanted = artifacts
     found = find_register_neurons(model, frames["train"])
@@ -94,6 +95,7 @@ def test_the_finder_recovers_the_implanted_neurons(artifacts, frames):
     assert len(exact.neurons) == 2 and {n.index for n in exact.neurons} <= set(implanted["units"])
 
 
+@pytest.mark.slow
 def test_test_time_registers_remove_the_outliers_and_keep_the_class_token(artifacts, frames, teacher224):
     model, _ = artifacts
     val = frames["val"]
@@ -135,6 +137,7 @@ def test_clean_dinov2_has_no_register_neurons(teacher224, frames):
     assert cls_cosine(teacher224, ttr, frames["val"]).min() > 0.99
 
 
+@pytest.mark.slow
 def test_the_two_tailed_rule_catches_low_norm_artifacts(low_norm, frames):
     model, implanted = low_norm
     both, high = (find_register_neurons(model, frames["train"], tails=t) for t in ("both", "high"))
@@ -149,6 +152,7 @@ def test_the_two_tailed_rule_catches_low_norm_artifacts(low_norm, frames):
     assert n0 > 10 and n1 <= 0.1 * n0
 
 
+@pytest.mark.slow
 def test_save_and_load_give_the_same_model(artifacts, frames, tmp_path, dinov2_file):
     model, _ = artifacts
     weights = tmp_path / "published" / "artifacts.safetensors"
