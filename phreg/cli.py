@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import shlex
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import Aborted, DiskError, UsageError
+from .files import DISK_ERRNOS
 from .preflight import user_path
 
 # Exit codes of `phreg distill` besides 0 (done), 1 (runtime failure) and 2 (usage): stopped on a signal after
@@ -28,9 +28,9 @@ def _distill(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     check_distill(recipe, resuming=args.resume or args.auto_resume)  # before torch is even imported
-    from .distill.checkpoints import latest_checkpoint
     from .distill.loop import distill
     from .distill.preempt import Preempted
+    from .run import latest_checkpoint
 
     main_process = int(os.environ.get("RANK", 0)) == 0  # one line per launch, not one per process
     again = _resume_command(args)
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"phreg: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a write not wrapped in `writing`: still one line
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        if e.errno not in DISK_ERRNOS:
             raise
         print(f"phreg: error: {e.strerror}: {e.filename}", file=sys.stderr)
         return 1

@@ -13,10 +13,10 @@ from pathlib import Path
 import yaml
 
 from .. import __version__
-from .export import CONFIG, TEXT_FILE, WEIGHTS
+from ..run import CONFIG, RECIPE, TEXT_FILE, WEIGHTS
 from .transformers import ARCHITECTURE as HF_CLASS, FILES as HF_FILES
 
-RECIPE, CARD, FIGURE = "recipe.yaml", "README.md", "eval.png"
+CARD, FIGURE = "README.md", "eval.png"
 TAGS = ["phreg", "registers", "image-feature-extraction", "timm", "vision-transformer"]
 
 
