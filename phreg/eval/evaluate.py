@@ -85,9 +85,10 @@ def evaluate(student: Loaded, teacher: Loaded, images_dir, out: Path, options: E
         student=dict(name=student.name, inspect=s_s, verdict=verdict(s_s), outliers_at_teacher_threshold=judged),
     )
     out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(teacher, student, files, a_t, a_s, s_t, s_s, judged, o, out, train, val)
+    ctx = Context(teacher=teacher, student=student, files=files, a_t=a_t, a_s=a_s, s_t=s_t, s_s=s_s, judged=judged,
+                  options=o, out=out, train=train, val=val)
     measured: dict[Metric, Measured] = {}
-    for stage in STAGES:
+    for stage in STAGES:  # each stage timed on its own; the summary keeps the metrics' registration order
         for m in METRICS:
             if m.stage == stage and (got := m.measure(ctx)) is not None:
                 measured[m] = got
