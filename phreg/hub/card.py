@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from .. import __version__
 from ..tables import hardware_dependent, number, winner, zeroshot_iou_rows
+from .. import __version__
 from .export import CONFIG, TEXT_FILE, WEIGHTS
 from .transformers import ARCHITECTURE as HF_CLASS, FILES as HF_FILES
 
