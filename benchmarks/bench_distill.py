@@ -40,7 +40,8 @@ from reference import ReferenceStep  # noqa: E402
 from phreg.data import EpochSampler, ImageDataset, collate, scan_images  # noqa: E402
 from phreg.errors import UsageError  # noqa: E402
 from phreg.recipe import load_recipe  # noqa: E402
-from phreg.distill.loop import build_parts, distill, make_accelerator, train_step  # noqa: E402
+from phreg.distill.loop import distill  # noqa: E402
+from phreg.distill.step import build_parts, make_accelerator, train_step  # noqa: E402
 
 # dense bf16 peak TFLOP/s of common accelerators, for MFU
 PEAK_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0, "4090": 165.0}
@@ -134,14 +135,14 @@ def main(argv=None) -> dict:
     parts = build_parts(recipe, device, "bf16" if acc.mixed_precision == "bf16" else "fp32")
     files, _ = scan_images(recipe.data.root)
     data = ImageDataset(files, recipe.model.img_size, parts.mean, parts.std, recipe.seed, train=True,
-                        make_plan=parts.teacher.plan_fn())
+                        make_plan=parts.targets.plan_fn())
     batch = collate([data[(0, i % len(data))] for i in range(cfg.batch_size)])
-    model, optimizer = acc.prepare(parts.model, parts.optimizer)
+    model, optimizer = acc.prepare(parts.student_tokens, parts.optimizer)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     b, views = cfg.batch_size, recipe.views.num
     ref = None if args.no_reference else ReferenceStep(
-        parts.teacher.teacher, parts.student, [n for g in parts.groups for n in g["names"]],
-        parts.teacher.fill.cpu(), cfg)
+        parts.targets.teacher, parts.student, [n for g in parts.groups for n in g["names"]],
+        parts.targets.fill.cpu(), cfg)
 
     results, phases = {}, []
 
@@ -153,11 +154,11 @@ def main(argv=None) -> dict:
                               peak_memory_mb=round(peak_memory_mb(device), 1), **extra)
         phases.append(phase)
 
-    with_target = dict(batch, target=parts.teacher(batch["image"], batch["plan"]))
-    record("teacher", lambda: parts.teacher(batch["image"], batch["plan"]))
+    with_target = dict(batch, target=parts.targets(batch["image"], batch["plan"]))
+    record("teacher", lambda: parts.targets(batch["image"], batch["plan"]))
     results["teacher"]["views_per_s"] = round(b * views / results["teacher"]["seconds"], 2)
-    record("student", lambda: train_step(acc, model, parts.teacher, optimizer, parts.params, with_target, cfg))
-    step = lambda: train_step(acc, model, parts.teacher, optimizer, parts.params, batch, cfg)  # noqa: E731
+    record("student", lambda: train_step(acc, model, parts.targets, optimizer, parts.params, with_target, cfg))
+    step = lambda: train_step(acc, model, parts.targets, optimizer, parts.params, batch, cfg)  # noqa: E731
     if ref is None:
         record("step", step)
     else:
@@ -220,7 +221,7 @@ def end_to_end(args, recipe, parts, ref, files, device) -> dict:
     """EPOCHS epochs on the same photos: the reference loop, phreg fresh views, phreg with the target cache."""
     epochs, b = args.end_to_end, recipe.train.batch_size
     data = ImageDataset(files, recipe.model.img_size, parts.mean, parts.std, recipe.seed, train=True,
-                        make_plan=parts.teacher.plan_fn())
+                        make_plan=parts.targets.plan_fn())
     steps = (len(data) + b - 1) // b
     out = dict(images=len(files), epochs=epochs)
     if ref is not None:

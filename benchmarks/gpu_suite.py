@@ -92,7 +92,7 @@ def peak_memory(s: dict, name: str, weights: Path, device: torch.device) -> dict
     from accelerate.state import AcceleratorState, GradientState
 
     from phreg.data import ImageDataset, collate, scan_images
-    from phreg.distill.loop import build_parts, make_accelerator, train_step
+    from phreg.distill.step import build_parts, make_accelerator, train_step
     from phreg.recipe import load_recipe
 
     out = {}
@@ -108,18 +108,18 @@ def peak_memory(s: dict, name: str, weights: Path, device: torch.device) -> dict
             torch.cuda.reset_peak_memory_stats(device)
         try:
             parts = build_parts(recipe, acc.device, "bf16" if acc.mixed_precision == "bf16" else "fp32")
-            model, optimizer = acc.prepare(parts.model, parts.optimizer)
+            model, optimizer = acc.prepare(parts.student_tokens, parts.optimizer)
             files, _ = scan_images(None)
             data = ImageDataset(files, s["img_size"], parts.mean, parts.std, train=True,
-                                make_plan=parts.teacher.plan_fn())
+                                make_plan=parts.targets.plan_fn())
             batch = collate([data[(0, i % len(data))] for i in range(s["batch"])])
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             for _ in range(2):  # the second step holds AdamW's moments too
-                loss, _ = train_step(acc, model, parts.teacher, optimizer, parts.params, batch, recipe.train)
+                loss, _ = train_step(acc, model, parts.targets, optimizer, parts.params, batch, recipe.train)
             bench_distill.sync(device)
             out["grad_checkpointing" if ckpt == "true" else "plain"] = dict(
                 peak_mb=round(bench_distill.peak_memory_mb(device), 0), loss=round(float(loss), 4),
-                parameters_m=round(sum(p.numel() for p in parts.teacher.teacher.parameters()) / 1e6, 1))
+                parameters_m=round(sum(p.numel() for p in parts.targets.teacher.parameters()) / 1e6, 1))
             if ckpt == "false":
                 break
         except torch.OutOfMemoryError:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import shlex
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import Aborted, DiskError, UsageError
+from .files import DISK_ERRNOS
 from .preflight import user_path
 
 # Exit codes of `phreg distill` besides 0 (done), 1 (runtime failure) and 2 (usage): stopped on a signal after
@@ -28,9 +28,9 @@ def _distill(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     check_distill(recipe, resuming=args.resume or args.auto_resume)  # before torch is even imported
-    from .distill.checkpoints import latest_checkpoint
     from .distill.loop import distill
     from .distill.preempt import Preempted
+    from .run import latest_checkpoint
 
     main_process = int(os.environ.get("RANK", 0)) == 0  # one line per launch, not one per process
     again = _resume_command(args)
@@ -87,13 +87,12 @@ def _eval(args) -> int:
     from .preflight import check_eval
 
     check_eval(args)  # images, masks' class ids, split, output folder: before any model loads
-    from .eval.evaluate import evaluate
+    from .eval.evaluate import EvalOptions, evaluate
     from .models import load_run_teacher, load_spec
+    from .tables import number
 
     began = time.perf_counter()
-    zeroshot = _zeroshot_inputs(args) if args.classes else None  # cheap checks first, then the models
-    if zeroshot is not None:
-        zeroshot["heads"] = (args.teacher_head, args.student_head)
+    zs = _zeroshot_inputs(args) if args.classes else None  # cheap checks first, then the models
     student = load_spec(args.student, args.img_size)
     if args.teacher:
         teacher = load_spec(args.teacher, student.img_size, args.teacher_checkpoint)
@@ -101,16 +100,21 @@ def _eval(args) -> int:
         teacher = load_run_teacher(student.run, student.img_size)
     load_s = time.perf_counter() - began
     out = Path(args.out) if args.out else student.run / "eval"
-    if zeroshot is not None:
+    zeroshot = None
+    if zs is not None:
         from .clip.text import text_tower_for
+        from .eval.zeroshot import ZeroShot
 
-        zeroshot["text_tower"] = text_tower_for(args.student, args.text, args.text_model, student.run)
-    r = evaluate(student, teacher, args.images, out, args.views, args.limit, args.figures, args.seed,
-                 args.masks, args.num_classes, args.ignore_index, args.split, _device(args), zeroshot)
+        zeroshot = ZeroShot(text_tower=text_tower_for(args.student, args.text, args.text_model, student.run),
+                            heads=(args.teacher_head, args.student_head), **zs)
+    options = EvalOptions(views=args.views, limit=args.limit, pictures=args.figures, seed=args.seed, masks=args.masks,
+                          num_classes=args.num_classes, ignore_index=args.ignore_index, split=args.split,
+                          device=_device(args), zeroshot=zeroshot)
+    r = evaluate(student, teacher, args.images, out, options)
     print(f"{'metric':<52}{'teacher':>12}{'student':>12}  better")
     for row in r["summary"]:
         verdict = row["better"] or row.get("note") or ""
-        print(f"{row['label']:<52}{_num(row['teacher']):>12}{_num(row['student']):>12}  {verdict}")
+        print(f"{row['label']:<52}{number(row['teacher'], '-'):>12}{number(row['student'], '-'):>12}  {verdict}")
     stages = ", ".join(f"{k} {v}s" for k, v in r.get("timings", {}).items())
     print(f"wrote {out / 'eval.json'}, {out / 'report.html'} and {len(r['figures'])} pictures in "
           f"{time.perf_counter() - began:.0f}s (loading models {load_s:.1f}s{', ' + stages if stages else ''})")
@@ -176,12 +180,6 @@ def _zeroshot_args(p: argparse.ArgumentParser, classes_required: bool) -> None:
     g.add_argument("--bg-threshold", type=float, default=0.0,
                    help="pixels whose best class probability is below this go to the first class (e.g. 0.1 for VOC21)")
     g.add_argument("--naclip-sigma", type=float, default=5.0, help="NACLIP neighbourhood width in patches")
-
-
-def _num(v) -> str:
-    if v is None or v != v or v in (float("inf"), float("-inf")):
-        return "-"
-    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
 
 
 def _device(args) -> str:
@@ -389,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"phreg: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a write not wrapped in `writing`: still one line
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        if e.errno not in DISK_ERRNOS:
             raise
         print(f"phreg: error: {e.strerror}: {e.filename}", file=sys.stderr)
         return 1

@@ -72,17 +72,24 @@ def _available_bytes(device: torch.device) -> int:
 CPU_TOKENS_PER_FORWARD = 2048
 
 
-def auto_chunk(model: torch.nn.Module, device: torch.device, bf16: bool, share: float = 0.4) -> int:
-    """Views per teacher forward: as many as fit in `share` of the free memory (no-grad activations of one block:
-    residual stream, qkv, attention output, MLP hidden layer, plus the input image); on a CPU also at most ~2K tokens,
-    which keeps the working set in cache (2 cores, DINOv2-S: 15.0 vs 11.8 views/s at 224 px for 8 vs 80 views per
-    forward, 2.17 vs 1.77 at 518 px for 1 vs 16)."""
+def teacher_view_bytes(model: torch.nn.Module, bf16: bool) -> int:
+    """The no-grad working set of one view in a teacher forward, the one formula every estimate uses (views per
+    forward here, the run's memory estimate in `phreg.distill.memory`): the activations of one block (residual
+    stream, qkv, attention output, MLP hidden layer; SwiGLU / GLU: both branches), twice (a block's input and output
+    live at once)."""
     family = backbone(model)
     gh, gw = family.grid
-    tokens = gh * gw + family.num_prefix
-    dim = model.embed_dim
-    hidden = family.mlp_width  # SwiGLU / GLU: both branches
-    per_view = tokens * (4 * dim + 3 * dim + hidden) * (2 if bf16 else 4) * 2
-    per_view += 3 * model.patch_embed.img_size[0] * model.patch_embed.img_size[1] * 4
+    tokens, dim = gh * gw + family.num_prefix, model.embed_dim
+    return tokens * (4 * dim + 3 * dim + family.mlp_width) * (2 if bf16 else 4) * 2
+
+
+def auto_chunk(model: torch.nn.Module, device: torch.device, bf16: bool, share: float = 0.4) -> int:
+    """Views per teacher forward: as many as fit in `share` of the free memory (`teacher_view_bytes` each, plus its
+    float32 input image); on a CPU also at most ~2K tokens, which keeps the working set in cache (2 cores, DINOv2-S:
+    15.0 vs 11.8 views/s at 224 px for 8 vs 80 views per forward, 2.17 vs 1.77 at 518 px for 1 vs 16)."""
+    family = backbone(model)
+    tokens = family.grid[0] * family.grid[1] + family.num_prefix
+    h, w = model.patch_embed.img_size
+    per_view = teacher_view_bytes(model, bf16) + 3 * h * w * 4
     fits = max(1, int(share * _available_bytes(device) // per_view))
     return fits if device.type == "cuda" else min(fits, max(1, CPU_TOKENS_PER_FORWARD // tokens))

@@ -1,8 +1,12 @@
-"""Atomic file and folder writes: a crash or Ctrl-C never leaves something that looks finished but is not."""
+"""Writing files safely: atomic file and folder writes (a crash or Ctrl-C never leaves something that looks finished
+but is not), a full or read-only disk reported in one line, and content hashes. Torch-free: every command uses it.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import math
 import os
@@ -10,6 +14,46 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from .errors import DiskError
+
+# A full disk, a quota, a read-only mount or a missing permission: the user's to fix, reported in one line (exit 1).
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def disk_error(e: OSError, what: str, path: str | Path) -> DiskError:
+    where = e.filename or path
+    hint = {errno.ENOSPC: "free some space there", errno.EDQUOT: "free some space there (disk quota)",
+            errno.EROFS: "choose a writable output_dir"}.get(e.errno, "check the folder's permissions")
+    return DiskError(f"{e.strerror or os.strerror(e.errno)} while writing {what} to {where}; {hint}")
+
+
+@contextlib.contextmanager
+def writing(what: str, path: str | Path) -> Iterator[None]:
+    """Report a full or read-only disk as one line: `<reason> while writing <what> to <path>; <hint>`."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in DISK_ERRNOS:
+            raise disk_error(e, what, path) from None
+        raise
+
+
+def human(n: float) -> str:
+    """A byte count as people read it: `393.0 MB`."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _umask() -> int:

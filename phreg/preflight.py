@@ -7,13 +7,12 @@ then imports the heavy machinery and loads models. Torch-free on purpose: import
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from .errors import UsageError
 from .folders import kind, scan_images
+from .run import STEP_DIR
 
-STEP_DIR = re.compile(r"^step_\d+$")  # a checkpoint folder (distill/checkpoints.py, which imports torch)
 
 
 def user_path(text: str | None) -> str | None:

@@ -185,7 +185,7 @@ def _save_images(folder, n: int = 3, size: int = 72):
 def test_inspect_and_eval_run_for_any_prefix(key, tmp_path):
     """SigLIP: no class token, so no CLS attention picture and no CLS cosine, said plainly; DINOv3: class token and
     4 registers under RoPE, attention read through the same hook."""
-    from phreg.eval.evaluate import evaluate
+    from phreg.eval.evaluate import EvalOptions, evaluate
     from phreg.eval.inspection import inspect_model, text_summary
     from phreg.models import load_spec
 
@@ -201,7 +201,7 @@ def test_inspect_and_eval_run_for_any_prefix(key, tmp_path):
     assert ("no class token" in text_summary(report)) is not has_cls
     assert set(report["norms"]["final"]) == ({"patch", "cls", "reg"} if has_cls else {"patch"})
     assert (tmp_path / "inspect" / "image_00.png").is_file()
-    result = evaluate(s, t, folder, tmp_path / "eval", views=3, pictures=1)
+    result = evaluate(s, t, folder, tmp_path / "eval", EvalOptions(views=3, pictures=1))
     assert (result["cls_cosine"] is None) is not has_cls
     assert ("cls_cosine" in {r["metric"] for r in result["summary"]}) is has_cls
     assert result["student"]["inspect"]["registers"] == FAMILIES[key][2][1] + 16

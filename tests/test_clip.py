@@ -13,9 +13,9 @@ from PIL import Image
 import phreg
 from phreg.cli import main
 from phreg.clip.text import TEXT_FILE, load_saved, load_text_tower
-from phreg.clip.zeroshot import Segmenter, confusion, read_classes, windows
+from phreg.clip.zeroshot import Segmenter, read_classes, windows
 from phreg.errors import UsageError
-from phreg.eval.probe import scores
+from phreg.eval.segmentation import confusion, scores
 from phreg.models import load_teacher
 from phreg.recipe import ModelCfg
 

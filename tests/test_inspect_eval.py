@@ -97,3 +97,50 @@ def test_eval_usage_errors(tmp_path, camvid, dinov2_file):
     ]:
         r = phreg(*args)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_metric_is_one_function_and_its_rows_reach_every_reader(tmp_path):
+    """The summary lists the registered metrics' rows in registration order; a metric added with `@metric` (one
+    function) lands in eval.json under its key, in the summary, report.html and the card, with nothing else edited."""
+    import numpy as np
+    import timm
+    from PIL import Image
+
+    from phreg.backbones import add_registers
+    from phreg.eval import metrics
+    from phreg.eval.evaluate import EvalOptions, evaluate
+    from phreg.hub.card import eval_table
+    from phreg.models import Loaded
+
+    torch.manual_seed(0)
+    model = timm.create_model(MODEL, pretrained=False, depth=2, img_size=28).eval()
+    teacher = Loaded(model, "tiny-teacher", 28, (0.5,) * 3, (0.5,) * 3)
+    student = Loaded(add_registers(model, 4), "tiny-student", 28, (0.5,) * 3, (0.5,) * 3)
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(images / f"{i}.png")
+
+    registered = list(metrics.METRICS)
+    try:
+        @metrics.metric("patch_count")
+        def patch_count(ctx):
+            n = [len(a.patch_norms[0]) for a in (ctx.a_t, ctx.a_s)]
+            return metrics.Measured(dict(teacher=n[0], student=n[1]),
+                                    [metrics.row("patch_count", "patch tokens per image", *n, None)])
+
+        r = evaluate(student, teacher, images, tmp_path / "eval", EvalOptions(views=2, pictures=1))
+    finally:
+        metrics.METRICS[:] = registered
+    assert [row["metric"] for row in r["summary"]] == ["denoised_distance", "tta_noise", "outlier_fraction",
+                                                        "max_norm_ratio", "cls_cosine", "gflops", "images_per_s",
+                                                        "patch_count"]
+    assert r["patch_count"] == dict(teacher=4, student=4) and r["summary"][-1]["teacher"] == 4
+    assert [k for k in r if k in ("denoised_distance", "high_norm_mass", "cls_cosine", "cost", "patch_count")] == \
+        ["denoised_distance", "high_norm_mass", "cls_cosine", "cost", "patch_count"]  # eval.json: measured order
+    saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert saved["summary"] == r["summary"] and saved["patch_count"] == r["patch_count"]
+    assert "<td>patch tokens per image</td><td>4</td><td class=''>4</td>" in \
+        (tmp_path / "eval" / "report.html").read_text()
+    assert "| patch tokens per image | 4 | 4 |  |" in eval_table(r)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from test_train import fresh_accelerate_state, tiny, weights  # noqa: F401  (the fixture is autouse)
 
-from phreg.distill.checkpoints import checkpoint_dirs, damage
+from phreg.run import checkpoint_dirs, damage
 from phreg.distill.loop import distill
 from phreg.errors import UsageError
 from phreg.recipe import save_recipe
@@ -46,8 +46,8 @@ LAUNCH = textwrap.dedent("""
             return builtins.open(path, mode, *a, **k)
         c.open = full
     if hook == "no_space_check":  # let the run start on a disk too small for it
-        import phreg.distill.loop as loop
-        loop.check_space = lambda needs: "not checked"
+        import phreg.distill.session as session
+        session.check_space = lambda needs: "not checked"
     if hook == "tiny_disk":  # the filesystem reports 50 MB free
         import shutil, collections
         usage = collections.namedtuple("usage", "total used free")
@@ -250,17 +250,17 @@ def test_every_checkpoint_keeps_the_counters_of_its_step(tmp_path, dinov2_file):
 
 
 def test_resume_after_a_crash_drops_the_metrics_logged_after_the_checkpoint(tmp_path):
-    from phreg.distill.loop import _trim_metrics
+    from phreg.distill.resume import trim_metrics
 
     path = tmp_path / "metrics.jsonl"
     rows = [dict(step=s, loss=1.0) for s in (1, 2, 3)] + [dict(heldout=dict(step=2)), dict(heldout=dict(step=3))]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')  # torn by the crash
-    _trim_metrics(path, 2)
+    trim_metrics(path, 2)
     assert [json.loads(ln) for ln in path.read_text().splitlines()] == [rows[0], rows[1], rows[3]]
 
 
 def test_a_manifest_of_the_wrong_shape_is_damage_not_a_traceback(tmp_path):
-    from phreg.distill.checkpoints import FORMAT
+    from phreg.run import CHECKPOINT_FORMAT as FORMAT
 
     (tmp_path / "manifest.json").write_text(json.dumps(dict(format=FORMAT, files={"model.safetensors": "x"})))
     assert damage(tmp_path) == "manifest.json is not a phreg checkpoint manifest"

@@ -10,7 +10,8 @@ from PIL import Image
 
 from phreg.errors import UsageError
 from phreg.files import write_json
-from phreg.eval.probe import confusion, fit_probe, load_masks, scores, split_indices
+from phreg.eval.probe import fit_probe, load_masks, probe_confusion, split_indices
+from phreg.eval.segmentation import scores
 from phreg.eval.tokens import neighbour_cosine, otsu, outlier_threshold, pca_rgb
 
 
@@ -63,7 +64,7 @@ def test_confusion_upsamples_logits_and_skips_the_ignore_index():
             return torch.stack([torch.zeros_like(x[:, 0]), torch.ones_like(x[:, 0])], 1)
 
     mask = torch.tensor([[0, 1, 1, 7], [1, 1, 7, 7]])
-    cm = confusion(Const(), torch.zeros(1, 3, 1, 2), [mask], num_classes=2, ignore_index=7)
+    cm = probe_confusion(Const(), torch.zeros(1, 3, 1, 2), [mask], num_classes=2, ignore_index=7)
     assert cm.tolist() == [[0, 1], [0, 4]]
 
 
@@ -76,7 +77,7 @@ def test_probe_learns_separable_features():
     feats = torch.stack([codes[m[::4, ::4]].permute(2, 0, 1) for m in masks]) + 0.1 * torch.randn(n, 16, grid, grid,
                                                                                                    generator=g)
     head = fit_probe(feats[:4], masks[:4], k, None, steps=200)
-    s = scores(confusion(head, feats[4:], masks[4:], k, None))
+    s = scores(probe_confusion(head, feats[4:], masks[4:], k, None))
     assert s["pixel_accuracy"] > 0.95 and s["miou"] > 0.9
 
 

@@ -1,9 +1,9 @@
 """What a new user hits (issue 14): mistakes answered in about a second, one line each; offline lookup in one line;
-label masks under data.root; a readable console; the model card as a record; the export's classifier head."""
+label masks under data.root; a readable console; the export's classifier head. (The model card as a record of the
+run: tests/test_publish.py.)"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -141,27 +141,7 @@ def test_help_never_breaks_inside_a_word():
         assert "--dry-run" in out.stdout or command != "push"
 
 
-# ------------------------------------------------------------- 2, 8, 9: console, model card, classifier head
-
-def distill_quietly(overrides: list[str]) -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
-    from phreg.distill.loop import distill
-    from phreg.recipe import load_recipe
-
-    AcceleratorState._reset_state(True)
-    try:
-        distill(load_recipe(None, overrides), quiet=True)
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-
-
-def card(run: Path, out: Path) -> tuple[dict, str]:
-    assert main(["push", str(run), "--repo-id", "alice/student", "--dry-run", str(out)]) == 0
-    _, front, body = (out / "README.md").read_text().split("---\n", 2)
-    return yaml.safe_load(front), body
-
+# --------------------------------------------------------------------------- 2, 9: console, classifier head
 
 def tiny(folder: Path, name: str, weights: Path | None, size: int, *extra: str) -> list[str]:
     return [f"output_dir={folder}", f"model.name={name}", f"model.img_size={size}", "views.num=2",
@@ -172,63 +152,6 @@ def tiny(folder: Path, name: str, weights: Path | None, size: int, *extra: str) 
 def random_weights(name: str, path: Path) -> Path:
     safetensors.torch.save_file(timm.create_model(name, pretrained=False).state_dict(), str(path))
     return path
-
-
-def test_card_for_local_weights_names_the_file_its_hash_and_the_data(tmp_path, dinov2_file):
-    run = tmp_path / "run"
-    distill_quietly(tiny(run, MODEL, dinov2_file, 56))
-    front, body = card(run, tmp_path / "hub")
-    assert "base_model" not in front  # the weights are a file, not (provably) the Hub's
-    sha = hashlib.sha256(dinov2_file.read_bytes()).hexdigest()
-    assert f"weights from the file `{dinov2_file.name}` (sha256 `{sha}`); local weights: not the hub checkpoint" \
-        in body
-    assert "the photos embedded in phreg" in body and "3 images (astronaut.png, coffee.png, rocket.jpg)" in body
-    assert "| held-out set | 1 image (chelsea.png) held out" in body
-    assert "**16 register tokens added after the fact**" in body and "already had" not in body
-    assert "## Limitations" in body and "https://arxiv.org/abs/2505.21501" in body and "@article{" in body
-    (run / "eval").mkdir()  # an eval report as `phreg eval` writes it: the card names its data and judges no timing
-    (run / "eval" / "eval.json").write_text(json.dumps({
-        "schema": "phreg.eval/1", "images": 67, "figures": [],
-        "dataset": {"images": "/data/camvid_subset/images", "masks": "/data/camvid_subset/masks",
-                    "split": "/data/camvid_subset/manifest.csv", "probe_train": 52, "probe_val": 15,
-                    "split_rule": "from manifest.csv"},
-        "summary": [{"metric": "images_per_s", "label": "images/s (batch 8, this machine)", "teacher": 3.05,
-                     "student": 3.94, "better": "higher"}]}))
-    _, body = card(run, tmp_path / "hub2")
-    assert "Teacher vs student on 67 images from `camvid_subset/images` (`phreg eval`); linear probe trained on 52 " \
-           "and scored on 15 of them (from manifest.csv), masks from `camvid_subset/masks`." in body
-    assert "| images/s (batch 8, this machine) | 3.05 | 3.94 | hardware-dependent, no verdict |" in body
-
-
-@pytest.mark.slow
-def test_card_for_hub_weights_has_base_model_and_revision(tmp_path, dinov2_file):
-    """The Hub path for real, offline: the weights sit in a huggingface_hub cache as timm would have downloaded them."""
-    revision = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hf" / "hub" / "models--timm--vit_small_patch14_dinov2.lvd142m"
-    (repo / "snapshots" / revision).mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(revision)
-    (repo / "snapshots" / revision / "model.safetensors").symlink_to(dinov2_file)
-    run = tmp_path / "run"
-    out, _ = phreg("distill", QUICKSTART, *tiny(run, MODEL, None, 56), "--quiet",
-                   env=dict(HF_HOME=str(tmp_path / "hf"), PHREG_CHECKPOINTS=str(tmp_path / "none")))
-    assert out.returncode == 0, out.stderr
-    weights = json.loads((run / "summary.json").read_text())["weights"]
-    assert weights == dict(source="hub", hub_id="timm/vit_small_patch14_dinov2.lvd142m", revision=revision,
-                           file="model.safetensors")
-    front, body = card(run, tmp_path / "hub")
-    assert front["base_model"] == "timm/vit_small_patch14_dinov2.lvd142m"
-    assert f"at revision `{revision[:12]}` (the Hub checkpoint)" in body and "local weights" not in body
-
-
-def test_card_for_a_reg4_teacher_counts_added_and_present_registers(tmp_path):
-    run = tmp_path / "run"
-    name = "vit_small_patch14_reg4_dinov2"
-    distill_quietly(tiny(run, name, random_weights(name, tmp_path / "reg4.safetensors"), 28))
-    assert json.loads((run / "summary.json").read_text())["registers"] == dict(present=4, added=16, total=20)
-    _, body = card(run, tmp_path / "hub")
-    assert "**16 register tokens added after the fact** (it already had 4: 20 in total)" in body
-    assert "| registers | 16 added (init: pos_mean), 4 already in the teacher: 20 in total |" in body
 
 
 @pytest.mark.slow

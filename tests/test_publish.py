@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import timm
 import torch
 import yaml
@@ -32,20 +33,10 @@ UPLOAD = ["README.md", "config.json", "model.safetensors", "recipe.yaml"]
 @pytest.fixture(scope="session")
 def run(tmp_path_factory, dinov2_file) -> Path:
     """A finished tiny run (DINOv2-S at 56 px, 4 registers, 2 steps). Shared: tests must only read it."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    from phreg.distill.loop import distill
-
     folder = tmp_path_factory.mktemp("publish") / "run"
-    recipe = load_recipe(None, [f"output_dir={folder}", f"model.name={MODEL}", f"model.checkpoint={dinov2_file}",
-                                "model.img_size=56", "model.registers=4", "views.num=2", "data.num_workers=0",
-                                "train.batch_size=2", "train.max_steps=2", "train.save_every=0"])
-    AcceleratorState._reset_state(True)
-    try:
-        distill(recipe, quiet=True)
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+    distill_quietly([f"output_dir={folder}", f"model.name={MODEL}", f"model.checkpoint={dinov2_file}",
+                     "model.img_size=56", "model.registers=4", "views.num=2", "data.num_workers=0",
+                     "train.batch_size=2", "train.max_steps=2", "train.save_every=0"])
     return folder
 
 
@@ -157,6 +148,117 @@ def test_eval_table_and_figure_when_the_run_has_an_eval_report(run, tmp_path):
     assert "| metric | teacher | student | better |" in body
     assert "| mean 1 - cos to TTA-denoised teacher features | 0.022 | **0.014** | lower |" in body
     assert "| linear-probe mIoU (val) | 0.41 | – | higher |" in body
+
+
+def test_terminal_report_and_card_show_a_number_alike():
+    """One number format (`phreg.tables.number`): 4 significant digits, whole numbers with thousands separators from
+    1000, a dash where nothing was measured; and one rule for the better side (green in the report, bold in the card,
+    none for a tie or a missing value)."""
+    from phreg.eval.report import summary_table
+    from phreg.hub.card import eval_table
+    from phreg.tables import number
+
+    rows = [dict(metric="gflops", label="forward GFLOPs per image", teacher=12345.6, student=0.0172249, better="lower"),
+            dict(metric="miou", label="mIoU", teacher=float("nan"), student=None, better="higher"),
+            dict(metric="tie", label="tie", teacher=0.5, student=0.5 + 1e-12, better="higher")]
+    html, md = summary_table(rows), eval_table(dict(summary=rows))
+    assert "<td>12,346</td><td class='good'>0.01722</td>" in html
+    assert "| forward GFLOPs per image | 12,346 | **0.01722** | lower |" in md  # the card used to say 1.235e+04
+    assert "<td>mIoU</td><td>–</td><td class=''>–</td>" in html and "| mIoU | – | – | higher |" in md
+    assert "<td>tie</td><td>0.5</td><td class=''>0.5</td>" in html and "| tie | 0.5 | 0.5 | higher |" in md
+    assert [number(v, "-") for v in (12345.6, 0.0172249, None, float("inf"), 3, "n/a")] == \
+        ["12,346", "0.01722", "-", "-", "3", "n/a"]
+
+
+# ------------------------------------------------------------------ the card as the record of a run (issue 14)
+
+def distill_quietly(overrides: list[str]) -> None:
+    """`phreg distill` in this process (quiet), Accelerate's global state reset around it."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from phreg.distill.loop import distill
+
+    AcceleratorState._reset_state(True)
+    try:
+        distill(load_recipe(None, overrides), quiet=True)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def distill_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
+    """`phreg distill recipes/quickstart.yaml ARGS` in its own process, offline, with `env` added."""
+    return subprocess.run([sys.executable, "-m", "phreg", "distill", str(REPO / "recipes" / "quickstart.yaml"),
+                           *args], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
+                          timeout=300)
+
+
+def tiny(folder: Path, name: str, weights: Path | None, size: int, *extra: str) -> list[str]:
+    return [f"output_dir={folder}", f"model.name={name}", f"model.img_size={size}", "views.num=2",
+            "data.num_workers=0", "train.batch_size=2", "train.max_steps=1", "data.val_split=0.25",
+            *([f"model.checkpoint={weights}"] if weights else []), *extra]
+
+
+def random_weights(name: str, path: Path) -> Path:
+    safetensors.torch.save_file(timm.create_model(name, pretrained=False).state_dict(), str(path))
+    return path
+
+
+def test_card_for_local_weights_names_the_file_its_hash_and_the_data(tmp_path, dinov2_file):
+    run = tmp_path / "run"
+    distill_quietly(tiny(run, MODEL, dinov2_file, 56))
+    front, body = card(dry(run, tmp_path / "hub", "alice/student"))
+    assert "base_model" not in front  # the weights are a file, not (provably) the Hub's
+    sha = hashlib.sha256(dinov2_file.read_bytes()).hexdigest()
+    assert f"weights from the file `{dinov2_file.name}` (sha256 `{sha}`); local weights: not the hub checkpoint" \
+        in body
+    assert "the photos embedded in phreg" in body and "3 images (astronaut.png, coffee.png, rocket.jpg)" in body
+    assert "| held-out set | 1 image (chelsea.png) held out" in body
+    assert "**16 register tokens added after the fact**" in body and "already had" not in body
+    assert "## Limitations" in body and "https://arxiv.org/abs/2505.21501" in body and "@article{" in body
+    (run / "eval").mkdir()  # an eval report as `phreg eval` writes it: the card names its data and judges no timing
+    (run / "eval" / "eval.json").write_text(json.dumps({
+        "schema": "phreg.eval/1", "images": 67, "figures": [],
+        "dataset": {"images": "/data/camvid_subset/images", "masks": "/data/camvid_subset/masks",
+                    "split": "/data/camvid_subset/manifest.csv", "probe_train": 52, "probe_val": 15,
+                    "split_rule": "from manifest.csv"},
+        "summary": [{"metric": "images_per_s", "label": "images/s (batch 8, this machine)", "teacher": 3.05,
+                     "student": 3.94, "better": "higher"}]}))
+    _, body = card(dry(run, tmp_path / "hub2", "alice/student"))
+    assert "Teacher vs student on 67 images from `camvid_subset/images` (`phreg eval`); linear probe trained on 52 " \
+           "and scored on 15 of them (from manifest.csv), masks from `camvid_subset/masks`." in body
+    assert "| images/s (batch 8, this machine) | 3.05 | 3.94 | hardware-dependent, no verdict |" in body
+
+
+@pytest.mark.slow
+def test_card_for_hub_weights_has_base_model_and_revision(tmp_path, dinov2_file):
+    """The Hub path for real, offline: the weights sit in a huggingface_hub cache as timm would have downloaded them."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--timm--vit_small_patch14_dinov2.lvd142m"
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "snapshots" / revision / "model.safetensors").symlink_to(dinov2_file)
+    run = tmp_path / "run"
+    out = distill_cli(*tiny(run, MODEL, None, 56), "--quiet",
+                     env=dict(HF_HOME=str(tmp_path / "hf"), PHREG_CHECKPOINTS=str(tmp_path / "none")))
+    assert out.returncode == 0, out.stderr
+    weights = json.loads((run / "summary.json").read_text())["weights"]
+    assert weights == dict(source="hub", hub_id="timm/vit_small_patch14_dinov2.lvd142m", revision=revision,
+                           file="model.safetensors")
+    front, body = card(dry(run, tmp_path / "hub", "alice/student"))
+    assert front["base_model"] == "timm/vit_small_patch14_dinov2.lvd142m"
+    assert f"at revision `{revision[:12]}` (the Hub checkpoint)" in body and "local weights" not in body
+
+
+def test_card_for_a_reg4_teacher_counts_added_and_present_registers(tmp_path):
+    run = tmp_path / "run"
+    name = "vit_small_patch14_reg4_dinov2"
+    distill_quietly(tiny(run, name, random_weights(name, tmp_path / "reg4.safetensors"), 28))
+    assert json.loads((run / "summary.json").read_text())["registers"] == dict(present=4, added=16, total=20)
+    _, body = card(dry(run, tmp_path / "hub", "alice/student"))
+    assert "**16 register tokens added after the fact** (it already had 4: 20 in total)" in body
+    assert "| registers | 16 added (init: pos_mean), 4 already in the teacher: 20 in total |" in body
 
 
 @pytest.mark.parametrize("case", ["repo_id", "no_export", "bad_weights", "mismatch", "bad_eval", "inside_run",

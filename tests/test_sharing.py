@@ -12,7 +12,8 @@ from conftest import MODEL
 
 from phreg.backbones import PatchTokens, add_registers
 from phreg.distill.cache import cache_bytes, check_fits
-from phreg.distill.loop import build_parts, distill
+from phreg.distill.loop import distill
+from phreg.distill.step import build_parts
 from phreg.distill.loss import distill_loss
 from phreg.distill.memory import estimate
 from phreg.distill.unlock import unlock
@@ -48,9 +49,9 @@ def test_frozen_student_tensors_are_the_teachers_after_prepare(tmp_path, dinov2_
     recipe = small(tmp_path, dinov2_file)
     acc = Accelerator(cpu=True)
     parts = build_parts(recipe, acc.device)
-    model, _ = acc.prepare(parts.model, parts.optimizer)
+    model, _ = acc.prepare(parts.student_tokens, parts.optimizer)
     student = acc.unwrap_model(model).model
-    teacher = dict(parts.teacher.teacher.named_parameters())
+    teacher = dict(parts.targets.teacher.named_parameters())
     unlocked = {id(p) for p in parts.params}
     shared = [n for n, p in student.named_parameters() if id(p) not in unlocked]
     assert len(shared) > 100  # all of blocks 0..10, norm, ...
@@ -59,7 +60,7 @@ def test_frozen_student_tensors_are_the_teachers_after_prepare(tmp_path, dinov2_
             assert (p.data_ptr() == teacher[n].data_ptr()) == (id(p) not in unlocked), n
     compiled = torch.compile(model)  # the compiled wrapper holds the very same parameters
     assert {p.data_ptr() for p in compiled.parameters()} == {p.data_ptr() for p in model.parameters()}
-    line = estimate(parts.teacher.teacher, student, parts.groups, 2, 2, False, False).line()
+    line = estimate(parts.targets.teacher, student, parts.groups, 2, 2, False, False).line()
     assert "weights 0.09 GB" in line and "shared with the student" in line  # 22.1 M float32 parameters, once
 
 

@@ -16,6 +16,7 @@ import torch
 from conftest import MODEL
 
 import phreg.distill.loop
+import phreg.distill.step
 from phreg.hub.export import read_metadata
 from phreg.distill.loss import distill_loss
 from phreg.backbones import add_registers
@@ -131,7 +132,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, dinov2_
 
 
 def test_nonfinite_steps_are_skipped_then_abort(tmp_path, dinov2_file, monkeypatch):
-    monkeypatch.setattr(phreg.distill.loop, "distill_loss", lambda s, t, w: distill_loss(s, t, w) * float("nan"))
+    monkeypatch.setattr(phreg.distill.step, "distill_loss", lambda s, t, w: distill_loss(s, t, w) * float("nan"))
     recipe = tiny(tmp_path, dinov2_file, "train.max_steps=1", name="skip")
     run = distill(recipe, quiet=True)
     start = initial_student(recipe).state_dict()

@@ -23,6 +23,7 @@ import copy
 import importlib
 import math
 import pkgutil
+import re
 
 import timm
 import torch
@@ -33,6 +34,8 @@ from . import heads
 from .heads import NACLIP_SIGMA
 
 FAMILIES: dict[type, type["Backbone"]] = {}  # timm class -> its family
+# The parts a recipe can unlock by meaning, the same in every family (`Backbone.parts`).
+SEMANTIC = ("registers", "class_token", "pos_embed", "patch_embed", "last_block", "last_blocks:N", "norm")
 
 
 class Backbone:
@@ -283,6 +286,33 @@ class Backbone:
     def blocks(self) -> list[str]:
         """Parameter-name prefix of every transformer block, first to last (`last_blocks:N` takes the last N)."""
         return [f"blocks.{i}." for i in range(len(self.model.blocks))]
+
+    def part_patterns(self, name: str) -> list[str] | None:
+        """Patterns of a semantic part ([] if the model lacks it), or None if `name` is not a semantic name."""
+        m = re.fullmatch(r"last_blocks:(\d+)", name)
+        if m:
+            n, blocks = int(m.group(1)), self.blocks()
+            if not 1 <= n <= len(blocks):
+                raise UsageError(f"recipe key train.unlock: {name}: the model has {len(blocks)} blocks")
+            return [b + "*" for b in blocks[-n:]]
+        parts = self.parts()
+        return parts[name] if name in parts else None
+
+    def resolve(self, patterns: list[str], notes: list[str] | None = None) -> list[str]:
+        """Semantic names -> the family's patterns; `blocks.-1.*` -> `blocks.11.*`. Parts the model lacks are
+        dropped (and named in `notes`)."""
+        depth = len(self.model.blocks)
+        out = []
+        for p in patterns:
+            semantic = self.part_patterns(p)
+            if semantic is None:
+                out.append(re.sub(r"blocks\.(-\d+)", lambda m: f"blocks.{depth + int(m.group(1))}", p))
+            elif semantic:
+                out += semantic
+            elif notes is not None:
+                arch = (getattr(self.model, "pretrained_cfg", None) or {}).get("architecture")
+                notes.append(f"{p}: skipped, {type(self.model).__name__} {f'({arch})' if arch else ''} has none")
+        return out
 
     # ------------------------------------------------------------------------------------------------- internals
     def attention(self, block: int = -1) -> torch.nn.Module:

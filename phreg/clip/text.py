@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from ..hub.export import TEXT_FILE  # noqa: F401  (the export layout names its files)
+from ..run import TEXT_FILE  # noqa: F401  (the run folder's layout names it)
 
 TEXT_KEYS = ("token_embedding.weight", "text.token_embedding.weight", "text.transformer.embeddings.word_embeddings.weight")
 

@@ -239,14 +239,6 @@ class Segmenter:
         return self.ids[label]
 
 
-def confusion(pred: torch.Tensor, truth: torch.Tensor, num_labels: int, ignore_index: int | None) -> torch.Tensor:
-    """(K, K) counts [true, predicted] over labelled pixels with a true label below K."""
-    keep = (truth >= 0) & (truth < num_labels)
-    if ignore_index is not None:
-        keep &= truth != ignore_index
-    return torch.bincount(truth[keep] * num_labels + pred[keep], minlength=num_labels ** 2).view(num_labels, -1)
-
-
 def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
     """Label values -> RGB (values outside the palette black)."""
     safe = np.where(labels < len(palette), labels, 0)

@@ -79,6 +79,10 @@ class HeldOut:
     def score(self, model) -> float:
         return self.distances(model).mean().item()
 
+    def result(self, model, step: int) -> dict:
+        """The held-out score a run logs at `step`: the raw teacher's distance and `model`'s."""
+        return dict(step=step, teacher=self.teacher_distance, student=self.score(model))
+
 
 def _autocast(device):
     device = torch.device(device)

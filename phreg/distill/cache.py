@@ -23,8 +23,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from ..errors import UsageError
-from ..files import write_json
-from .disk import writing
+from ..files import write_json, writing
 from ..recipe import Recipe
 from ..sources import fingerprint
 
@@ -44,13 +43,22 @@ def cache_key(recipe: Recipe, files: list[Path], teacher_precision: str = "fp32"
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def arrays(images: int, plans: int, tokens: int, dim: int, dtype: str = "float16", img_size: int = 0,
+           views: int = 0) -> dict[str, tuple[np.dtype, tuple]]:
+    """The cache's arrays (file name -> dtype, shape): the targets, the uint8 crops they were computed on, the view
+    plans. One description for building the cache and for every size it reports."""
+    return {ARRAY: (np.dtype(dtype), (plans, images, tokens, dim)),
+            CROPS: (np.dtype(np.uint8), (plans, images, img_size, img_size, 3)),
+            PLANS: (np.dtype(np.int16), (plans, images, views, 3))}
+
+
 def cache_bytes(images: int, plans: int, tokens: int, dim: int, dtype: str = "float16", img_size: int = 0,
                 views: int = 0) -> int:
     """Bytes a target cache takes on disk: images x plans x (tokens x dim targets + the uint8 crop + the plan).
 
     Public so that whole-run disk estimates can add it up with the rest."""
-    per_variant = tokens * dim * np.dtype(dtype).itemsize + img_size * img_size * 3 + views * 3 * 2
-    return images * plans * per_variant
+    return sum(int(np.prod(shape)) * dt.itemsize
+               for dt, shape in arrays(images, plans, tokens, dim, dtype, img_size, views).values())
 
 
 def free_bytes(folder: Path) -> int:
@@ -99,15 +107,12 @@ class TargetCache:
         if meta.is_file() and json.loads(meta.read_text()).get("key") == key:
             return cls(folder)
         n = len(dataset)
-        shape = (plans, n, denoiser.num_patches, denoiser.dim)
-        size, views = dataset.size, denoiser.cfg.num
-        line = check_fits(folder, cache_bytes(n, plans, denoiser.num_patches, denoiser.dim, dtype, size, views), n,
-                          plans, denoiser.num_patches, denoiser.dim, dtype)
+        specs = arrays(n, plans, denoiser.num_patches, denoiser.dim, dtype, dataset.size, denoiser.cfg.num)
+        line = check_fits(folder, cache_bytes(n, plans, denoiser.num_patches, denoiser.dim, dtype, dataset.size,
+                                              denoiser.cfg.num), n, plans, denoiser.num_patches, denoiser.dim, dtype)
         if not quiet:
             acc.print(line)
-        dtype = np.dtype(dtype)
-        specs = {ARRAY: (dtype, shape), CROPS: (np.uint8, (plans, n, size, size, 3)),
-                 PLANS: (np.int16, (plans, n, views, 3))}
+        dtype, shape = specs[ARRAY]
         tmp = {name: folder / f".{name}.tmp" for name in specs}
         try:
             if acc.is_main_process:

@@ -12,9 +12,9 @@ unpickling anything (Accelerate's `save_state` writes pickles: `optimizer.bin`, 
 
 Each checkpoint is written into `.step_N.tmp/` and renamed when complete, so a folder named `step_N` always had a
 complete manifest; a file damaged later (truncated copy, bad disk) fails its size or hash. `--resume` uses the newest
-checkpoint that verifies, and moves damaged ones aside (`step_N.damaged-TIME`), never deleting them.
-Kept apart from the loop so that export (and anything else that reads a run) can find checkpoints without importing
-the training code.
+checkpoint that verifies, and moves damaged ones aside (`step_N.damaged-TIME`), never deleting them. Finding and
+verifying checkpoints is torch-free and lives with the rest of the run folder's layout (`phreg.run`); this module
+writes and loads their tensors.
 """
 
 from __future__ import annotations
@@ -24,10 +24,7 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,88 +32,8 @@ import safetensors.torch
 import torch
 
 from ..errors import UsageError
-from .disk import writing
-
-MODEL, OPTIMIZER, STATE, MANIFEST = "model.safetensors", "optimizer.safetensors", "state.json", "manifest.json"
-FORMAT = "phreg.checkpoint/1"
-STEP_DIR = re.compile(r"^step_(\d+)$")
-RNG_FILE = re.compile(r"^rng_\d+\.json$")
-
-
-def checkpoint_dirs(run: Path) -> list[Path]:
-    """`RUN/checkpoints/step_N` folders, oldest first (temporary and moved-aside folders are not checkpoints)."""
-    folder = Path(run) / "checkpoints"
-    found = [p for p in folder.iterdir() if STEP_DIR.match(p.name) and p.is_dir()] if folder.is_dir() else []
-    return sorted(found, key=checkpoint_step)
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(STEP_DIR.match(Path(path).name).group(1))
-
-
-def latest_checkpoint(run: Path) -> Path | None:
-    """The newest checkpoint folder, verified or not (is there a run here at all?)."""
-    found = checkpoint_dirs(run)
-    return found[-1] if found else None
-
-
-# ---------------------------------------------------------------------------------------------------------- verify
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def damage(folder: Path) -> str | None:
-    """Why `folder` is not a usable checkpoint, or None when every file has the size and sha256 its manifest says.
-
-    Anything besides the files phreg writes is refused too: phreg never unpickles, so a `.pkl` or `.bin` here was
-    not written by it (an older Accelerate-format checkpoint, or a planted file)."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        files = manifest["files"]
-        assert manifest["format"] == FORMAT and isinstance(files, dict)
-        assert all(isinstance(w, dict) and isinstance(w.get("bytes"), int) and isinstance(w.get("sha256"), str)
-                   for w in files.values())
-    except FileNotFoundError:
-        return f"no {MANIFEST}"
-    except (ValueError, KeyError, TypeError, AssertionError):
-        return f"{MANIFEST} is not a phreg checkpoint manifest"
-    allowed = {MODEL, OPTIMIZER, STATE}
-    for name in sorted(p.name for p in folder.iterdir() if p.name != MANIFEST):
-        if name not in files or not (name in allowed or RNG_FILE.match(name)):
-            return f"holds {name}, which phreg never writes nor unpickles"
-    for name, want in files.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != want["bytes"]:
-            return f"{name} has {path.stat().st_size} bytes, its manifest says {want['bytes']}"
-        if _sha256(path) != want["sha256"]:
-            return f"{name} does not match its sha256 in {MANIFEST}"
-    if not {MODEL, OPTIMIZER, STATE} <= set(files):
-        return f"{MANIFEST} lists no {MODEL}, {OPTIMIZER} or {STATE}"
-    return None
-
-
-def newest_valid(run: Path, move_aside: bool = True, say=None) -> Path | None:
-    """The newest checkpoint that verifies. Each damaged one newer than it is reported in one line and, with
-    `move_aside`, renamed to `step_N.damaged-TIME` (kept for inspection, out of the way of the next --resume)."""
-    say = say or (lambda line: print(line, file=sys.stderr))
-    for folder in reversed(checkpoint_dirs(run)):
-        why = damage(folder)
-        if why is None:
-            return folder
-        if move_aside:
-            aside = folder.with_name(f"{folder.name}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
-            os.replace(folder, aside)
-            say(f"phreg: warning: checkpoint {folder} is damaged ({why}); moved aside to {aside.name}")
-        else:
-            say(f"phreg: warning: checkpoint {folder} is damaged ({why}); skipped")
-    return None
+from ..files import sha256_file, writing
+from ..run import CHECKPOINT_FORMAT, MANIFEST, MODEL, OPTIMIZER, STATE, checkpoint_dirs
 
 
 # ------------------------------------------------------------------------------------------------------------ write
@@ -201,8 +118,8 @@ def save_checkpoint(acc, run: Path, step: int, keep_last: int, model, optimizer,
             files[OPTIMIZER] = _write(tmp / OPTIMIZER, safetensors.torch.save(tensors), what)
             files[STATE] = _write(tmp / STATE, _json_bytes(dict(state, optimizer=meta)), what)
             for path in sorted(tmp.glob("rng_*.json")):
-                files[path.name] = dict(bytes=path.stat().st_size, sha256=_sha256(path))
-            _write(tmp / MANIFEST, _json_bytes(dict(format=FORMAT, step=step, files=files)), what)
+                files[path.name] = dict(bytes=path.stat().st_size, sha256=sha256_file(path))
+            _write(tmp / MANIFEST, _json_bytes(dict(format=CHECKPOINT_FORMAT, step=step, files=files)), what)
             with writing(what, final):
                 if final.exists():  # the same step written again (a finished run resumed): replace it whole
                     shutil.rmtree(final)

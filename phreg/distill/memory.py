@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backbones import backbone
+from ..fastpath import teacher_view_bytes
 
 
 def _bytes(tensors) -> int:
@@ -64,11 +65,9 @@ def estimate(teacher: torch.nn.Module, student: torch.nn.Module, groups: list[di
     dim, depth = student.embed_dim, len(student.blocks)
     hidden = backbone(student).mlp_width  # SwiGLU has fc1_g + fc1_x, no fc1
     s_tokens = student.patch_embed.num_patches + student.num_prefix_tokens
-    t_tokens = teacher.patch_embed.num_patches + teacher.num_prefix_tokens
     per_block = block_activation_elems(s_tokens, dim, hidden)
     kept = (depth * s_tokens * dim + per_block) if checkpointing else depth * per_block
-    teacher_view = t_tokens * (4 * dim + 3 * dim + hidden) * 2  # one block's working set, as fastpath.auto_chunk
     return MemoryEstimate(weights=_bytes(teacher.parameters()) + _bytes(teacher.buffers()),
                           unlocked=_bytes(unlocked), optimizer=3 * _bytes(unlocked),
-                          student_per_image=kept * act, teacher_per_view=teacher_view * act, views=views, batch=batch,
-                          chunk=chunk)
+                          student_per_image=kept * act, teacher_per_view=teacher_view_bytes(teacher, bf16),
+                          views=views, batch=batch, chunk=chunk)

@@ -13,57 +13,19 @@ first given storage of its own: training it must never move the teacher.
 from __future__ import annotations
 
 import fnmatch
-import re
 
 import torch
 
-from ..backbones import backbone
+from ..backbones import SEMANTIC, backbone
 from ..errors import UsageError
 from ..recipe import UnlockGroup
-
-SEMANTIC = ("registers", "class_token", "pos_embed", "patch_embed", "last_block", "last_blocks:N", "norm")
-
-
-def semantic_patterns(model: torch.nn.Module, name: str) -> list[str] | None:
-    """Patterns of a semantic part ([] if the model lacks it), or None if `name` is not a semantic name."""
-    family = backbone(model)
-    m = re.fullmatch(r"last_blocks:(\d+)", name)
-    if m:
-        n = int(m.group(1))
-        blocks = family.blocks()
-        if not 1 <= n <= len(blocks):
-            raise UsageError(f"recipe key train.unlock: {name}: the model has {len(blocks)} blocks")
-        return [b + "*" for b in blocks[-n:]]
-    parts = family.parts()
-    return parts[name] if name in parts else None
-
-
-def resolve_patterns(model: torch.nn.Module, patterns: list[str], notes: list[str] | None = None) -> list[str]:
-    """Semantic names -> the family's patterns; `blocks.-1.*` -> `blocks.11.*`. Parts the model lacks are dropped
-    (and named in `notes`)."""
-    depth = len(model.blocks)
-    out = []
-    for p in patterns:
-        semantic = semantic_patterns(model, p)
-        if semantic is None:
-            out.append(re.sub(r"blocks\.(-\d+)", lambda m: f"blocks.{depth + int(m.group(1))}", p))
-        elif semantic:
-            out += semantic
-        elif notes is not None:
-            notes.append(f"{p}: skipped, {type(model).__name__} {_name(model)} has none")
-    return out
-
-
-def _name(model) -> str:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return f"({cfg.get('architecture')})" if cfg.get("architecture") else ""
-
 
 def unlock(model: torch.nn.Module, groups: list[UnlockGroup], lr: float, weight_decay: float,
            notes: list[str] | None = None) -> list[dict]:
     """Freeze everything, unlock the parameters the groups name; return optimizer param groups. Semantic parts the
     model lacks are appended to `notes`."""
     model.requires_grad_(False)
+    family = backbone(model)
     named = dict(model.named_parameters())
     taken: dict[str, int] = {}
     param_groups = []
@@ -71,8 +33,8 @@ def unlock(model: torch.nn.Module, groups: list[UnlockGroup], lr: float, weight_
     for gi, group in enumerate(groups):
         names = []
         for pattern in group.params:
-            semantic = semantic_patterns(model, pattern) is not None
-            for resolved in resolve_patterns(model, [pattern], notes):
+            semantic = family.part_patterns(pattern) is not None
+            for resolved in family.resolve([pattern], notes):
                 hits = [n for n in named if fnmatch.fnmatchcase(n, resolved)]
                 if not hits and semantic:
                     notes.append(f"{pattern}: skipped, no parameter matches {resolved}")

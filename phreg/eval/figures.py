@@ -1,4 +1,5 @@
-"""Pictures for inspect and eval: image | patch-norm map | PCA of patch features | CLS attention, and norm histograms."""
+"""Pictures for inspect and eval: image | patch-norm map | PCA of patch features | CLS attention, norm histograms, and
+zero-shot label maps (image | ground truth | teacher | student)."""
 
 from __future__ import annotations
 
@@ -67,4 +68,19 @@ def norm_histogram(series: list[tuple[str, dict]], path: Path, threshold: float 
         ax.set_title(label, fontsize=10)
         ax.legend(fontsize=8)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def zeroshot_figure(rgb: np.ndarray, truth: np.ndarray, teacher: np.ndarray, student: np.ndarray, palette: np.ndarray,
+                    labels: tuple[str, str], path: Path, ignore_index: int | None = None) -> Path:
+    """image | ground truth | teacher's labels | student's labels (ignored pixels black in the truth)."""
+    from ..clip.zeroshot import colorize
+
+    truth = np.where(truth == ignore_index, len(palette), truth) if ignore_index is not None else truth
+    fig, axes = plt.subplots(1, 4, figsize=(13, 2.9))
+    for ax, img, title in zip(axes, [rgb, colorize(truth, palette), colorize(teacher, palette),
+                                     colorize(student, palette)], ["image", "ground truth", *labels]):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
     return _save(fig, path)

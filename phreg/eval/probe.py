@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..backbones import backbone, patch_tokens
 from ..data import load_rgb
 from .inputs import mask_files, read_mask, split_indices  # noqa: F401  (split_indices: imported from here too)
+from .segmentation import confusion, scores
 
 
 def load_masks(files: list[Path], masks_dir: str | Path, num_classes: int, ignore_index: int | None) -> list[torch.Tensor]:
@@ -69,23 +71,30 @@ class _Standardize(torch.nn.Module):
 
 
 @torch.no_grad()
-def confusion(probe, feats: torch.Tensor, masks: list[torch.Tensor], num_classes: int,
-              ignore_index: int | None) -> torch.Tensor:
-    """(K, K) counts [true, predicted] over all labelled pixels, logits upsampled to each mask's size."""
+def probe_confusion(probe, feats: torch.Tensor, masks: list[torch.Tensor], num_classes: int,
+                    ignore_index: int | None) -> torch.Tensor:
+    """(K, K) counts [true, predicted] of the probe over all labelled pixels, logits upsampled to each mask's size."""
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
     for f, m in zip(feats, masks):
         pred = F.interpolate(probe(f[None]), size=m.shape, mode="bilinear", align_corners=False)[0].argmax(0)
-        keep = m != ignore_index if ignore_index is not None else torch.ones_like(m, dtype=torch.bool)
-        cm += torch.bincount(m[keep] * num_classes + pred[keep], minlength=num_classes ** 2).view(num_classes, -1)
+        cm += confusion(pred, m, num_classes, ignore_index)
     return cm
 
 
-def scores(cm: torch.Tensor) -> dict:
-    """mIoU over classes present in the ground truth or predictions, pixel accuracy, per-class IoU."""
-    cm = cm.double()
-    tp = cm.diag()
-    union = cm.sum(0) + cm.sum(1) - tp
-    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
-    present = union > 0
-    return dict(miou=iou[present].mean().item(), pixel_accuracy=(tp.sum() / cm.sum().clamp(min=1)).item(),
-                per_class_iou=[None if torch.isnan(v) else round(v.item(), 4) for v in iou])
+@torch.no_grad()
+def evaluate_probe(teacher, student, files: list[Path], masks_dir, num_classes: int, ignore_index: int | None,
+                   train: list[int], val: list[int], device) -> dict:
+    """Teacher and student (`phreg.models.Loaded`), each probed on its own frozen patch features: a head fitted on
+    the `train` images, scored on the `val` ones."""
+    masks = load_masks(files, masks_dir, num_classes, ignore_index)
+    out = dict(train_images=len(train), val_images=len(val), num_classes=num_classes, ignore_index=ignore_index)
+    for role, loaded in (("teacher", teacher), ("student", student)):
+        x = squashed_images(files, loaded.img_size, loaded.mean, loaded.std)
+        grid = backbone(loaded.model).grid
+        feats = torch.cat([patch_tokens(loaded.model, b.to(device)).float().cpu() for b in x.split(8)])
+        feats = feats.transpose(1, 2).reshape(len(files), -1, *grid)
+        with torch.enable_grad():
+            head = fit_probe(feats[train], [masks[i] for i in train], num_classes, ignore_index,
+                             progress=f"{role}: linear probe")
+        out[role] = scores(probe_confusion(head, feats[val], [masks[i] for i in val], num_classes, ignore_index))
+    return out

@@ -7,6 +7,7 @@ import html
 from pathlib import Path
 
 from ..files import write_atomic
+from ..tables import number, winner, zeroshot_iou_rows
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -19,22 +20,11 @@ code{background:#f4f4f4;padding:1px 4px;border-radius:3px}
 
 
 def _fmt(v) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        if v != v or v in (float("inf"), float("-inf")):
-            return "–"
-        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
-    return html.escape(str(v))
+    return html.escape(number(v))
 
 
 def _verdict_class(row: dict) -> str:
-    t, s, better = row.get("teacher"), row.get("student"), row.get("better")
-    if not isinstance(t, (int, float)) or not isinstance(s, (int, float)) or better not in ("lower", "higher"):
-        return ""
-    if abs(s - t) <= 1e-9 * max(1.0, abs(t)):
-        return ""
-    return "good" if (s < t) == (better == "lower") else "bad"
+    return {"student": "good", "teacher": "bad"}.get(winner(row), "")
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -54,8 +44,11 @@ def _img(path: Path) -> str:
 def zeroshot_section(z: dict, folder: Path) -> str:
     """Per-class IoU, teacher vs student, and predicted label maps next to the ground truth."""
     t, s = z["teacher"], z["student"]
-    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{_fmt(t['per_class_iou'][name])}</td>"
-                   f"<td>{_fmt(s['per_class_iou'][name])}</td></tr>" for name in t["per_class_iou"])
+
+    def tr(r: dict) -> str:
+        cells = (html.escape(r["label"]), _fmt(r["teacher"]), _fmt(r["student"]))
+        return "<tr>" + "".join(f"<td><b>{c}</b></td>" if r.get("total") else f"<td>{c}</td>" for c in cells) + "</tr>"
+    rows = "".join(tr(r) for r in zeroshot_iou_rows(z))
     window = (f"short side {z['short_side']}, {z['crop']} px windows every {z['stride']} px" if z["crop"]
               else f"short side {z['short_side']}, whole image")
     pictures = "\n".join(_img(folder / f) for f in z["figures"] if (folder / f).is_file())
@@ -64,7 +57,6 @@ def zeroshot_section(z: dict, folder: Path) -> str:
             f"templates; {window}; logit scale {z['logit_scale']:g}, background threshold "
             f"{z['background_threshold']:g}. Teacher read through {t['head']}, student through {s['head']}.</p>"
             f"<table><tr><th>class</th><th>teacher IoU</th><th>student IoU</th></tr>"
-            f"<tr><td><b>mIoU</b></td><td><b>{_fmt(t['miou'])}</b></td><td><b>{_fmt(s['miou'])}</b></td></tr>"
             f"{rows}<tr><td>pixel accuracy</td><td>{_fmt(t['pixel_accuracy'])}</td>"
             f"<td>{_fmt(s['pixel_accuracy'])}</td></tr></table>"
             f"<p class='muted'>image | ground truth | teacher | student</p>{pictures}")

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import yaml
 
+from ..tables import hardware_dependent, number, winner, zeroshot_iou_rows
 from .. import __version__
-from .export import CONFIG, TEXT_FILE, WEIGHTS
+from ..run import CONFIG, RECIPE, TEXT_FILE, WEIGHTS
 from .transformers import ARCHITECTURE as HF_CLASS, FILES as HF_FILES
 
-RECIPE, CARD, FIGURE = "recipe.yaml", "README.md", "eval.png"
+CARD, FIGURE = "README.md", "eval.png"
 TAGS = ["phreg", "registers", "image-feature-extraction", "timm", "vision-transformer"]
 
 
@@ -50,19 +51,8 @@ def base_model(name: str, config: dict) -> tuple[str | None, str | None]:
     return (cfg.hf_hub_id if cfg and cfg.hf_hub_id else name), license or (cfg.license if cfg else None)
 
 
-def _num(v) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-HARDWARE_METRICS = {"images_per_s"}  # speeds of one machine at one moment: shown, never judged
 
 
 def eval_table(report: dict) -> str:
@@ -70,13 +60,12 @@ def eval_table(report: dict) -> str:
     rows (images/s), which are shown as measured without a verdict."""
     lines = ["| metric | teacher | student | better |", "| --- | ---: | ---: | --- |"]
     for row in report["summary"]:
-        t, s, better = row.get("teacher"), row.get("student"), row.get("better")
-        if row.get("metric") in HARDWARE_METRICS or row.get("note") == "hardware-dependent":
-            better = "hardware-dependent, no verdict"
-        cells = [_num(t), _num(s)]
-        if isinstance(t, (int, float)) and isinstance(s, (int, float)) and better in ("lower", "higher") and t != s:
-            best = int((s < t) == (better == "lower"))  # 1: the student wins
-            cells[best] = f"**{cells[best]}**"
+        better = "hardware-dependent, no verdict" if hardware_dependent(row) else row.get("better")
+        cells = [number(row.get("teacher")), number(row.get("student"))]
+        best = winner(row)
+        if best is not None:
+            i = int(best == "student")
+            cells[i] = f"**{cells[i]}**"
         lines.append(f"| {_cell(row.get('label') or row['metric'])} | {cells[0]} | {cells[1]} | "
                      f"{_cell(better or '')} |")
     return "\n".join(lines)
@@ -230,7 +219,8 @@ def model_card(run: Run, repo_id: str, transformers: dict | None = None, timm: b
         n = ((summary.get("data") or {}).get("heldout") or {}).get("images")
         on = f" on the {n} held-out image{'s' if n != 1 else ''}" if n else ""
         rows.append(("held-out distance", f"mean 1 - cos to denoised teacher features{on}: teacher "
-                                          f"{_num(heldout.get('teacher'))}, student {_num(heldout.get('student'))}"))
+                                          f"{number(heldout.get('teacher'))}, "
+                                          f"student {number(heldout.get('student'))}"))
     name = repo_id.split("/")[1]
     tokens = g["prefix"] + g["patches"]
     prefix_words = ("class, " if g["class_token"] else "") + f"{g['registers']} registers"
@@ -314,9 +304,10 @@ def zeroshot_table(z: dict) -> str:
     t, s = z["teacher"], z["student"]
     lines = [f"Zero-shot segmentation on {z['images']} images (teacher through {t['head']}, student through "
              f"{s['head']}; {z['text_model']} text tower, 80 ImageNet templates):", "",
-             "| class | teacher IoU | student IoU |", "| --- | ---: | ---: |",
-             f"| **mIoU** | {_num(t['miou'])} | {_num(s['miou'])} |"]
-    lines += [f"| {_cell(n)} | {_num(t['per_class_iou'][n])} | {_num(s['per_class_iou'][n])} |" for n in t["per_class_iou"]]
+             "| class | teacher IoU | student IoU |", "| --- | ---: | ---: |"]
+    for r in zeroshot_iou_rows(z):
+        label = f"**{_cell(r['label'])}**" if r.get("total") else _cell(r["label"])
+        lines.append(f"| {label} | {number(r['teacher'])} | {number(r['student'])} |")
     return "\n".join(lines)
 
 

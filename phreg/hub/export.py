@@ -18,13 +18,11 @@ import safetensors
 
 from .. import __version__
 from ..errors import UsageError
-from ..files import atomic_dir, replaceable
+from ..files import atomic_dir, replaceable, writing
+from ..run import CONFIG, EXPORT, MODEL, RECIPE, TEXT_FILE, WEIGHTS, checkpoint_step, is_run, newest_valid
 
 if TYPE_CHECKING:  # torch and timm are imported where they are used: `phreg export RUN` checks RUN first
     from timm.models.vision_transformer import VisionTransformer
-
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
-TEXT_FILE = "open_clip_text.safetensors"  # CLIP runs: the text tower, shipped beside the image tower
 
 
 def export_metadata(recipe, steps: int) -> dict[str, str]:
@@ -53,8 +51,6 @@ def export_student(student: VisionTransformer, out: str | Path, mean, std, metad
     when the file exists) is linked beside the image tower."""
     import safetensors.torch
     from timm.models._hub import save_config_for_hf
-
-    from ..distill.disk import writing
 
     out = Path(out)
     student = with_head(student, metadata.get("head", "drop"))
@@ -105,17 +101,16 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
     from ..recipe import load_recipe
 
     run = Path(run)
-    if not (run / "recipe.yaml").is_file():
-        raise UsageError(f"{run} is not a phreg run folder (no recipe.yaml)")
-    from ..distill.checkpoints import checkpoint_step, newest_valid  # torch: only once RUN is a run
+    if not is_run(run):
+        raise UsageError(f"{run} is not a phreg run folder (no {RECIPE})")
     checkpoint = newest_valid(run, move_aside=False)  # a damaged newer one is reported and skipped
     if checkpoint is None:
         raise UsageError(f"{run} has no valid checkpoint to export (expected {run / 'checkpoints' / 'step_N'} with "
                          f"its manifest.json)")
-    out = Path(out) if out is not None else run / "export"
+    out = Path(out) if out is not None else run / EXPORT
     if not replaceable(out, {WEIGHTS, CONFIG, TEXT_FILE}):
         raise UsageError(f"refusing to replace {out}: it exists and is not an export folder; choose a new folder")
-    recipe = load_recipe(run / "recipe.yaml")
+    recipe = load_recipe(run / RECIPE)
     m = recipe.model
     import safetensors.torch
 
@@ -123,9 +118,9 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
     from ..models import _create, check_img_size, normalization
 
     try:
-        saved = safetensors.torch.load_file(str(checkpoint / WEIGHTS))
+        saved = safetensors.torch.load_file(str(checkpoint / MODEL))
     except Exception as e:  # a truncated or foreign file: safetensors raises its own error types
-        raise UsageError(f"checkpoint {checkpoint / WEIGHTS} does not load: {type(e).__name__}: {e}") from None
+        raise UsageError(f"checkpoint {checkpoint / MODEL} does not load: {type(e).__name__}: {e}") from None
     check_img_size(_create(m.name, pretrained=False, device="meta"), m.img_size)
     empty = _create(m.name, pretrained=False, img_size=m.img_size).eval()
     student = add_registers(empty, m.registers, m.register_init, m.register_noise, recipe.seed)

@@ -26,6 +26,7 @@ from ..errors import UsageError
 from .card import CARD, FIGURE, RECIPE, Run, model_card
 from .export import CONFIG, TEXT_FILE, WEIGHTS, read_metadata
 from ..files import atomic_dir, replaceable
+from ..run import EVAL, EXPORT, SUMMARY, checkpoint_step, finished, latest_checkpoint
 from .transformers import FILES as TRANSFORMERS_FILES, PROCESSOR, SUBFOLDER
 
 FILES = (WEIGHTS, CONFIG, RECIPE, CARD, FIGURE, TEXT_FILE, PROCESSOR)
@@ -57,7 +58,7 @@ def read_run(run: str | Path) -> Run:
         raise UsageError(f"run folder {run} not found")
     if not (run / RECIPE).is_file():
         raise UsageError(f"{run} is not a phreg run folder (no {RECIPE})")
-    export = run / "export"
+    export = run / EXPORT
     missing = [n for n in (WEIGHTS, CONFIG) if not (export / n).is_file()]
     if missing:
         raise UsageError(f"{run} has no finished export ({export / missing[0]} is missing); finish the run with "
@@ -66,7 +67,6 @@ def read_run(run: str | Path) -> Run:
     import timm  # only now: the cheap checks above answer in a fraction of a second
 
     from ..backbones import backbone
-    from ..distill.unlock import resolve_patterns
     from ..models import _first_line
 
     try:  # what timm's strict load checks, without reading the weights: the architecture on "meta", the header
@@ -88,16 +88,21 @@ def read_run(run: str | Path) -> Run:
         raise UsageError(f"{export / WEIGHTS} was made from another recipe than {run / RECIPE} "
                          f"(hash {metadata['recipe_hash']} vs {recipe_hash(recipe)}); rebuild it with "
                          f"`phreg export {run}`")
-    unlocked = [(names, g.lr_scale) for g in recipe.train.unlock if (names := resolve_patterns(student, g.params))]
-    family, init = backbone(student), recipe.model.register_init
-    geometry = dict(family.geometry(), unlocked=unlocked,
-                    init=family.default_init() if init == "auto" else init)  # what `auto` resolved to
-    summary = _read_json(run / "summary.json") if (run / "summary.json").is_file() else None
-    if summary is None or str(summary.get("steps")) != metadata.get("steps"):  # `phreg export` of a stopped run
+    summary = _read_json(run / SUMMARY) if (run / SUMMARY).is_file() else None
+    if not finished(run):  # `phreg export` of a stopped run, or a run resumed to train longer
         said = "no summary.json" if summary is None else f"summary.json says step {summary.get('steps')}"
+        newest = latest_checkpoint(run)
+        if summary is not None and newest is not None and str(checkpoint_step(newest)) != metadata.get("steps"):
+            said += f", its newest checkpoint is of step {checkpoint_step(newest)}"
         raise UsageError(f"{run} has not finished: its export is of step {metadata.get('steps')}, {said}; finish "
                          f"the run with `phreg distill {run / RECIPE} output_dir={run} --resume` before publishing")
-    report, figure = read_eval(run / "eval")
+    family, init = backbone(student), recipe.model.register_init
+    unlocked = summary.get("unlocked")  # what the run trained; runs before phreg recorded it: resolve the recipe
+    if unlocked is None:
+        unlocked = [[names, g.lr_scale] for g in recipe.train.unlock if (names := family.resolve(g.params))]
+    geometry = dict(family.geometry(), unlocked=[(list(names), scale) for names, scale in unlocked],
+                    init=family.default_init() if init == "auto" else init)  # what `auto` resolved to
+    report, figure = read_eval(run / EVAL)
     return Run(run, recipe, summary, config, metadata, geometry, report, figure)
 
 
@@ -145,14 +150,14 @@ def stage(run: Run, repo_id: str, folder: Path, fmt: str = "timm") -> list[str]:
     if fmt in ("transformers", "both"):  # first: a family transformers cannot represent is refused before any copy
         from .transformers import stage_transformers
 
-        converted = stage_transformers(run.path / "export", folder if fmt == "transformers" else folder / SUBFOLDER,
+        converted = stage_transformers(run.path / EXPORT, folder if fmt == "transformers" else folder / SUBFOLDER,
                                        run.path)
         converted["subfolder"] = SUBFOLDER if fmt == "both" else None
     if fmt != "transformers":
-        shutil.copyfile(run.path / "export" / WEIGHTS, folder / WEIGHTS)
-        shutil.copyfile(run.path / "export" / CONFIG, folder / CONFIG)
-        if (run.path / "export" / TEXT_FILE).is_file():
-            shutil.copyfile(run.path / "export" / TEXT_FILE, folder / TEXT_FILE)
+        shutil.copyfile(run.path / EXPORT / WEIGHTS, folder / WEIGHTS)
+        shutil.copyfile(run.path / EXPORT / CONFIG, folder / CONFIG)
+        if (run.path / EXPORT / TEXT_FILE).is_file():
+            shutil.copyfile(run.path / EXPORT / TEXT_FILE, folder / TEXT_FILE)
     shutil.copyfile(run.path / RECIPE, folder / RECIPE)
     (folder / CARD).write_text(model_card(run, repo_id, transformers=converted, timm=fmt != "transformers"))
     if run.figure is not None:

@@ -29,7 +29,8 @@ import tempfile
 from pathlib import Path
 
 from ..errors import Aborted, UsageError
-from ..files import atomic_dir, replaceable
+from ..files import atomic_dir, replaceable, writing
+from ..run import RECIPE, is_run
 
 ARCHITECTURE = "Dinov2WithRegistersModel"
 WEIGHTS, CONFIG, PROCESSOR = "model.safetensors", "config.json", "preprocessor_config.json"
@@ -283,8 +284,6 @@ def write_transformers(student, folder: str | Path, metadata: dict[str, str] | N
 def export_transformers(student, out: str | Path, metadata: dict[str, str] | None = None,
                         name: str | None = None, run: str | Path = "RUN") -> dict:
     """The transformers folder `out` (`FILES`) for a timm student, written whole or not at all."""
-    from ..distill.disk import writing
-
     out = Path(out)
     if not replaceable(out, set(FILES)):
         raise UsageError(f"refusing to replace {out}: it exists and is not a transformers export; choose a new folder")
@@ -331,13 +330,13 @@ def export_run_transformers(run: str | Path, out: str | Path | None = None,
     from .export import export_run
 
     run = Path(run)
-    if not (run / "recipe.yaml").is_file():
+    if not is_run(run):
         raise UsageError(f"{run} is not a phreg run folder (no recipe.yaml)")
     out = Path(out) if out is not None else run / f"export{SUFFIX}"
     if not replaceable(out, set(FILES)):
         raise UsageError(f"refusing to replace {out}: it exists and is not a transformers export; choose a new folder")
     require_transformers()
-    name = load_recipe(run / "recipe.yaml").model.name
+    name = load_recipe(run / RECIPE).model.name
     check_exportable(_create(name, pretrained=False, device="meta"), name, run)  # the teacher's layout is the student's
     if timm_out is not None:
         student, metadata = _from_timm_export(export_run(run, timm_out))

@@ -11,7 +11,6 @@ No torch here, and timm only to read a name's pretrained config: finding weights
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import socket
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from ..files import sha256_file
 from ..recipe import ModelCfg
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin", ".pt")
@@ -91,14 +91,6 @@ def quiet_hub():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass

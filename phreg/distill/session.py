@@ -1,0 +1,191 @@
+"""A run set up to train: data, teacher and student, the target cache, the loader, and the state it resumes from.
+
+`set_up` reads as the list of what a run needs, in order; each builder below does one of them. Everything here
+happens before the first step, so every mistake it can find is found before any training time is spent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
+from torch.utils.data import DataLoader
+
+from ..clip.text import load_text_tower
+from ..data import EpochSampler, ImageDataset, collate
+from ..denoise.heldout import HeldOut
+from ..errors import UsageError
+from ..fastpath import teacher_precision
+from ..files import writing
+from ..models import find_weights
+from ..recipe import Recipe, save_recipe
+from ..run import METRICS, RECIPE, TEXT_FILE, checkpoint_dirs
+from ..sources import ShardImages, open_sources
+from .cache import META, TargetCache, cache_bytes, cache_key
+from .checkpoints import load_checkpoint
+from .disk import check_space
+from .memory import estimate
+from .progress import TrainState, tracker_config
+from .resume import Start, planned_steps, trim_metrics
+from .step import Parts, build_parts, lr_factor
+from .unlock import unlocked_table
+
+
+@dataclass(kw_only=True)
+class Session:
+    """A run once set up: what the training loop and the export work with."""
+    acc: Accelerator
+    run: Path
+    parts: Parts
+    student_tokens: torch.nn.Module  # parts.student_tokens as prepared by Accelerate (DDP, autocast, compile)
+    optimizer: torch.optim.Optimizer  # parts.optimizer as prepared by Accelerate
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loader: DataLoader
+    state: TrainState
+    total: int  # steps of the (possibly extended) plan
+    steps_per_epoch: int
+    heldout: HeldOut | None
+    files: list
+    val_files: list
+    unreadable: list
+    bad: set  # files that failed to decode (cached ones are in the cache's metadata)
+    cache_s: float
+    resumed: bool
+
+
+def set_up(recipe: Recipe, acc: Accelerator, run: Path, start: Start, quiet: bool) -> Session:
+    """Data, teacher, student, optimizer, target cache and schedule, restored from the newest valid checkpoint when
+    resuming; the recipe (and a CLIP text tower) written into the run folder."""
+    say = (lambda *a: None) if quiet else acc.print
+    checkpoint = start.checkpoint(acc, run) if start.resume else None
+    sources = open_sources(recipe.data, recipe.seed)
+    if sources.streaming and recipe.cache.enabled:
+        raise UsageError("recipe key cache.enabled: the target cache needs random access (an image folder or a "
+                         "Hugging Face dataset); WebDataset shards stream")
+    train_precision = "bf16" if acc.mixed_precision == "bf16" else "fp32"
+    parts = build_parts(recipe, acc.device, train_precision)
+    say(unlocked_table(parts.student, parts.groups, parts.notes))
+    say(estimate(parts.targets.teacher, parts.student, parts.groups, recipe.views.num, recipe.train.batch_size,
+                 acc.mixed_precision == "bf16", recipe.speed.grad_checkpointing,
+                 parts.targets.chunk(acc.device)).line())
+    data = training_images(recipe, acc, parts, sources)
+    space, cache_s = fill_cache(recipe, acc, run, parts, data, sources.train, train_precision, quiet)
+    student_tokens, optimizer, loader = prepare(recipe, acc, parts, data, sources.streaming)
+    steps_per_epoch = math.ceil(len(loader) / recipe.train.grad_accum)
+    total = planned_steps(recipe.train, steps_per_epoch)
+    state = TrainState()
+    heldout = HeldOut.from_files(sources.val, parts.targets, recipe, acc.device, recipe.data.val_limit) \
+        if sources.val else None
+    if checkpoint is not None:
+        state.load_state_dict(load_checkpoint(acc, checkpoint, student_tokens, optimizer)["train"])
+        planned = start.check_length(run, state.step, total, steps_per_epoch)
+        say(f"resumed from {checkpoint} at step {state.step}" + (f", extended to {total} steps" if total > planned
+                                                                else ""))
+    write_run_files(recipe, acc, run, start.resume, state.step)
+    # LambdaLR from the step: a fresh run starts at 0; a resumed one continues at its step (with the optimizer's
+    # `initial_lr`), on the schedule of `total`, which is longer than the saved one when the run is extended.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lr_factor(recipe.train, total),
+                                                  last_epoch=state.step - 1)
+    if recipe.train.trackers:
+        acc.init_trackers("phreg", config=tracker_config(recipe),
+                          init_kwargs={"wandb": {"name": run.name}, "mlflow": {"run_name": run.name}})
+    files, precision = sources.train, "bf16 autocast" if acc.mixed_precision == "bf16" else "fp32"
+    streamed = f" (streamed from {len(files)} shards)" if sources.streaming else ""
+    say(f"{sum(sources.shard_counts) if sources.streaming else len(files)} training images{streamed}, "
+        f"{len(sources.val)} held out, {len(sources.unreadable)} unreadable; "
+        f"{steps_per_epoch} steps/epoch, {total} steps, {acc.num_processes} process(es) on {acc.device}, "
+        f"precision {precision}")
+    say(f"disk: {space}")
+    cache = getattr(data, "cache", None)
+    return Session(acc=acc, run=run, parts=parts, student_tokens=student_tokens, optimizer=optimizer,
+                   scheduler=scheduler, loader=loader, state=state, total=total, steps_per_epoch=steps_per_epoch,
+                   heldout=heldout, files=files, val_files=sources.val, unreadable=sources.unreadable,
+                   bad=set(cache.meta.get("undecodable_files", [])) if cache else set(), cache_s=cache_s,
+                   resumed=start.resume)
+
+
+def training_images(recipe: Recipe, acc: Accelerator, parts: Parts, sources):
+    """The training set: seeded crops and view plans per image and epoch (folders, datasets), or a shard stream."""
+    m, plan = recipe.model, parts.targets.plan_fn()
+    if sources.streaming:
+        return ShardImages(sources.train, sources.shard_counts, m.img_size, parts.mean, parts.std, recipe.seed,
+                           recipe.data.resize, plan, acc.process_index, acc.num_processes, recipe.data.num_workers,
+                           recipe.train.batch_size)
+    return ImageDataset(sources.train, m.img_size, parts.mean, parts.std, recipe.seed, recipe.data.resize, train=True,
+                        make_plan=plan)
+
+
+def fill_cache(recipe: Recipe, acc: Accelerator, run: Path, parts: Parts, data, files: list,
+               train_precision: str, quiet: bool) -> tuple[str, float]:
+    """Check the disk for everything the run will write, then open or build the target cache when enabled.
+    Returns the disk line and the seconds spent on the cache."""
+    folder = (Path(recipe.cache.dir) if recipe.cache.dir else run / "target_cache") if recipe.cache.enabled else None
+    key = cache_key(recipe, files, teacher_precision(recipe.speed, acc.device, train_precision),
+                    find_weights(recipe.model).file) if folder else None
+    space = check_space(disk_needs(recipe, parts, data, run, folder, key))
+    began = time.perf_counter()
+    if folder:
+        data.cache = TargetCache.open_or_build(folder, key, data, parts.targets, acc, recipe.cache.plans,
+                                               recipe.cache.dtype, recipe.train.batch_size, quiet)
+    return space, time.perf_counter() - began
+
+
+def prepare(recipe: Recipe, acc: Accelerator, parts: Parts, data, streaming: bool):
+    """The loader, and the student and optimizer as Accelerate wraps them."""
+    cfg, pin = recipe.train, acc.device.type == "cuda"
+    if streaming:
+        # Each process already reads only its own shards: Accelerate must not split the stream again, only place
+        # batches on the device. Workers restart each epoch so that they see the new epoch's shard order.
+        loader = DataLoader(data, cfg.batch_size, collate_fn=collate, num_workers=recipe.data.num_workers,
+                            pin_memory=pin)
+        loader = prepare_data_loader(loader, acc.device, num_processes=1, process_index=0, put_on_device=True,
+                                     non_blocking=True)
+        student_tokens, optimizer = acc.prepare(parts.student_tokens, parts.optimizer)
+        return student_tokens, optimizer, loader
+    workers = 0 if data.cache else recipe.data.num_workers  # cached batches are memory-map reads: no decoding
+    loader = DataLoader(data, cfg.batch_size, sampler=EpochSampler(len(data), recipe.seed), collate_fn=collate,
+                        num_workers=workers, persistent_workers=workers > 0, pin_memory=pin)
+    return acc.prepare(parts.student_tokens, parts.optimizer, loader)
+
+
+def write_run_files(recipe: Recipe, acc: Accelerator, run: Path, resume: bool, step: int) -> None:
+    """The resolved recipe, a fresh (or trimmed, when resuming) metrics.jsonl and a CLIP run's text tower, which
+    travels with the export for zero-shot use. The main process writes."""
+    if not acc.is_main_process:
+        return
+    with writing("the run's recipe", run / RECIPE):
+        run.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (run / METRICS).unlink(missing_ok=True)
+        else:  # rows logged after the checkpoint (a crash, not a preemption) are logged again from here
+            trim_metrics(run / METRICS, step)
+        save_recipe(recipe, run / RECIPE)
+    if recipe.model.text_model and not (run / TEXT_FILE).is_file():
+        with writing("the CLIP text tower", run / TEXT_FILE):
+            load_text_tower(recipe.model).save(run / TEXT_FILE)
+
+
+def disk_needs(recipe: Recipe, parts: Parts, data: ImageDataset, run: Path, cache_folder: Path | None,
+               key: str | None) -> list[tuple[Path, int, str]]:
+    """What the run will still write: keep_last + 1 checkpoints at the peak (the new one lands before the oldest
+    goes), the target cache unless it is already complete, and the export."""
+    weights = sum(t.numel() * 4 for t in parts.student.state_dict().values())  # float32 in checkpoint and export
+    moments = sum(p.numel() * 4 * 2 for p in parts.params)  # AdamW: exp_avg, exp_avg_sq
+    checkpoint = weights + moments + (64 << 10)
+    count = max(1, recipe.train.keep_last + 1 - len(checkpoint_dirs(run)))
+    needs = [(run / "checkpoints", count * checkpoint, f"{count} checkpoint{'s' if count > 1 else ''}"),
+             (run / "export", weights, "export")]
+    if cache_folder is not None:
+        meta = cache_folder / META
+        done = meta.is_file() and json.loads(meta.read_text()).get("key") == key
+        if not done:
+            t = parts.targets
+            needs.append((cache_folder, cache_bytes(len(data), recipe.cache.plans, t.num_patches, t.dim,
+                                                    recipe.cache.dtype, data.size, recipe.views.num), "target cache"))
+    return needs

@@ -1,0 +1,119 @@
+"""student -> loss -> step: the parts a training step needs and the step itself, built the same way for `distill` and
+for the benchmarks (`benchmarks/bench_distill.py` times exactly this `train_step`).
+
+HF Accelerate does the device placement, bf16 autocast, gradient sync and accumulation; the optimizer is fused AdamW
+over the unlocked tensors only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+from ..backbones import PatchTokens, add_registers
+from ..denoise.targets import DenoisedTeacher
+from ..fastpath import set_fused_attention, teacher_autocast, use_compile
+from ..models import load_teacher, normalization
+from ..recipe import Recipe, TrainCfg
+from .loss import distill_loss
+from .unlock import unlock
+
+
+def lr_factor(cfg: TrainCfg, total_steps: int):
+    """Multiplier of each group's base lr at optimizer step t: linear warmup, then exp / cosine / constant."""
+    end = cfg.end_lr / cfg.lr
+
+    def factor(t: int) -> float:
+        if t < cfg.warmup_steps:
+            return (t + 1) / cfg.warmup_steps
+        p = min(1.0, (t - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        if cfg.schedule == "exp":
+            return end ** p
+        if cfg.schedule == "cosine":
+            return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * p))
+        return 1.0
+
+    return factor
+
+
+def make_accelerator(recipe: Recipe, cpu: bool = False, run: Path | None = None) -> Accelerator:
+    """bf16 autocast on GPU (fp32 master weights and loss), fp32 on CPU; torch.compile of the student through
+    Accelerate's dynamo plugin (after DDP wrapping) when speed.compile says so; `train.trackers` through Accelerate's
+    own tracker support, logging under RUN/logs (TensorBoard: RUN/logs/phreg/)."""
+    gpu = torch.cuda.is_available() and not cpu
+    cpu = cpu or not gpu  # Accelerate only sees `torchrun` processes on a GPU-less machine as MULTI_CPU when told
+    precision = recipe.train.precision
+    if precision == "auto":
+        precision = "bf16" if gpu else "fp32"
+    compile_ = use_compile(recipe.speed, torch.device("cuda" if gpu else "cpu"))
+    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=cpu,
+                       gradient_accumulation_steps=recipe.train.grad_accum,
+                       dynamo_backend="inductor" if compile_ else "no",
+                       dataloader_config=DataLoaderConfiguration(non_blocking=True),
+                       log_with=list(recipe.train.trackers) if run is not None and recipe.train.trackers else None,
+                       project_config=ProjectConfiguration(project_dir=str(run), logging_dir=str(run / "logs"))
+                       if run is not None else None)
+
+
+@dataclass
+class Parts:
+    """Everything a step needs: the frozen teacher behind its targets, the student and what trains of it."""
+    targets: DenoisedTeacher  # the frozen teacher (`targets.teacher`) -> TTA-denoised patch targets
+    student: torch.nn.Module  # the timm student (what is exported)
+    student_tokens: PatchTokens  # the student read through its dense head: what the loss sees and Accelerate wraps
+    groups: list[dict]  # optimizer groups of the unlocked tensors (with their names)
+    optimizer: torch.optim.Optimizer
+    mean: tuple
+    std: tuple
+    notes: list = field(default_factory=list)  # semantic unlock parts the model lacks
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.groups for p in g["params"]]
+
+
+def build_parts(recipe: Recipe, device: torch.device, precision: str = "fp32") -> Parts:
+    m, cfg, speed = recipe.model, recipe.train, recipe.speed
+    teacher = load_teacher(m).to(device)  # first, so the student's frozen tensors are the teacher's on the device too
+    mean, std = normalization(teacher, m)
+    student = add_registers(teacher, m.registers, m.register_init, m.register_noise, recipe.seed)
+    for model in (teacher, student):
+        set_fused_attention(model, speed.fused_attn)
+    student.set_grad_checkpointing(speed.grad_checkpointing)  # timm recomputes each block in backward
+    notes: list[str] = []
+    groups = unlock(student, cfg.unlock, cfg.lr, cfg.weight_decay, notes)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                  fused=True)
+    targets = DenoisedTeacher(teacher, recipe.views, mean, std, teacher_autocast(speed, device, precision),
+                              compile=use_compile(speed, device), head=m.teacher_head, sigma=m.naclip_sigma)
+    return Parts(targets.to(device), student, PatchTokens(student, m.student_head, m.naclip_sigma), groups,
+                 optimizer, mean, std, notes)
+
+
+def skip_if_nonfinite(optimizer, grad_norm: torch.Tensor) -> torch.Tensor:
+    """Fused AdamW skips its whole update, on device, when `found_inf` is 1 (the protocol torch's GradScaler uses),
+    so a NaN/inf step is dropped without a host sync. The global grad norm is identical on every DDP rank."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    inner.found_inf = (~torch.isfinite(grad_norm)).float()
+    return inner.found_inf
+
+
+def train_step(acc: Accelerator, student_tokens, targets: DenoisedTeacher, optimizer, params, batch: dict,
+               cfg: TrainCfg) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One micro-batch: targets (cached, or the teacher's views), student forward, loss, backward; on the last
+    micro-batch of a step, clip and update. Returns the loss and, on update steps, the non-finite flag (on device)."""
+    found_inf = None
+    with acc.accumulate(student_tokens):
+        target = batch["target"] if "target" in batch else targets(batch["image"], batch["plan"])
+        loss = distill_loss(student_tokens(batch["image"]), target, cfg.mse_weight)
+        acc.backward(loss)
+        if acc.sync_gradients:
+            found_inf = skip_if_nonfinite(optimizer, acc.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), found_inf
