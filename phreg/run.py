@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import UsageError
 from .files import sha256_file
 
 RECIPE, METRICS, SUMMARY = "recipe.yaml", "metrics.jsonl", "summary.json"
@@ -37,6 +38,14 @@ RNG_FILE = re.compile(r"^rng_\d+\.json$")
 
 def is_run(path: str | Path) -> bool:
     return (Path(path) / RECIPE).is_file()
+
+
+def require_run(path: str | Path) -> Path:
+    """The folder as a run, or the one-line usage error every command gives for a folder that is not one."""
+    path = Path(path)
+    if not is_run(path):
+        raise UsageError(f"{path} is not a phreg run folder ({'no ' + RECIPE if path.is_dir() else 'not found'})")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints

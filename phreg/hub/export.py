@@ -19,7 +19,8 @@ import safetensors
 from .. import __version__
 from ..errors import UsageError
 from ..files import atomic_dir, replaceable, writing
-from ..run import CONFIG, EXPORT, MODEL, RECIPE, TEXT_FILE, WEIGHTS, checkpoint_step, is_run, newest_valid
+from ..run import (CONFIG, EXPORT, MODEL, RECIPE, TEXT_FILE, WEIGHTS, checkpoint_step, newest_valid,
+                   require_run)
 
 if TYPE_CHECKING:  # torch and timm are imported where they are used: `phreg export RUN` checks RUN first
     from timm.models.vision_transformer import VisionTransformer
@@ -100,9 +101,7 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
     """
     from ..recipe import load_recipe
 
-    run = Path(run)
-    if not is_run(run):
-        raise UsageError(f"{run} is not a phreg run folder (no {RECIPE})")
+    run = require_run(run)
     checkpoint = newest_valid(run, move_aside=False)  # a damaged newer one is reported and skipped
     if checkpoint is None:
         raise UsageError(f"{run} has no valid checkpoint to export (expected {run / 'checkpoints' / 'step_N'} with "

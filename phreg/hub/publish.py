@@ -26,7 +26,7 @@ from ..errors import UsageError
 from .card import CARD, FIGURE, RECIPE, Run, model_card
 from .export import CONFIG, TEXT_FILE, WEIGHTS, read_metadata
 from ..files import atomic_dir, replaceable
-from ..run import EVAL, EXPORT, SUMMARY, checkpoint_step, finished, latest_checkpoint
+from ..run import EVAL, EXPORT, SUMMARY, checkpoint_step, finished, latest_checkpoint, require_run
 from .transformers import FILES as TRANSFORMERS_FILES, PROCESSOR, SUBFOLDER
 
 FILES = (WEIGHTS, CONFIG, RECIPE, CARD, FIGURE, TEXT_FILE, PROCESSOR)
@@ -53,11 +53,7 @@ def read_run(run: str | Path) -> Run:
     """Check that `run` holds a finished export that loads in stock timm, and gather what the card says."""
     from ..recipe import load_recipe, recipe_hash
 
-    run = Path(run)
-    if not run.is_dir():
-        raise UsageError(f"run folder {run} not found")
-    if not (run / RECIPE).is_file():
-        raise UsageError(f"{run} is not a phreg run folder (no {RECIPE})")
+    run = require_run(run)
     export = run / EXPORT
     missing = [n for n in (WEIGHTS, CONFIG) if not (export / n).is_file()]
     if missing:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..errors import Aborted, UsageError
 from ..files import atomic_dir, replaceable, writing
-from ..run import RECIPE, is_run
+from ..run import RECIPE, require_run
 
 ARCHITECTURE = "Dinov2WithRegistersModel"
 WEIGHTS, CONFIG, PROCESSOR = "model.safetensors", "config.json", "preprocessor_config.json"
@@ -329,9 +329,7 @@ def export_run_transformers(run: str | Path, out: str | Path | None = None,
     from ..recipe import load_recipe
     from .export import export_run
 
-    run = Path(run)
-    if not is_run(run):
-        raise UsageError(f"{run} is not a phreg run folder (no recipe.yaml)")
+    run = require_run(run)
     out = Path(out) if out is not None else run / f"export{SUFFIX}"
     if not replaceable(out, set(FILES)):
         raise UsageError(f"refusing to replace {out}: it exists and is not a transformers export; choose a new folder")
