@@ -22,7 +22,6 @@ from ..errors import Aborted, UsageError  # noqa: F401  (Aborted: raised here, i
 from ..files import write_json, writing
 from ..folders import data_record
 from ..hub.export import export_metadata, export_student
-from ..models import find_weights
 from ..recipe import Recipe, TrainCfg, recipe_hash, to_dict
 from ..run import EXPORT, METRICS, SUMMARY, TEXT_FILE
 from .checkpoints import save_checkpoint
@@ -119,7 +118,7 @@ def _save(s: Session, cfg: TrainCfg, stop: StopRequests) -> Path:
     stop.saving = True  # signals now wait until the checkpoint is complete
     try:
         return save_checkpoint(s.acc, s.run, s.state.step, cfg.keep_last, s.student_tokens, s.optimizer,
-                               dict(train=s.state.state_dict()))
+                               dict(train=s.state.state_dict(), base=s.base))
     finally:
         stop.saving = False
         stop.saved()
@@ -158,7 +157,8 @@ def _summary(recipe: Recipe, s: Session, scored: dict | None, wall: float, timin
         unreadable_files=[str(p) for p in s.unreadable], undecodable_files=sorted(s.bad),
         heldout=scored, hardware=_hardware(s.acc), timings=timings,
         versions=dict(torch=torch.__version__, timm=timm.__version__),
-        weights=find_weights(m).record(m.name),  # what the model card says the student was made from
+        # what the model card says the student was made from (hashed once, at the start)
+        weights={k: v for k, v in s.base.items() if k != "mtime_ns"},
         registers=dict(present=backbone(parts.targets.teacher).num_registers, added=m.registers,
                        total=student.num_registers),
         # what trained, as the card lists it: each unlock group's resolved patterns and its lr scale

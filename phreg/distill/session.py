@@ -23,12 +23,12 @@ from ..denoise.heldout import HeldOut
 from ..errors import UsageError
 from ..fastpath import teacher_precision
 from ..files import writing
-from ..models import find_weights
+from ..models import base_change, find_weights
 from ..recipe import Recipe, save_recipe
 from ..run import METRICS, RECIPE, TEXT_FILE, checkpoint_dirs
 from ..sources import ShardImages, open_sources
 from .cache import META, TargetCache, cache_bytes, cache_key
-from .checkpoints import load_checkpoint
+from .checkpoints import load_checkpoint, saved_state
 from .disk import check_space
 from .memory import estimate
 from .progress import TrainState, tracker_config
@@ -57,6 +57,7 @@ class Session:
     bad: set  # files that failed to decode (cached ones are in the cache's metadata)
     cache_s: float
     resumed: bool
+    base: dict  # the frozen base weights' identity (`Weights.identity`): in every checkpoint and in summary.json
 
 
 def set_up(recipe: Recipe, acc: Accelerator, run: Path, start: Start, quiet: bool) -> Session:
@@ -64,6 +65,7 @@ def set_up(recipe: Recipe, acc: Accelerator, run: Path, start: Start, quiet: boo
     resuming; the recipe (and a CLIP text tower) written into the run folder."""
     say = (lambda *a: None) if quiet else acc.print
     checkpoint = start.checkpoint(acc, run) if start.resume else None
+    base = base_weights(recipe, checkpoint, start.flag)
     sources = open_sources(recipe.data, recipe.seed)
     if sources.streaming and recipe.cache.enabled:
         raise UsageError("recipe key cache.enabled: the target cache needs random access (an image folder or a "
@@ -107,7 +109,19 @@ def set_up(recipe: Recipe, acc: Accelerator, run: Path, start: Start, quiet: boo
                    scheduler=scheduler, loader=loader, state=state, total=total, steps_per_epoch=steps_per_epoch,
                    heldout=heldout, files=files, val_files=sources.val, unreadable=sources.unreadable,
                    bad=set(cache.meta.get("undecodable_files", [])) if cache else set(), cache_s=cache_s,
-                   resumed=start.resume)
+                   resumed=start.resume, base=base)
+
+
+def base_weights(recipe: Recipe, checkpoint: Path | None, flag: str) -> dict:
+    """The identity of the weights the student's frozen tensors come from (hashed once per run); when resuming, the
+    same as the checkpoint's, or a one-line refusal: a checkpoint holds only what trains."""
+    recorded = saved_state(checkpoint).get("base") if checkpoint is not None else None
+    now = find_weights(recipe.model).identity(recipe.model.name, recorded)
+    why = base_change(recorded, now) if recorded else None
+    if why:
+        raise UsageError(f"{flag}: the base weights of {recipe.model.name} changed since {checkpoint} was written "
+                         f"({why}); its frozen tensors are those weights, so resume with the file it was trained on")
+    return now
 
 
 def training_images(recipe: Recipe, acc: Accelerator, parts: Parts, sources):
@@ -174,10 +188,10 @@ def write_run_files(recipe: Recipe, acc: Accelerator, run: Path, resume: bool, s
 def disk_needs(recipe: Recipe, parts: Parts, data: ImageDataset, run: Path, cache_folder: Path | None,
                key: str | None) -> list[tuple[Path, int, str]]:
     """What the run will still write: keep_last + 1 checkpoints at the peak (the new one lands before the oldest
-    goes), the target cache unless it is already complete, and the export."""
-    weights = sum(t.numel() * 4 for t in parts.student.state_dict().values())  # float32 in checkpoint and export
-    moments = sum(p.numel() * 4 * 2 for p in parts.params)  # AdamW: exp_avg, exp_avg_sq
-    checkpoint = weights + moments + (64 << 10)
+    goes; each holds what trains), the target cache unless it is already complete, and the export."""
+    weights = sum(t.numel() * 4 for t in parts.student.state_dict().values())  # float32 in the export
+    trained = sum(p.numel() * p.element_size() * 3 for p in parts.params)  # a checkpoint: them + AdamW's 2 moments
+    checkpoint = trained + (64 << 10)
     count = max(1, recipe.train.keep_last + 1 - len(checkpoint_dirs(run)))
     needs = [(run / "checkpoints", count * checkpoint, f"{count} checkpoint{'s' if count > 1 else ''}"),
              (run / "export", weights, "export")]
