@@ -120,6 +120,7 @@ class TrainCfg:
     precision: str = opt("auto", choices=("auto", "bf16", "fp32"))
     unlock: list[UnlockGroup] = opt(factory=paper_unlock)
     max_nonfinite: int = opt(10, ge=0)
+    max_nonfinite_share: float = opt(0.1, ge=0, le=1)
     log_every: int = opt(10, ge=1)
     eval_every: int = opt(0, ge=0)
     save_every: int = opt(500, ge=0)

@@ -78,7 +78,7 @@ def _train(recipe: Recipe, s: Session, quiet: bool) -> tuple[dict | None, float]
                 state.step += 1
                 if state.step % cfg.log_every == 0 or state.step == s.total:
                     progress.log(state, epoch, lr)
-                    _check_finite(state, cfg)
+                    _check_finite(state, cfg, s.total)
                 if s.heldout and cfg.eval_every and state.step % cfg.eval_every == 0:
                     scored = _score(s, progress, quiet)
                 stopping, due = stop.poll()
@@ -102,10 +102,14 @@ def _train(recipe: Recipe, s: Session, quiet: bool) -> tuple[dict | None, float]
     return scored, wall
 
 
-def _check_finite(state: TrainState, cfg: TrainCfg) -> None:
-    if state.nonfinite > cfg.max_nonfinite:
-        raise Aborted(f"{state.nonfinite} steps had a non-finite loss or gradient "
-                      f"(train.max_nonfinite={cfg.max_nonfinite}); lower train.lr or check the data")
+def _check_finite(state: TrainState, cfg: TrainCfg, total: int) -> None:
+    """Abort past `train.max_nonfinite` non-finite steps, or past `train.max_nonfinite_share` of the run's steps (a
+    4-step run with 2 NaN steps is not a run to export). A run that never took a finite step is refused by `_finish`."""
+    if state.nonfinite > min(cfg.max_nonfinite, int(cfg.max_nonfinite_share * total)):
+        limit = f"train.max_nonfinite={cfg.max_nonfinite}, train.max_nonfinite_share={cfg.max_nonfinite_share} " \
+                f"of {total} steps"
+        raise Aborted(f"{state.nonfinite} of {state.step} steps had a non-finite loss or gradient ({limit}); nothing "
+                      f"exported; lower train.lr or check the data")
 
 
 def _score(s: Session, progress: Progress, quiet: bool) -> dict:
@@ -128,6 +132,10 @@ def _finish(recipe: Recipe, s: Session, scored: dict | None, wall: float, began:
     """The export and `summary.json` (what the model card is made of), written by the main process."""
     acc, run, parts = s.acc, s.run, s.parts
     say = (lambda *a: None) if quiet else acc.print
+    if s.state.step and s.state.nonfinite >= s.state.step:  # every process: none exports, none waits
+        raise Aborted(f"none of the {s.state.step} steps had a finite loss and gradient: the student is the base model "
+                      f"with untrained registers; nothing exported (its checkpoint is in {run / 'checkpoints'}); lower "
+                      f"train.lr or check the data")
     if acc.is_main_process:
         export_s = time.perf_counter()
         export_student(parts.student, run / EXPORT, mean=parts.mean, std=parts.std,
