@@ -130,7 +130,7 @@ def training_images(recipe: Recipe, acc: Accelerator, parts: Parts, sources):
     if sources.streaming:
         return ShardImages(sources.train, sources.shard_counts, m.img_size, parts.mean, parts.std, recipe.seed,
                            recipe.data.resize, plan, acc.process_index, acc.num_processes, recipe.data.num_workers,
-                           recipe.train.batch_size)
+                           recipe.train.batch_size, held=sources.held)
     return ImageDataset(sources.train, m.img_size, parts.mean, parts.std, recipe.seed, recipe.data.resize, train=True,
                         make_plan=plan)
 
