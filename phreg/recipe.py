@@ -85,6 +85,7 @@ class SpeedCfg:
     compile: Union[bool, str] = "auto"
     teacher_precision: str = opt("auto", choices=("auto", "bf16", "fp32"))
     grad_checkpointing: bool = False
+    frozen_dtype: str = opt("fp32", choices=("fp32", "bf16"))
 
 
 @dataclass
@@ -177,6 +178,9 @@ class Recipe:
             v = getattr(m, key)
             if v is not None and (len(v) != 3 or (key == "std" and min(v) <= 0)):
                 raise UsageError(f"recipe key model.{key}: expected three numbers (std > 0), got {v}")
+        if self.speed.frozen_dtype == "bf16" and t.precision == "fp32":
+            raise UsageError("recipe key speed.frozen_dtype: bf16 frozen weights need bf16 autocast; set "
+                             "train.precision to bf16 or auto (bf16 on a GPU)")
         if isinstance(self.speed.compile, str) and self.speed.compile != "auto":
             raise UsageError(f"recipe key speed.compile: expected true, false or auto, got {self.speed.compile!r}")
         for name in t.trackers:

@@ -117,9 +117,11 @@ def read_header(path: str | Path) -> tuple[dict, int]:
     return head, 8 + n
 
 
-def load_file(path: str | Path, names=None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def load_file(path: str | Path, names=None, dtype: torch.dtype | None = None,
+              ndim: int | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file (only `names` when given), each read into its own storage; floating tensors
-    converted to `dtype` when given, one at a time. ValueError for a file that is not safetensors or is truncated."""
+    (those of `ndim` dimensions, when given) converted to `dtype` when given, one at a time. ValueError for a file that is
+    not safetensors or is truncated."""
     head, start = read_header(path)
     head.pop("__metadata__", None)
     want = head if names is None else {k: head[k] for k in names if k in head}
@@ -141,5 +143,6 @@ def load_file(path: str | Path, names=None, dtype: torch.dtype | None = None) ->
                 if not got:
                     raise ValueError(f"{path}: {k} is cut short (truncated?)")
                 view = view[got:]
-            out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
+            convert = dtype is not None and t.is_floating_point() and t.dtype != dtype and ndim in (None, t.ndim)
+            out[k] = t.to(dtype) if convert else t
     return out

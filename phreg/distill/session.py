@@ -30,7 +30,7 @@ from ..sources import ShardImages, open_sources
 from .cache import META, TargetCache, cache_bytes, cache_key
 from .checkpoints import load_checkpoint, saved_state
 from .disk import check_space
-from .memory import estimate
+from .memory import estimate, resident_bytes
 from .progress import TrainState, tracker_config
 from .resume import Start, planned_steps, trim_metrics
 from .step import Parts, build_parts, lr_factor
@@ -71,11 +71,15 @@ def set_up(recipe: Recipe, acc: Accelerator, run: Path, start: Start, quiet: boo
         raise UsageError("recipe key cache.enabled: the target cache needs random access (an image folder or a "
                          "Hugging Face dataset); WebDataset shards stream")
     train_precision = "bf16" if acc.mixed_precision == "bf16" else "fp32"
+    if recipe.speed.frozen_dtype == "bf16" and train_precision != "bf16":
+        raise UsageError("recipe key speed.frozen_dtype: bf16 frozen weights need bf16 autocast, and this run trains "
+                         "in fp32 (a CPU: set train.precision=bf16)")
+    runtime = resident_bytes() if acc.device.type == "cpu" else 0  # what the process holds before the model
     parts = build_parts(recipe, acc.device, train_precision)
     say(unlocked_table(parts.student, parts.groups, parts.notes))
     say(estimate(parts.targets.teacher, parts.student, parts.groups, recipe.views.num, recipe.train.batch_size,
                  acc.mixed_precision == "bf16", recipe.speed.grad_checkpointing,
-                 parts.targets.chunk(acc.device)).line())
+                 parts.targets.chunk(acc.device), runtime).line())
     data = training_images(recipe, acc, parts, sources)
     space, cache_s = fill_cache(recipe, acc, run, parts, data, sources.train, train_precision, quiet)
     student_tokens, optimizer, loader = prepare(recipe, acc, parts, data, sources.streaming)

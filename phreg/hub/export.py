@@ -105,12 +105,12 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
 def _from_base(recipe, checkpoint: Path):
     """The student as the run built it (base weights, registers), with the checkpoint's trained tensors given to it
     as its own (`assign`: the base model's storage, which the frozen rest shares, is never written)."""
-    from ..models import base_change, find_weights, load_teacher, normalization
+    from ..models import base_change, find_weights, frozen_dtype, load_teacher, normalization
     from ..tensorfile import load_file
 
     m = recipe.model
     try:
-        teacher = load_teacher(m)
+        teacher = load_teacher(m, frozen_dtype(recipe.speed))  # the frozen tensors exactly as the run held them
     except UsageError as e:
         raise UsageError(f"phreg export rebuilds the student from the base weights and {checkpoint.name}, which "
                          f"holds only what trains: {e}") from None
