@@ -127,8 +127,8 @@ def _from_base(recipe, checkpoint: Path):
     own = student.state_dict()
     misfit = [k for k, v in trained.items() if k not in own or own[k].shape != v.shape]
     if misfit:
-        raise UsageError(f"checkpoint {checkpoint} does not fit the run's recipe: {misfit[0]} "
-                         f"{'is not a tensor of ' + m.name if misfit[0] not in own else 'has another shape'}")
+        what = f"is not a tensor of {m.name}" if misfit[0] not in own else "has another shape than the student's"
+        raise UsageError(f"checkpoint {checkpoint}: its {misfit[0]} {what} (a checkpoint of another recipe?)")
     student.load_state_dict(trained, strict=False, assign=True)
     mean, std = normalization(teacher, m)
     return student, mean, std
