@@ -197,6 +197,22 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even if a GPU is present")
 
 
+def _estimate(args) -> int:
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    from .distill.memory import plan
+
+    est = plan(recipe, gpu=not args.cpu)
+    print(est.line())
+    if args.budget:
+        fits = est.total <= args.budget * 1e9
+        print(f"{'fits' if fits else 'does not fit'} in {args.budget:g} GB"
+              + ("" if fits or recipe.speed.grad_checkpointing else "; try speed.grad_checkpointing=true"))
+        return 0 if fits else 1
+    return 0
+
+
 def _export(args) -> int:
     began = time.perf_counter()
     if args.format in ("transformers", "both"):
@@ -278,6 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     p.add_argument("--quiet", action="store_true", help="no progress bar or tables")
     p.set_defaults(func=_distill)
+
+    p = sub.add_parser("estimate", formatter_class=HelpFormatter, help="the memory a recipe's run will need, without weights",
+                       description="Build the recipe's model on the meta device (no weights read, nothing allocated) "
+                                   "and print the memory estimate `distill` prints at start: weights, unlocked copies, "
+                                   "optimizer, activations, teacher views.",
+                       epilog="example: phreg estimate recipes/dinov3_vit7b16.yaml --budget 80. Exit code 1 when "
+                              "it does not fit in --budget GB.")
+    p.add_argument("recipe", help="YAML recipe (see recipes/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe overrides, as for distill")
+    p.add_argument("--cpu", action="store_true", help="a CPU run (fp32 unless train.precision says bf16); default: a "
+                                                      "GPU run (bf16 autocast)")
+    p.add_argument("--budget", type=float, metavar="GB", help="say whether the estimate fits in this many GB")
+    p.set_defaults(func=_estimate)
 
     p = sub.add_parser("inspect", formatter_class=HelpFormatter, help="token norms, high-norm outliers, TTA noise and pictures for one model",
                        description="Does this checkpoint need registers? Writes OUT/inspect.json and PNGs.",

@@ -45,6 +45,8 @@ def use_compile(cfg: SpeedCfg, device: torch.device) -> bool:
 def teacher_precision(cfg: SpeedCfg, device: torch.device, train_precision: str) -> str:
     """"bf16" or "fp32": what `speed.teacher_precision` resolves to here (auto: bf16 on a GPU unless training fp32)."""
     want = cfg.teacher_precision
+    if cfg.frozen_dtype == "bf16":  # bf16 weights: the teacher's matmuls are bf16 whatever the input
+        return "bf16"
     if want == "auto":
         want = "bf16" if device.type == "cuda" and train_precision != "fp32" else "fp32"
     return want

@@ -115,9 +115,12 @@ def data_record(d, files: list[Path], val_files: list[Path]) -> dict:
     `d` is the recipe's `data` section."""
     if kind(d.root) != "folder":  # a Hugging Face dataset or WebDataset shards: named, counted where it is cheap
         n = len(files) if kind(d.root) == "hf" else None
+        split = f"data.val_split={d.val_split:g}" if d.val_split > 0 and len(val_files) else None
+        streamed = kind(d.root) == "wds" and split and not d.val_root  # held out by key: named as the card says
         return dict(train=dict(dataset=str(d.root), kind=kind(d.root), images=n, embedded=False),
                     heldout=dict(images=len(val_files) if hasattr(val_files, "__len__") else None,
-                                 folder=d.val_root, source="data.val_root" if d.val_root else None))
+                                 folder=d.val_root, source="data.val_root" if d.val_root else split,
+                                 names=[str(r) for r in val_files] if streamed else None))
     root = Path(d.root) if d.root else embedded_photos()
     train = dict(folder=str(root) if d.root else None, embedded=d.root is None, images=len(files),
                  names=[f.name for f in files] if d.root is None else None,

@@ -85,6 +85,7 @@ class SpeedCfg:
     compile: Union[bool, str] = "auto"
     teacher_precision: str = opt("auto", choices=("auto", "bf16", "fp32"))
     grad_checkpointing: bool = False
+    frozen_dtype: str = opt("fp32", choices=("fp32", "bf16"))
 
 
 @dataclass
@@ -120,6 +121,7 @@ class TrainCfg:
     precision: str = opt("auto", choices=("auto", "bf16", "fp32"))
     unlock: list[UnlockGroup] = opt(factory=paper_unlock)
     max_nonfinite: int = opt(10, ge=0)
+    max_nonfinite_share: float = opt(0.1, ge=0, le=1)
     log_every: int = opt(10, ge=1)
     eval_every: int = opt(0, ge=0)
     save_every: int = opt(500, ge=0)
@@ -176,6 +178,9 @@ class Recipe:
             v = getattr(m, key)
             if v is not None and (len(v) != 3 or (key == "std" and min(v) <= 0)):
                 raise UsageError(f"recipe key model.{key}: expected three numbers (std > 0), got {v}")
+        if self.speed.frozen_dtype == "bf16" and t.precision == "fp32":
+            raise UsageError("recipe key speed.frozen_dtype: bf16 frozen weights need bf16 autocast; set "
+                             "train.precision to bf16 or auto (bf16 on a GPU)")
         if isinstance(self.speed.compile, str) and self.speed.compile != "auto":
             raise UsageError(f"recipe key speed.compile: expected true, false or auto, got {self.speed.compile!r}")
         for name in t.trackers:

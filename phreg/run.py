@@ -31,7 +31,8 @@ TEXT_FILE = "open_clip_text.safetensors"  # CLIP runs: the text tower, shipped b
 
 # A checkpoint folder: RUN/checkpoints/step_N/ with these files, the manifest written last.
 MODEL, OPTIMIZER, STATE, MANIFEST = "model.safetensors", "optimizer.safetensors", "state.json", "manifest.json"
-CHECKPOINT_FORMAT = "phreg.checkpoint/1"
+CHECKPOINT_FORMAT = "phreg.checkpoint/2"  # what trains + the base weights' identity (/1: the whole student)
+CHECKPOINT_FORMATS = ("phreg.checkpoint/1", CHECKPOINT_FORMAT)
 STEP_DIR = re.compile(r"^step_(\d+)$")
 RNG_FILE = re.compile(r"^rng_\d+\.json$")
 
@@ -75,7 +76,7 @@ def damage(folder: Path) -> str | None:
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         files = manifest["files"]
-        assert manifest["format"] == CHECKPOINT_FORMAT and isinstance(files, dict)
+        assert manifest["format"] in CHECKPOINT_FORMATS and isinstance(files, dict)
         assert all(isinstance(w, dict) and isinstance(w.get("bytes"), int) and isinstance(w.get("sha256"), str)
                    for w in files.values())
     except FileNotFoundError:

@@ -10,10 +10,13 @@
 * WebDataset shards: `shards-{000000..000127}.tar`, a `.tar` URL anything `webdataset`/`fsspec` opens (`pipe:`,
   `s3://`, `https://`), optionally prefixed `wds/`. Shards stream: each process reads its own shards
   (`shards[rank::world]`), each data worker its own of those, in a (seed, epoch)-shuffled order. See `ShardImages`.
+  `data.val_split` holds samples out by a stable hash of their id (shard file name + key, `held_out`): the same
+  choice on every rank, worker count and resume.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import tarfile
 from dataclasses import dataclass
@@ -131,8 +134,9 @@ def _image_key(name: str) -> str | None:
     return key if key and ext and ext.lower().rsplit(".", 1)[-1] in IMAGE_EXTS else None
 
 
-def count_samples(url: str) -> int:
-    """Image samples in one shard: member headers only for a local tar; a remote one is streamed once."""
+def sample_keys(url: str) -> list[str]:
+    """The keys of one shard's image samples, in tar order: member headers only for a local tar; a remote one is
+    streamed once."""
     import webdataset as wds
 
     try:
@@ -144,7 +148,28 @@ def count_samples(url: str) -> int:
                 names = [m.name for m in tar]
     except (OSError, tarfile.TarError) as e:
         raise UsageError(f"shard {url}: not a readable tar ({type(e).__name__}: {e})") from None
-    return len({k for k in map(_image_key, names) if k})
+    return list(dict.fromkeys(k for k in map(_image_key, names) if k))
+
+
+def count_samples(url: str) -> int:
+    """Image samples in one shard."""
+    return len(sample_keys(url))
+
+
+def sample_id(url: str, key: str) -> str:
+    """What names a sample wherever its shards are moved: the shard's file name and the sample's key."""
+    return f"{url.rstrip('/').rsplit('/', 1)[-1]}/{key}"
+
+
+def held_out(ids: list[str], fraction: float, seed: int) -> set[str]:
+    """The samples `data.val_split` holds out of a stream: those whose stable hash of (seed, id) falls below
+    `fraction`, so every rank, data worker and resumed run decides each sample alike and alone; at least one (the
+    lowest hash) when `fraction` > 0, as for folders."""
+    if fraction <= 0 or not ids:
+        return set()
+    h = {i: int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "big") / 2**64 for i in ids}
+    held = {i for i, v in h.items() if v < fraction}
+    return held if held else {min(h, key=h.get)}
 
 
 class ShardImages(IterableDataset):
@@ -156,12 +181,15 @@ class ShardImages(IterableDataset):
     `default_rng([seed, epoch, id])` where id is its position in the whole shard list, exactly as for a file.
     Every process yields the same number of samples per epoch, a whole number of batches per worker (what does not
     fill whole batches is left out, at the end of a worker's epoch), so DDP ranks never wait on each other. An undecodable sample is replaced by the next
-    decodable one of the same worker and reported in `bad`.
+    decodable one of the same worker and reported in `bad`. Samples in `held` (ids of `sample_id`, held out by
+    `data.val_split`) are skipped, and `counts` are those of the samples that train.
     """
 
     def __init__(self, urls: list[str], counts: list[int], img_size: int, mean, std, seed: int = 0, resize: int = 0,
-                 make_plan=None, rank: int = 0, world: int = 1, workers: int = 0, batch_size: int = 1):
+                 make_plan=None, rank: int = 0, world: int = 1, workers: int = 0, batch_size: int = 1,
+                 held: set[str] = frozenset()):
         self.urls, self.seed, self.rank, self.world, self.epoch = urls, seed, rank, world, 0
+        self.held = set(held)
         self.offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         self.counts = list(counts)
         self.decoder = ImageDataset([], img_size, mean, std, seed, resize, train=True, make_plan=make_plan)
@@ -220,7 +248,7 @@ class ShardImages(IterableDataset):
             for sample in stream:
                 field = next((k for k in sample if not k.startswith("__") and k.lower().rsplit(".", 1)[-1]
                               in IMAGE_EXTS), None)
-                if field is None:
+                if field is None or (self.held and sample_id(self.urls[s], sample["__key__"]) in self.held):
                     continue
                 sid = int(self.offsets[s]) + position
                 position += 1
@@ -259,12 +287,15 @@ class _Bytes:
         return self.name
 
 
-def shard_records(urls: list[str], limit: int = 0) -> list[_Bytes]:
-    """The first `limit` (0 = all) images of the shards, in memory: a held-out set (`data.val_root`) from shards."""
+def shard_records(urls: list[str], limit: int = 0, only: set[str] | None = None) -> list[_Bytes]:
+    """The first `limit` (0 = all) images of the shards (those in `only`, ids of `sample_id`, when given), in
+    memory: a held-out set (`data.val_root`, or what `data.val_split` holds out of the training shards)."""
     import webdataset as wds
 
     out = []
     for sample in wds.tarfile_to_samples()(iter([dict(url=u) for u in urls])):
+        if only is not None and sample_id(sample["__url__"], sample["__key__"]) not in only:
+            continue
         field = next((k for k in sample if not k.startswith("__") and k.lower().rsplit(".", 1)[-1] in IMAGE_EXTS),
                      None)
         if field is not None:
@@ -283,6 +314,7 @@ class Sources:
     val: object
     unreadable: list
     shard_counts: list[int] | None = None
+    held: set[str] = frozenset()  # streamed samples `data.val_split` holds out (ids of `sample_id`)
 
     @property
     def streaming(self) -> bool:
@@ -311,13 +343,15 @@ def open_sources(data, seed: int) -> Sources:
         train = HFImages.open(str(data.root))
         train, val = train.split(data.val_split, seed) if data.val_split > 0 else (train, [])
     else:
-        if data.val_split > 0:
-            raise UsageError("recipe key data.val_split: WebDataset shards stream and cannot hold images out; "
-                             "give data.val_root instead")
         train = shard_urls(str(data.root))
-        counts = [count_samples(u) for u in train]
-        if not sum(counts):
+        keys = [[sample_id(u, k) for k in sample_keys(u)] for u in train]
+        if not sum(map(len, keys)):
             raise UsageError(f"data {data.root}: no image samples ({', '.join(IMAGE_EXTS)}) in {len(train)} shard(s)")
+        held = held_out([i for shard in keys for i in shard], data.val_split, seed)
+        counts = [sum(i not in held for i in shard) for shard in keys]
+        if not sum(counts):
+            raise UsageError(f"data.val_split={data.val_split} leaves no training sample in {data.root}")
+        val = shard_records(train, data.val_limit, only=held) if held else []
     if data.val_root:
         val_kind = kind(data.val_root)
         if val_kind == "folder":
@@ -327,7 +361,7 @@ def open_sources(data, seed: int) -> Sources:
             val = HFImages.open(str(data.val_root), prefer_split="validation")
         else:
             val = shard_records(shard_urls(str(data.val_root)), data.val_limit)
-    return Sources(train, val, unreadable, counts)
+    return Sources(train, val, unreadable, counts, held if counts is not None else frozenset())
 
 
 def fingerprint(files) -> object:

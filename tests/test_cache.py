@@ -7,7 +7,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from phreg.distill.cache import TargetCache, cache_key
+from phreg.distill.cache import ARRAY, TargetCache, cache_key
+from phreg.errors import UsageError
 from phreg.data import ImageDataset, scan_images
 from phreg.models import load_teacher, normalization
 from phreg.recipe import load_recipe
@@ -37,7 +38,7 @@ def test_cached_batches_equal_the_uncached_path(tmp_path, dinov2_file, dtype, to
         assert err <= tol, err
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["target_bytes_per_image_plan"] == 16 * 384 * (4 if dtype == "float32" else 2)
-    assert meta["bytes_per_image_plan"] == meta["target_bytes_per_image_plan"] + 56 * 56 * 3 + 3 * 3 * 2
+    assert meta["bytes_per_image_plan"] == meta["target_bytes_per_image_plan"] + 56 * 56 * 3 + 3 * 3 * 2 + 4  # + crc
 
     before = (tmp_path / "targets.npy").stat().st_mtime_ns  # same key: reused, not rebuilt
     TargetCache.open_or_build(tmp_path, cache_key(recipe, files), data, denoiser, Accelerator(cpu=True), plans=2,
@@ -58,3 +59,48 @@ def test_crops_round_trip_exactly():
     data = ImageDataset(files, 56, (0.4, 0.5, 0.6), (0.2, 0.3, 0.25), seed=3)
     item = data.item(1, 2, keep_crop=True)
     assert item["crop"].dtype == np.uint8 and torch.equal(data.normalize(item["crop"]), item["image"])
+
+
+@pytest.mark.slow
+def test_a_damaged_cache_is_repaired_a_truncated_one_rebuilt_and_damage_during_a_run_refused(tmp_path, dinov2_file,
+                                                                                              capsys):
+    """The issue's cases: 4 KB overwritten in the middle of targets.npy (the next run trained on NaN targets and
+    exited 0) and targets.npy truncated (a `ValueError: mmap length...` traceback)."""
+    recipe = load_recipe(None, [f"model.name={MODEL}", f"model.checkpoint={dinov2_file}", "model.img_size=56",
+                                "views.num=2", "cache.plans=2", "cache.dtype=float16"])
+    teacher = load_teacher(recipe.model)
+    mean, std = normalization(teacher, recipe.model)
+    denoiser = DenoisedTeacher(teacher, recipe.views, mean, std)
+    files, _ = scan_images(None)
+    data = ImageDataset(files, 56, mean, std, recipe.seed, make_plan=denoiser.plan_fn())
+    key, acc = cache_key(recipe, files), Accelerator(cpu=True)
+
+    def build():
+        return TargetCache.open_or_build(tmp_path, key, data, denoiser, acc, plans=2, batch_size=4)
+
+    build()
+    path = tmp_path / ARRAY
+    good = path.read_bytes()
+    with open(path, "r+b") as f:  # a bad sector: same size, 4 KB of garbage in the middle
+        f.seek(len(good) // 2)
+        f.write(np.full(1024, np.nan, np.float32).tobytes())
+    capsys.readouterr()
+    build()
+    err = capsys.readouterr().out
+    assert "entries do not match their checksums" in err and "recomputing them" in err, err
+    repaired = np.load(path, mmap_mode="r")
+    assert np.isfinite(repaired).all() and path.read_bytes() == good  # recomputed to the same bytes
+
+    with open(path, "r+b") as f:
+        f.truncate(len(good) - 5000)
+    build()
+    assert "does not open" in capsys.readouterr().out and path.read_bytes() == good  # rebuilt whole
+
+    cache = build()
+    cache[(0, 0)]  # opened and read by a run; then the disk goes bad under it
+    with open(path, "r+b") as f:
+        f.seek(len(good) - 1000)
+        f.write(b"\xff" * 1000)
+    with pytest.raises(UsageError, match=f"target cache {path}: entry \\(plan 1, image 3\\) does not match its "
+                                         "checksum"):
+        cache[(1, 3)]

@@ -65,7 +65,8 @@ def test_engine_is_correct_with_every_fast_path_switch_on(tmp_path, dinov2_file)
     exported = timm.create_model(f"local-dir:{run / 'export'}", pretrained=True).eval()
     trained = initial_student(recipe)
     ckpt = safetensors.torch.load_file(str(sorted((run / "checkpoints").glob("step_*"))[-1] / "model.safetensors"))
-    trained.load_state_dict({k.removeprefix("_orig_mod.").removeprefix("model."): v for k, v in ckpt.items()})
+    assert {k.removeprefix("model.") for k in ckpt} == unlocked  # what trains, named alike with compile on
+    trained.load_state_dict({k.removeprefix("model."): v for k, v in ckpt.items()}, strict=False)
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         assert (exported.forward_features(x) - trained.eval().forward_features(x)).abs().max().item() < 1e-4

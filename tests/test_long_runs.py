@@ -30,13 +30,13 @@ LAUNCH = textwrap.dedent("""
     hook = os.environ.get("HOOK", "")
     if hook == "signals_while_saving":  # a second SIGTERM and a Ctrl-C while the checkpoint is being written
         import phreg.distill.checkpoints as c
-        real = c._write
-        def write(path, data, what):
+        real = c.save_file
+        def write(tensors, path, *a, **k):
             if path.name == "model.safetensors":
                 os.kill(os.getpid(), signal.SIGTERM)
                 os.kill(os.getpid(), signal.SIGINT)
-            return real(path, data, what)
-        c._write = write
+            return real(tensors, path, *a, **k)
+        c.save_file = write
     if hook == "enospc_at_step_4":  # the disk fills up while checkpoint 4 is written
         import errno, builtins
         import phreg.distill.checkpoints as c
@@ -180,15 +180,22 @@ def test_damaged_and_planted_checkpoints_are_moved_aside_and_the_newest_valid_on
 
 @pytest.mark.slow
 def test_full_disk_is_one_line_exit_1_and_no_export(tmp_path, dinov2_file):
-    """A real 150 MB tmpfs where the test may mount one (a checkpoint of DINOv2-S is ~100 MB), else a simulated
-    ENOSPC; and the up-front estimate refusing a run that cannot fit."""
+    """A real tmpfs where the test may mount one, with room for one checkpoint but not two (a checkpoint holds what
+    trains: the unlocked tensors and their two AdamW moments), else a simulated ENOSPC; and the up-front estimate
+    refusing a run that cannot fit."""
+    from test_train import initial_student
+
+    from phreg.distill.unlock import unlock
+
+    recipe = tiny(tmp_path, dinov2_file, "train.max_steps=4", "train.save_every=2")
+    trained = sum(p.numel() for g in unlock(initial_student(recipe), recipe.train.unlock, 1.0, 0.0)
+                  for p in g["params"])
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=150m", "tmpfs", str(disk)],
-                             capture_output=True).returncode == 0
+    size = f"size={int(1.5 * 3 * 4 * trained) >> 10}k"
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", size, "tmpfs", str(disk)], capture_output=True).returncode == 0
     try:
-        recipe = save_recipe(tiny(tmp_path, dinov2_file, "train.max_steps=4", "train.save_every=2"),
-                             tmp_path / "recipe.yaml")
+        recipe = save_recipe(recipe, tmp_path / "recipe.yaml")
         run = disk / "run"
         full = phreg("distill", recipe, f"output_dir={run}", "--quiet",
                      hook="no_space_check" if mounted else "enospc_at_step_4")

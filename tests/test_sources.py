@@ -14,7 +14,7 @@ from conftest import MODEL
 from phreg.distill.loop import distill
 from phreg.errors import UsageError
 from phreg.recipe import load_recipe
-from phreg.sources import ShardImages, count_samples, kind, open_sources, shard_urls
+from phreg.sources import ShardImages, count_samples, held_out, kind, open_sources, sample_keys, shard_urls
 
 
 @pytest.fixture(autouse=True)
@@ -105,8 +105,6 @@ def test_arrow_dataset_feeds_a_run_with_a_held_out_split(tmp_path, dinov2_file, 
 
 def test_streaming_sources_refuse_what_needs_random_access(tmp_path, dinov2_file, camvid):
     pattern = write_shards(tmp_path / "shards", frames(camvid, 2), per_shard=2)
-    with pytest.raises(UsageError, match="data.val_split"):
-        open_sources(run_recipe(tmp_path, dinov2_file, pattern, "data.val_split=0.5").data, 0)
     with pytest.raises(UsageError, match="cache.enabled"):
         distill(run_recipe(tmp_path, dinov2_file, pattern, "cache.enabled=true"), quiet=True)
     with pytest.raises(UsageError, match="not found"):
@@ -132,3 +130,43 @@ def test_webdataset_resume_replays_the_same_stream(tmp_path, camvid):
     skipped = Accelerator(cpu=True).skip_first_batches(loader, 2)
     skipped.set_epoch(1)
     assert len(full) == 4 and [(b["index"].tolist(), b["image"].sum().item()) for b in skipped] == full[2:]
+
+
+def test_webdataset_val_split_holds_out_by_key_alike_on_every_rank_worker_and_order(tmp_path, camvid):
+    pattern = write_shards(tmp_path / "shards", frames(camvid, 12), per_shard=4)
+    data = load_recipe(None, [f"data.root={pattern}", "data.val_split=0.25"]).data
+    src = open_sources(data, 0)
+    urls = shard_urls(pattern)
+    ids = [f"{Path(u).name}/{k}" for u in urls for k in sample_keys(u)]
+    assert 0 < len(src.held) < 12 and src.held <= set(ids)
+    assert sum(src.shard_counts) == 12 - len(src.held) and len(src.val) == len(src.held)
+    assert {str(r).rsplit("/", 1)[-1].replace(":", "/") for r in src.val} == src.held  # the bytes of those samples
+    assert held_out(ids[::-1], 0.25, 0) == src.held == open_sources(data, 0).held  # not the order: the key
+    assert held_out(ids[:6], 0.25, 0) == src.held & set(ids[:6]) or not src.held & set(ids[:6])  # each alone
+    assert held_out(ids, 0.25, 1) != src.held  # the seed draws another set
+    plan = lambda rng: torch.as_tensor(rng.integers(0, 100, 3))  # noqa: E731
+    for world, workers in [(1, 1), (2, 1), (1, 3)]:  # every rank and worker skips exactly the held-out samples
+        seen = []
+        for rank in range(world):
+            stream = ShardImages(urls, src.shard_counts, 28, (0.5,) * 3, (0.5,) * 3, make_plan=plan, rank=rank,
+                                 world=world, workers=workers, held=src.held)
+            seen += [int(x["index"]) for w in range(workers) for x in stream._worker_samples(w, __import__("webdataset"))]
+        assert len(seen) == len(set(seen)) and max(seen) < 12 - len(src.held)
+
+
+@pytest.mark.slow
+def test_the_quickstart_runs_from_webdataset_shards_with_its_val_split(tmp_path, dinov2_file):
+    """The quickstart (val_split 0.25) with its four photos written as shards runs as the folder does."""
+    from phreg.folders import embedded_photos
+
+    pattern = write_shards(tmp_path / "shards", sorted(embedded_photos().glob("*.*g")), per_shard=2)
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "quickstart.yaml",
+                         [f"output_dir={tmp_path / 'run'}", f"model.checkpoint={dinov2_file}", f"data.root={pattern}",
+                          "model.img_size=56", "views.num=2", "train.batch_size=1", "train.max_steps=2",
+                          "train.epochs=1", "cache.enabled=false"])
+    assert recipe.data.val_split == 0.25
+    run = distill(recipe, quiet=True)
+    summary = json.loads((run / "summary.json").read_text())
+    held = summary["data"]["heldout"]
+    assert held["source"] == "data.val_split=0.25" and held["images"] == len(held["names"]) >= 1
+    assert summary["heldout"]["student"] is not None and (run / "export" / "model.safetensors").is_file()

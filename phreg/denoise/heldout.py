@@ -56,7 +56,7 @@ class HeldOut:
         for x, p in tqdm(batches, total=-(-len(images) // batch_size), desc=progress, disable=progress is None,
                          unit="batch", leave=False):
             x, p = x.to(device), p.to(device)
-            with _autocast(device):
+            with _autocast(device, denoiser.teacher):
                 feats = denoiser.views_features(x, p)
             targets.append(merge_views(feats, p, denoiser.grid)[0].cpu())
             raw.append(feats.view(len(x), p.shape[1], *feats.shape[1:])[:, 0].float().cpu())
@@ -72,7 +72,7 @@ class HeldOut:
         device = next(model.parameters()).device
         out = []
         for x, t in zip(self.images.split(self.batch_size), self.targets.split(self.batch_size)):
-            with _autocast(device):
+            with _autocast(device, model):
                 out.append(cosine_distance(patch_tokens(model, x.to(device), self.head, self.sigma).float().cpu(), t))
         return torch.cat(out)
 
@@ -84,6 +84,8 @@ class HeldOut:
         return dict(step=step, teacher=self.teacher_distance, student=self.score(model))
 
 
-def _autocast(device):
+def _autocast(device, model):
+    """bf16 autocast on a GPU, and wherever the model holds bf16 frozen weights (`speed.frozen_dtype`)."""
     device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or bf16)

@@ -6,6 +6,13 @@ e trains on variant e mod K without decoding a single image. Normalizing the sto
 tensor the uncached path computes.
 The folder carries a key over everything the targets depend on; a folder with another key is rebuilt, a complete one is
 reused (across `--resume` and across runs that point `cache.dir` at it).
+
+A shared cache is not trusted blindly: every (variant, image) entry has a CRC32 over its target, crop and plan bytes
+(`checksums.npy`). A run that opens the cache checks the files' sizes and headers and every entry's checksum once
+(zlib's CRC32 reads at disk / page-cache speed: a second for ~1 GB); damaged entries (a bad sector, a torn copy) are
+recomputed by the teacher in place, a truncated or unreadable cache is rebuilt, and each is said in one line. While
+training, each entry a step reads is checked again as long as that costs under 2% of the time between reads
+(measured), so damage that appears during a run is refused in one line naming the file instead of becoming NaN.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import hashlib
 import json
 import os
 import shutil
+import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +37,8 @@ from ..recipe import Recipe
 from ..sources import fingerprint
 
 ARRAY, CROPS, PLANS, META = "targets.npy", "crops.npy", "plans.npy", "meta.json"
+CHECKSUMS = "checksums.npy"  # (plans, images) uint32: CRC32 of each entry's target, crop and plan bytes
+CHECK_SHARE = 0.02  # per-read checks stay on while they cost less than this share of the time between reads
 
 
 def cache_key(recipe: Recipe, files: list[Path], teacher_precision: str = "fp32", weights: Path | None = None) -> str:
@@ -35,7 +46,7 @@ def cache_key(recipe: Recipe, files: list[Path], teacher_precision: str = "fp32"
     not fp32 targets), resolution, views, crops, the image files themselves."""
     m, v, d = recipe.model, recipe.views, recipe.data
     stats = fingerprint(files)
-    parts = dict(format=3, name=m.name, checkpoint=m.checkpoint, img_size=m.img_size, mean=m.mean, std=m.std,
+    parts = dict(format=4, name=m.name, checkpoint=m.checkpoint, img_size=m.img_size, mean=m.mean, std=m.std,
                  weights=fingerprint([weights]) if weights else None, teacher_precision=teacher_precision,
                  views={k: getattr(v, k) for k in ("num", "max_shift", "flip", "candidates", "fill")},
                  head=m.teacher_head, sigma=m.naclip_sigma if m.teacher_head == "naclip" else None,
@@ -46,10 +57,11 @@ def cache_key(recipe: Recipe, files: list[Path], teacher_precision: str = "fp32"
 def arrays(images: int, plans: int, tokens: int, dim: int, dtype: str = "float16", img_size: int = 0,
            views: int = 0) -> dict[str, tuple[np.dtype, tuple]]:
     """The cache's arrays (file name -> dtype, shape): the targets, the uint8 crops they were computed on, the view
-    plans. One description for building the cache and for every size it reports."""
+    plans, the entries' checksums. One description for building the cache and for every size it reports."""
     return {ARRAY: (np.dtype(dtype), (plans, images, tokens, dim)),
             CROPS: (np.dtype(np.uint8), (plans, images, img_size, img_size, 3)),
-            PLANS: (np.dtype(np.int16), (plans, images, views, 3))}
+            PLANS: (np.dtype(np.int16), (plans, images, views, 3)),
+            CHECKSUMS: (np.dtype(np.uint32), (plans, images))}
 
 
 def cache_bytes(images: int, plans: int, tokens: int, dim: int, dtype: str = "float16", img_size: int = 0,
@@ -80,23 +92,95 @@ def check_fits(folder: Path, size: int, images: int, plans: int, tokens: int, di
     return what
 
 
+def entry_crc(target: np.ndarray, crop: np.ndarray, plan: np.ndarray) -> int:
+    """CRC32 of one cache entry as stored (target, then crop, then plan bytes)."""
+    crc = zlib.crc32(memoryview(np.ascontiguousarray(target)).cast("B"))
+    crc = zlib.crc32(memoryview(np.ascontiguousarray(crop)).cast("B"), crc)
+    return zlib.crc32(memoryview(np.ascontiguousarray(plan)).cast("B"), crc)
+
+
+class CacheDamaged(Exception):
+    """The cache's files cannot be read as the arrays its metadata describes (truncated, replaced, missing)."""
+
+
 class TargetCache:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.meta = json.loads((self.folder / META).read_text())
         self.plans = self.meta["plans"]
         self._arrays = None  # memory maps, opened lazily once per data worker
+        self.check_reads = True  # per-read checksum checks, while they cost under CHECK_SHARE of the reading time
+        self._checked_s, self._first_read = 0.0, None
 
     def __getstate__(self):
         return dict(self.__dict__, _arrays=None)
 
+    def open_arrays(self) -> list:
+        """The memory maps (targets, crops, plans, checksums); `CacheDamaged` naming the file when one does not have
+        the shape and dtype the metadata says (a truncated copy raises this, not numpy's mmap ValueError)."""
+        out = []
+        n, k = self.meta["images"], self.meta["plans"]
+        want = {ARRAY: tuple(self.meta["shape"]), CROPS: None, PLANS: None, CHECKSUMS: (k, n)}
+        for name in (ARRAY, CROPS, PLANS, CHECKSUMS):
+            path = self.folder / name
+            try:
+                a = np.load(path, mmap_mode="r")
+            except (OSError, ValueError, EOFError) as e:
+                raise CacheDamaged(f"{path} does not open ({type(e).__name__}: {str(e)[:120]})") from None
+            if want[name] is not None and a.shape != want[name] or a.shape[:2] != (k, n):
+                raise CacheDamaged(f"{path} has shape {a.shape}, its metadata says {want[name] or (k, n)}")
+            out.append(a)
+        return out
+
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
         """(target (L, D), uint8 crop (S, S, 3), plan (V, 3)) of variant k of image `index`."""
         if self._arrays is None:
-            self._arrays = [np.load(self.folder / name, mmap_mode="r") for name in (ARRAY, CROPS, PLANS)]
+            try:
+                self._arrays = self.open_arrays()
+            except CacheDamaged as e:
+                raise UsageError(f"target cache damaged while in use: {e}; delete {self.folder} or run again to "
+                                 f"rebuild it") from None
         k, index = key
-        target, crop, plan = (a[k, index] for a in self._arrays)
-        return torch.from_numpy(np.array(target)), np.array(crop), torch.from_numpy(plan.astype(np.int64))
+        target, crop, plan = (np.array(a[k, index]) for a in self._arrays[:3])
+        if self.check_reads:
+            self._check(k, index, target, crop, plan)
+        return torch.from_numpy(target), crop, torch.from_numpy(plan.astype(np.int64))
+
+    def _check(self, k: int, index: int, target, crop, plan) -> None:
+        began = time.perf_counter()
+        if entry_crc(target, crop, plan) != int(self._arrays[3][k, index]):
+            raise UsageError(f"target cache {self.folder / ARRAY}: entry (plan {k}, image {index}) does not match "
+                             f"its checksum (damaged during the run); run again to recompute it, or delete "
+                             f"{self.folder}")
+        now = time.perf_counter()
+        self._checked_s += now - began
+        self._first_read = self._first_read or began
+        reads = now - self._first_read
+        if reads > 5.0 and self._checked_s > CHECK_SHARE * reads:  # measured: too dear for this disk / model
+            self.check_reads = False
+
+    def damaged_entries(self) -> list[tuple[int, int]]:
+        """Every (variant, image) whose bytes do not match its checksum: one pass over the files."""
+        targets, crops, plans, sums = self.open_arrays()
+        return [(k, i) for k in range(self.plans) for i in range(self.meta["images"])
+                if entry_crc(targets[k, i], crops[k, i], plans[k, i]) != int(sums[k, i])]
+
+    def repair(self, bad: list[tuple[int, int]], dataset, denoiser, acc, batch_size: int = 8) -> None:
+        """Recompute the entries `bad` in place (the same crop, plan and target the build computed: all are drawn
+        from (seed, variant, image))."""
+        targets, crops, plans, sums = (np.load(self.folder / name, mmap_mode="r+")
+                                       for name in (ARRAY, CROPS, PLANS, CHECKSUMS))
+        for start in range(0, len(bad), batch_size):
+            keys = bad[start:start + batch_size]
+            items = [dataset.item(*key, keep_crop=True) for key in keys]
+            x = torch.stack([s["image"] for s in items]).to(acc.device)
+            plan = torch.stack([s["plan"] for s in items]).to(acc.device)
+            t = denoiser(x, plan).to("cpu", torch.float32).numpy()
+            for (k, i), ti, item in zip(keys, t, items):
+                targets[k, i], crops[k, i], plans[k, i] = ti, item["crop"], item["plan"].numpy()
+                sums[k, i] = entry_crc(targets[k, i], crops[k, i], plans[k, i])
+        for array in (targets, crops, plans, sums):
+            array.flush()
 
     @classmethod
     def open_or_build(cls, folder: Path, key: str, dataset, denoiser, acc, plans: int, dtype: str = "float16",
@@ -105,7 +189,20 @@ class TargetCache:
         folder = Path(folder)
         meta = folder / META
         if meta.is_file() and json.loads(meta.read_text()).get("key") == key:
-            return cls(folder)
+            say = (lambda *a: None) if quiet else acc.print
+            cache = cls(folder)
+            try:
+                bad = cache.damaged_entries()  # every process alike: they agree on what happens next
+            except CacheDamaged as e:
+                say(f"phreg: warning: target cache {e}; rebuilding it")
+            else:
+                if bad:
+                    say(f"phreg: warning: target cache {folder / ARRAY}: {len(bad)} of {cache.plans * len(dataset)} "
+                        f"entries do not match their checksums (a damaged disk or copy); recomputing them")
+                    if acc.is_main_process:
+                        cache.repair(bad, dataset, denoiser, acc, batch_size)
+                acc.wait_for_everyone()
+                return cls(folder)
         n = len(dataset)
         specs = arrays(n, plans, denoiser.num_patches, denoiser.dim, dtype, dataset.size, denoiser.cfg.num)
         line = check_fits(folder, cache_bytes(n, plans, denoiser.num_patches, denoiser.dim, dtype, dataset.size,
@@ -134,7 +231,7 @@ class TargetCache:
     @classmethod
     def _build(cls, folder, key, dataset, denoiser, acc, plans, specs, tmp, shape, dtype, batch_size, quiet):
         meta, n = folder / META, len(dataset)
-        out, crops, plan_out = (np.load(tmp[name], mmap_mode="r+") for name in (ARRAY, CROPS, PLANS))
+        out, crops, plan_out, sums = (np.load(tmp[name], mmap_mode="r+") for name in (ARRAY, CROPS, PLANS, CHECKSUMS))
         keys = [(k, i) for k in range(plans) for i in range(n)][acc.process_index::acc.num_processes]
         bar = tqdm(total=len(keys), disable=quiet or not acc.is_local_main_process, desc="teacher targets")
         bad: set[str] = set()
@@ -145,19 +242,20 @@ class TargetCache:
             t = denoiser(x, plan).to("cpu", torch.float32).numpy()
             for (k, i), ti, item in zip(keys[start:start + batch_size], t, items):
                 out[k, i], crops[k, i], plan_out[k, i] = ti, item["crop"], item["plan"].numpy()
+                sums[k, i] = entry_crc(out[k, i], crops[k, i], plan_out[k, i])
                 bad.update(item["bad"])
             bar.update(len(items))
         bar.close()
-        for array in (out, crops, plan_out):
+        for array in (out, crops, plan_out, sums):
             array.flush()
-        del out, crops, plan_out
+        del out, crops, plan_out, sums
         bad = set(gather_object(sorted(bad)))  # every process's undecodable files
         acc.wait_for_everyone()
         if acc.is_main_process:
             for name in specs:
                 os.replace(tmp[name], folder / name)
             tmp.clear()
-            per_image = sum(int(np.prod(sh[2:])) * np.dtype(dt).itemsize for dt, sh in specs.values())
+            per_image = sum(int(np.prod(sh[2:])) * np.dtype(dt).itemsize for dt, sh in specs.values())  # + 4 B crc
             write_json(meta, dict(key=key, plans=plans, images=n, shape=list(shape), dtype=dtype.name,
                                   bytes_per_image_plan=per_image,
                                   target_bytes_per_image_plan=int(np.prod(shape[2:])) * dtype.itemsize,

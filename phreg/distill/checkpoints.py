@@ -1,12 +1,15 @@
 """Checkpoints of a run: `RUN/checkpoints/step_N/`, written whole or not at all, verified before use.
 
-A checkpoint holds only safetensors and JSON, so a run folder from someone else can be resumed or exported without
-unpickling anything (Accelerate's `save_state` writes pickles: `optimizer.bin`, `random_states_*.pkl`,
-`custom_checkpoint_*.pkl`). Files:
+A checkpoint holds what trains, and only safetensors and JSON, so a run folder from someone else can be resumed or
+exported without unpickling anything (Accelerate's `save_state` writes pickles: `optimizer.bin`,
+`random_states_*.pkl`, `custom_checkpoint_*.pkl`). Everything frozen is the base model's own weights, rebuilt from
+them exactly as at the start (the student is a deterministic function of base weights, recipe and seed), so a
+checkpoint of a ViT-L that unlocks 4% of it is 4% of its size. Files:
 
-    model.safetensors      the student (keys `model.*`, as `phreg export` and the tests read them)
+    model.safetensors      the student's unlocked tensors (keys `model.*`, the names of its state dict)
     optimizer.safetensors  the optimizer's per-parameter state (AdamW: step, exp_avg, exp_avg_sq)
-    state.json             optimizer hyper-parameters, lr schedule, step counters
+    state.json             optimizer hyper-parameters, lr schedule, step counters, and `base`: the identity of the
+                           frozen base weights (file bytes + sha256, or hub id + revision), checked on --resume
     rng_R.json             random generator states of process R (python, numpy, torch CPU and CUDA)
     manifest.json          size and sha256 of every file above; written last
 
@@ -14,7 +17,9 @@ Each checkpoint is written into `.step_N.tmp/` and renamed when complete, so a f
 complete manifest; a file damaged later (truncated copy, bad disk) fails its size or hash. `--resume` uses the newest
 checkpoint that verifies, and moves damaged ones aside (`step_N.damaged-TIME`), never deleting them. Finding and
 verifying checkpoints is torch-free and lives with the rest of the run folder's layout (`phreg.run`); this module
-writes and loads their tensors.
+writes and loads their tensors, straight from and into their storage (`phreg.tensorfile`: no copy of the state dict
+on the way to disk). Checkpoints of the first format (`phreg.checkpoint/1`: the whole student) still resume and
+export.
 """
 
 from __future__ import annotations
@@ -28,12 +33,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import safetensors.torch
 import torch
 
 from ..errors import UsageError
 from ..files import sha256_file, writing
 from ..run import CHECKPOINT_FORMAT, MANIFEST, MODEL, OPTIMIZER, STATE, checkpoint_dirs
+from ..tensorfile import load_file, save_file
 
 
 # ------------------------------------------------------------------------------------------------------------ write
@@ -73,13 +78,19 @@ def set_rng_state(d: dict) -> None:
         torch.cuda.set_rng_state_all([unb64(s) for s in d["cuda"]])
 
 
+def trained_tensors(model) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of the student: its tensors that train, in place (no copy), by their state-dict names
+    (a compiled model's `_orig_mod.` left out: the same names with and without `speed.compile`)."""
+    return {name.replace("_orig_mod.", ""): p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
 def _split_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """torch optimizer state_dict -> (tensors for safetensors, the rest for JSON)."""
     tensors, scalars = {}, {}
     for index, entry in sd["state"].items():
         for key, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{index}.{key}"] = value.detach()
             else:
                 scalars[f"{index}.{key}"] = value
     return tensors, dict(scalars=scalars, param_groups=sd["param_groups"])
@@ -98,7 +109,8 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict, current: dict)
 
 def save_checkpoint(acc, run: Path, step: int, keep_last: int, model, optimizer, state: dict) -> Path:
     """Write `RUN/checkpoints/step_N` whole (temporary folder, manifest last, rename), then keep the newest
-    `keep_last`. `state`: JSON-able counters and schedule of the loop. Every process calls this."""
+    `keep_last`. `state`: JSON-able counters and schedule of the loop, and `base` (the base weights' identity). Every
+    process calls this. Tensors go to disk from their own storage (GPU ones staged through the host in chunks)."""
     folder = Path(run) / "checkpoints"
     final, tmp = folder / f"step_{step:08d}", folder / f".step_{step:08d}.tmp"
     what = f"checkpoint step {step}"
@@ -112,10 +124,10 @@ def save_checkpoint(acc, run: Path, step: int, keep_last: int, model, optimizer,
         acc.wait_for_everyone()
         if acc.is_main_process:
             files = {}
-            weights = {k: v.detach().cpu().contiguous() for k, v in acc.unwrap_model(model).state_dict().items()}
-            files[MODEL] = _write(tmp / MODEL, safetensors.torch.save(weights, {"format": "pt"}), what)
-            tensors, meta = _split_optimizer(optimizer.state_dict())
-            files[OPTIMIZER] = _write(tmp / OPTIMIZER, safetensors.torch.save(tensors), what)
+            with writing(what, tmp):
+                files[MODEL] = save_file(trained_tensors(acc.unwrap_model(model)), tmp / MODEL, {"format": "pt"})
+                tensors, meta = _split_optimizer(optimizer.state_dict())
+                files[OPTIMIZER] = save_file(tensors, tmp / OPTIMIZER)
             files[STATE] = _write(tmp / STATE, _json_bytes(dict(state, optimizer=meta)), what)
             for path in sorted(tmp.glob("rng_*.json")):
                 files[path.name] = dict(bytes=path.stat().st_size, sha256=sha256_file(path))
@@ -145,14 +157,34 @@ def _fsync_dir(path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------------------- load
 
+def saved_state(folder: Path) -> dict:
+    """A checkpoint's state.json (the loop's counters, the optimizer's scalars, the base weights' identity)."""
+    return json.loads((Path(folder) / STATE).read_text())
+
+
+def load_trained(model, folder: Path) -> None:
+    """Copy a checkpoint's trained tensors into `model` (whose frozen rest is the base model); a checkpoint that does
+    not hold exactly the tensors that train here (another unlock, another architecture) is refused in one line."""
+    trained = trained_tensors(model)
+    saved = load_file(folder / MODEL, names=list(trained))
+    missing = [k for k in trained if k not in saved]
+    misfit = [k for k in saved if saved[k].shape != trained[k].shape]
+    if missing or misfit:
+        what = f"lacks {missing[0]}" if missing else f"has {misfit[0]} of shape {tuple(saved[misfit[0]].shape)}"
+        raise UsageError(f"checkpoint {folder} does not fit this recipe: it {what} "
+                         f"({len(missing) + len(misfit)} of the {len(trained)} tensors that train)")
+    with torch.no_grad():
+        for k, t in trained.items():
+            t.copy_(saved[k])
+
+
 def load_checkpoint(acc, folder: Path, model, optimizer) -> dict:
-    """Restore model, optimizer and this process's random generators from a verified checkpoint; returns the loop's
-    state (what `save_checkpoint` was given). Only safetensors and JSON are read."""
+    """Restore the trained tensors, optimizer and this process's random generators from a verified checkpoint;
+    returns the loop's state (what `save_checkpoint` was given). Only safetensors and JSON are read."""
+    load_trained(acc.unwrap_model(model), folder)
     try:
-        weights = safetensors.torch.load_file(str(folder / MODEL))
-        acc.unwrap_model(model).load_state_dict(weights)
-        saved = json.loads((folder / STATE).read_text())
-        tensors = safetensors.torch.load_file(str(folder / OPTIMIZER))
+        saved = saved_state(folder)
+        tensors = load_file(folder / OPTIMIZER)
         optimizer.load_state_dict(_join_optimizer(tensors, saved.pop("optimizer"), optimizer.state_dict()))
     except (RuntimeError, ValueError, KeyError) as e:
         raise UsageError(f"checkpoint {folder} does not fit this recipe: {str(e).splitlines()[0]}") from None

@@ -22,7 +22,6 @@ from ..errors import Aborted, UsageError  # noqa: F401  (Aborted: raised here, i
 from ..files import write_json, writing
 from ..folders import data_record
 from ..hub.export import export_metadata, export_student
-from ..models import find_weights
 from ..recipe import Recipe, TrainCfg, recipe_hash, to_dict
 from ..run import EXPORT, METRICS, SUMMARY, TEXT_FILE
 from .checkpoints import save_checkpoint
@@ -79,7 +78,7 @@ def _train(recipe: Recipe, s: Session, quiet: bool) -> tuple[dict | None, float]
                 state.step += 1
                 if state.step % cfg.log_every == 0 or state.step == s.total:
                     progress.log(state, epoch, lr)
-                    _check_finite(state, cfg)
+                    _check_finite(state, cfg, s.total)
                 if s.heldout and cfg.eval_every and state.step % cfg.eval_every == 0:
                     scored = _score(s, progress, quiet)
                 stopping, due = stop.poll()
@@ -103,10 +102,14 @@ def _train(recipe: Recipe, s: Session, quiet: bool) -> tuple[dict | None, float]
     return scored, wall
 
 
-def _check_finite(state: TrainState, cfg: TrainCfg) -> None:
-    if state.nonfinite > cfg.max_nonfinite:
-        raise Aborted(f"{state.nonfinite} steps had a non-finite loss or gradient "
-                      f"(train.max_nonfinite={cfg.max_nonfinite}); lower train.lr or check the data")
+def _check_finite(state: TrainState, cfg: TrainCfg, total: int) -> None:
+    """Abort past `train.max_nonfinite` non-finite steps, or past `train.max_nonfinite_share` of the run's steps (a
+    4-step run with 2 NaN steps is not a run to export). A run that never took a finite step is refused by `_finish`."""
+    if state.nonfinite > min(cfg.max_nonfinite, int(cfg.max_nonfinite_share * total)):
+        limit = f"train.max_nonfinite={cfg.max_nonfinite}, train.max_nonfinite_share={cfg.max_nonfinite_share} " \
+                f"of {total} steps"
+        raise Aborted(f"{state.nonfinite} of {state.step} steps had a non-finite loss or gradient ({limit}); nothing "
+                      f"exported; lower train.lr or check the data")
 
 
 def _score(s: Session, progress: Progress, quiet: bool) -> dict:
@@ -119,7 +122,7 @@ def _save(s: Session, cfg: TrainCfg, stop: StopRequests) -> Path:
     stop.saving = True  # signals now wait until the checkpoint is complete
     try:
         return save_checkpoint(s.acc, s.run, s.state.step, cfg.keep_last, s.student_tokens, s.optimizer,
-                               dict(train=s.state.state_dict()))
+                               dict(train=s.state.state_dict(), base=s.base))
     finally:
         stop.saving = False
         stop.saved()
@@ -129,6 +132,10 @@ def _finish(recipe: Recipe, s: Session, scored: dict | None, wall: float, began:
     """The export and `summary.json` (what the model card is made of), written by the main process."""
     acc, run, parts = s.acc, s.run, s.parts
     say = (lambda *a: None) if quiet else acc.print
+    if s.state.step and s.state.nonfinite >= s.state.step:  # every process: none exports, none waits
+        raise Aborted(f"none of the {s.state.step} steps had a finite loss and gradient: the student is the base model "
+                      f"with untrained registers; nothing exported (its checkpoint is in {run / 'checkpoints'}); lower "
+                      f"train.lr or check the data")
     if acc.is_main_process:
         export_s = time.perf_counter()
         export_student(parts.student, run / EXPORT, mean=parts.mean, std=parts.std,
@@ -158,7 +165,8 @@ def _summary(recipe: Recipe, s: Session, scored: dict | None, wall: float, timin
         unreadable_files=[str(p) for p in s.unreadable], undecodable_files=sorted(s.bad),
         heldout=scored, hardware=_hardware(s.acc), timings=timings,
         versions=dict(torch=torch.__version__, timm=timm.__version__),
-        weights=find_weights(m).record(m.name),  # what the model card says the student was made from
+        # what the model card says the student was made from (hashed once, at the start)
+        weights={k: v for k, v in s.base.items() if k != "mtime_ns"},
         registers=dict(present=backbone(parts.targets.teacher).num_registers, added=m.registers,
                        total=student.num_registers),
         # what trained, as the card lists it: each unlock group's resolved patterns and its lr scale

@@ -1,16 +1,22 @@
 """What a run will hold in memory, printed before it starts, so a model that cannot fit fails in the first second.
 
-The student's frozen tensors are the teacher's own (`phreg.backbones`), so weights count once; only the unlocked
-tensors have a second copy, a gradient and two AdamW moments. Activations are what autograd keeps per image for the
+The student's frozen tensors are the teacher's own (`phreg.backbones`), so weights count once (in bf16 with
+`speed.frozen_dtype: bf16`); only the unlocked tensors have a second (fp32) copy, a gradient and two AdamW moments.
+On a CPU the estimate is of the process's resident memory, so it also counts what the process held before the model
+was loaded (Python, torch, timm: ~0.9 GB with a CUDA build of torch); on a GPU it is of the allocator's peak. Activations are what autograd keeps per image for the
 student's backward (every block, because gradients flow to the unlocked embeddings below them; one block's input only
 with `speed.grad_checkpointing`) plus the teacher's no-grad working set for the views of one forward chunk. The
 activation figures are estimates (elementwise buffers of a pre-norm ViT block with fused SDPA attention), not
 measurements: `benchmarks/gpu_suite.sh` measures the allocator's peak.
+
+`plan(recipe)` builds the model on the `meta` device (no weights, no memory) and estimates a run that has not
+started: `phreg estimate RECIPE` prints it, e.g. for DINOv3 ViT-7B/16 on a machine that has never seen its weights.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -38,6 +44,7 @@ class MemoryEstimate:
     views: int
     batch: int
     chunk: int = 0  # views per teacher forward (`views.chunk`, auto: what fits); 0: all of a batch's views at once
+    runtime: int = 0  # resident memory before the model was loaded (CPU: Python, torch, libraries); 0 on a GPU
 
     @property
     def at_once(self) -> int:
@@ -46,7 +53,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return (self.weights + self.unlocked + self.optimizer + self.batch * self.student_per_image
+        return (self.runtime + self.weights + self.unlocked + self.optimizer + self.batch * self.student_per_image
                 + self.at_once * self.teacher_per_view)
 
     def line(self) -> str:
@@ -55,11 +62,21 @@ class MemoryEstimate:
                 f"{gb(self.unlocked)}; gradients + AdamW {gb(self.optimizer)}; activations per image "
                 f"{self.student_per_image / 1e6:.0f} MB (student); teacher {self.teacher_per_view / 1e6:.0f} MB per "
                 f"view, {self.at_once} of the batch's "
-                f"{self.batch} x {self.views} views per forward; batch {self.batch}: ~{gb(self.total)}")
+                f"{self.batch} x {self.views} views per forward"
+                + (f"; process before the model {gb(self.runtime)}" if self.runtime else "")
+                + f"; batch {self.batch}: ~{gb(self.total)}")
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux; 0 elsewhere)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def estimate(teacher: torch.nn.Module, student: torch.nn.Module, groups: list[dict], views: int, batch: int,
-             bf16: bool, checkpointing: bool, chunk: int = 0) -> MemoryEstimate:
+             bf16: bool, checkpointing: bool, chunk: int = 0, runtime: int = 0) -> MemoryEstimate:
     unlocked = [p for g in groups for p in g["params"]]
     act = 2 if bf16 else 4
     dim, depth = student.embed_dim, len(student.blocks)
@@ -70,4 +87,25 @@ def estimate(teacher: torch.nn.Module, student: torch.nn.Module, groups: list[di
     return MemoryEstimate(weights=_bytes(teacher.parameters()) + _bytes(teacher.buffers()),
                           unlocked=_bytes(unlocked), optimizer=3 * _bytes(unlocked),
                           student_per_image=kept * act, teacher_per_view=teacher_view_bytes(teacher, bf16),
-                          views=views, batch=batch, chunk=chunk)
+                          views=views, batch=batch, chunk=chunk, runtime=runtime)
+
+
+def plan(recipe, gpu: bool = True, runtime: int = 0) -> MemoryEstimate:
+    """The estimate of a run of `recipe` before it starts, the model built on the `meta` device (architecture only:
+    no weights are read, nothing is allocated). `gpu`: bf16 autocast (the recipe's train.precision auto) and the
+    recipe's `views.chunk` (0 counts all of a batch's views in one teacher forward: the worst case)."""
+    from ..backbones import add_registers
+    from ..models import build_model, frozen_dtype
+    from .unlock import unlock
+
+    m, cfg = recipe.model, recipe.train
+    teacher = build_model(m.name, pretrained=False, device="meta", img_size=m.img_size)
+    dtype = frozen_dtype(recipe.speed)
+    for p in teacher.parameters() if dtype is not None else ():
+        if p.ndim == 2:  # as `load_teacher` holds them: the linear layers' matrices
+            p.data = p.data.to(dtype)
+    student = add_registers(teacher, m.registers, "randn", m.register_noise, recipe.seed)  # same bytes, no values
+    groups = unlock(student, cfg.unlock, cfg.lr, cfg.weight_decay, [])
+    bf16 = cfg.precision == "bf16" or (gpu and cfg.precision == "auto")
+    return estimate(teacher, student, groups, recipe.views.num, cfg.batch_size, bf16, recipe.speed.grad_checkpointing,
+                    recipe.views.chunk, runtime)

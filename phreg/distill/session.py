@@ -23,14 +23,14 @@ from ..denoise.heldout import HeldOut
 from ..errors import UsageError
 from ..fastpath import teacher_precision
 from ..files import writing
-from ..models import find_weights
+from ..models import base_change, find_weights
 from ..recipe import Recipe, save_recipe
 from ..run import METRICS, RECIPE, TEXT_FILE, checkpoint_dirs
 from ..sources import ShardImages, open_sources
 from .cache import META, TargetCache, cache_bytes, cache_key
-from .checkpoints import load_checkpoint
+from .checkpoints import load_checkpoint, saved_state
 from .disk import check_space
-from .memory import estimate
+from .memory import estimate, resident_bytes
 from .progress import TrainState, tracker_config
 from .resume import Start, planned_steps, trim_metrics
 from .step import Parts, build_parts, lr_factor
@@ -57,6 +57,7 @@ class Session:
     bad: set  # files that failed to decode (cached ones are in the cache's metadata)
     cache_s: float
     resumed: bool
+    base: dict  # the frozen base weights' identity (`Weights.identity`): in every checkpoint and in summary.json
 
 
 def set_up(recipe: Recipe, acc: Accelerator, run: Path, start: Start, quiet: bool) -> Session:
@@ -64,16 +65,21 @@ def set_up(recipe: Recipe, acc: Accelerator, run: Path, start: Start, quiet: boo
     resuming; the recipe (and a CLIP text tower) written into the run folder."""
     say = (lambda *a: None) if quiet else acc.print
     checkpoint = start.checkpoint(acc, run) if start.resume else None
+    base = base_weights(recipe, checkpoint, start.flag)
     sources = open_sources(recipe.data, recipe.seed)
     if sources.streaming and recipe.cache.enabled:
         raise UsageError("recipe key cache.enabled: the target cache needs random access (an image folder or a "
                          "Hugging Face dataset); WebDataset shards stream")
     train_precision = "bf16" if acc.mixed_precision == "bf16" else "fp32"
+    if recipe.speed.frozen_dtype == "bf16" and train_precision != "bf16":
+        raise UsageError("recipe key speed.frozen_dtype: bf16 frozen weights need bf16 autocast, and this run trains "
+                         "in fp32 (a CPU: set train.precision=bf16)")
+    runtime = resident_bytes() if acc.device.type == "cpu" else 0  # what the process holds before the model
     parts = build_parts(recipe, acc.device, train_precision)
     say(unlocked_table(parts.student, parts.groups, parts.notes))
     say(estimate(parts.targets.teacher, parts.student, parts.groups, recipe.views.num, recipe.train.batch_size,
                  acc.mixed_precision == "bf16", recipe.speed.grad_checkpointing,
-                 parts.targets.chunk(acc.device)).line())
+                 parts.targets.chunk(acc.device), runtime).line())
     data = training_images(recipe, acc, parts, sources)
     space, cache_s = fill_cache(recipe, acc, run, parts, data, sources.train, train_precision, quiet)
     student_tokens, optimizer, loader = prepare(recipe, acc, parts, data, sources.streaming)
@@ -107,7 +113,19 @@ def set_up(recipe: Recipe, acc: Accelerator, run: Path, start: Start, quiet: boo
                    scheduler=scheduler, loader=loader, state=state, total=total, steps_per_epoch=steps_per_epoch,
                    heldout=heldout, files=files, val_files=sources.val, unreadable=sources.unreadable,
                    bad=set(cache.meta.get("undecodable_files", [])) if cache else set(), cache_s=cache_s,
-                   resumed=start.resume)
+                   resumed=start.resume, base=base)
+
+
+def base_weights(recipe: Recipe, checkpoint: Path | None, flag: str) -> dict:
+    """The identity of the weights the student's frozen tensors come from (hashed once per run); when resuming, the
+    same as the checkpoint's, or a one-line refusal: a checkpoint holds only what trains."""
+    recorded = saved_state(checkpoint).get("base") if checkpoint is not None else None
+    now = find_weights(recipe.model).identity(recipe.model.name, recorded)
+    why = base_change(recorded, now) if recorded else None
+    if why:
+        raise UsageError(f"{flag}: the base weights of {recipe.model.name} changed since {checkpoint} was written "
+                         f"({why}); its frozen tensors are those weights, so resume with the file it was trained on")
+    return now
 
 
 def training_images(recipe: Recipe, acc: Accelerator, parts: Parts, sources):
@@ -116,7 +134,7 @@ def training_images(recipe: Recipe, acc: Accelerator, parts: Parts, sources):
     if sources.streaming:
         return ShardImages(sources.train, sources.shard_counts, m.img_size, parts.mean, parts.std, recipe.seed,
                            recipe.data.resize, plan, acc.process_index, acc.num_processes, recipe.data.num_workers,
-                           recipe.train.batch_size)
+                           recipe.train.batch_size, held=sources.held)
     return ImageDataset(sources.train, m.img_size, parts.mean, parts.std, recipe.seed, recipe.data.resize, train=True,
                         make_plan=plan)
 
@@ -174,10 +192,10 @@ def write_run_files(recipe: Recipe, acc: Accelerator, run: Path, resume: bool, s
 def disk_needs(recipe: Recipe, parts: Parts, data: ImageDataset, run: Path, cache_folder: Path | None,
                key: str | None) -> list[tuple[Path, int, str]]:
     """What the run will still write: keep_last + 1 checkpoints at the peak (the new one lands before the oldest
-    goes), the target cache unless it is already complete, and the export."""
-    weights = sum(t.numel() * 4 for t in parts.student.state_dict().values())  # float32 in checkpoint and export
-    moments = sum(p.numel() * 4 * 2 for p in parts.params)  # AdamW: exp_avg, exp_avg_sq
-    checkpoint = weights + moments + (64 << 10)
+    goes; each holds what trains), the target cache unless it is already complete, and the export."""
+    weights = sum(t.numel() * 4 for t in parts.student.state_dict().values())  # float32 in the export
+    trained = sum(p.numel() * p.element_size() * 3 for p in parts.params)  # a checkpoint: them + AdamW's 2 moments
+    checkpoint = trained + (64 << 10)
     count = max(1, recipe.train.keep_last + 1 - len(checkpoint_dirs(run)))
     needs = [(run / "checkpoints", count * checkpoint, f"{count} checkpoint{'s' if count > 1 else ''}"),
              (run / "export", weights, "export")]

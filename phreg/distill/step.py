@@ -18,7 +18,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from ..backbones import PatchTokens, add_registers
 from ..denoise.targets import DenoisedTeacher
 from ..fastpath import set_fused_attention, teacher_autocast, use_compile
-from ..models import load_teacher, normalization
+from ..models import frozen_dtype, load_teacher, normalization
 from ..recipe import Recipe, TrainCfg
 from .loss import distill_loss
 from .unlock import unlock
@@ -79,7 +79,8 @@ class Parts:
 
 def build_parts(recipe: Recipe, device: torch.device, precision: str = "fp32") -> Parts:
     m, cfg, speed = recipe.model, recipe.train, recipe.speed
-    teacher = load_teacher(m).to(device)  # first, so the student's frozen tensors are the teacher's on the device too
+    # first, so the student's frozen tensors are the teacher's on the device too (bf16 with speed.frozen_dtype: bf16)
+    teacher = load_teacher(m, frozen_dtype(speed)).to(device)
     mean, std = normalization(teacher, m)
     student = add_registers(teacher, m.registers, m.register_init, m.register_noise, recipe.seed)
     for model in (teacher, student):

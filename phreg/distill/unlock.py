@@ -51,7 +51,7 @@ def unlock(model: torch.nn.Module, groups: list[UnlockGroup], lr: float, weight_
                         names.append(n)
         for n in names:
             p = named[n]
-            p.data = p.data.clone()  # own storage: the frozen rest is shared with the teacher
+            p.data = p.data.to(torch.float32, copy=True)  # own fp32 storage (a master copy of bf16 frozen weights)
             p.requires_grad_(True)
         wd = weight_decay if group.weight_decay is None else group.weight_decay
         param_groups.append(dict(params=[named[n] for n in names], names=names, lr=lr * group.lr_scale,

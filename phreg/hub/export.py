@@ -1,7 +1,9 @@
 """Export: `model.safetensors` + `config.json` in timm's Hugging Face layout.
 
 `timm.create_model('local-dir:RUN/export', pretrained=True)` rebuilds the student, registers included, without phreg.
-The folder is written whole or not at all (see `files.atomic_dir`).
+The folder is written whole or not at all (see `files.atomic_dir`); the weights go to disk straight from the student's
+tensors (`phreg.tensorfile`: float32, converted in bounded chunks where they are not, no copy of the state dict), with
+sorted header metadata, so the same student always exports to the same bytes.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import copy
 import json
 import os
 import shutil
-import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,7 @@ from .. import __version__
 from ..errors import UsageError
 from ..files import atomic_dir, replaceable, writing
 from ..run import (CONFIG, EXPORT, MODEL, RECIPE, TEXT_FILE, WEIGHTS, checkpoint_step, newest_valid,
-                   require_run)
+                   MANIFEST, STATE, require_run)
 
 if TYPE_CHECKING:  # torch and timm are imported where they are used: `phreg export RUN` checks RUN first
     from timm.models.vision_transformer import VisionTransformer
@@ -50,8 +51,10 @@ def export_student(student: VisionTransformer, out: str | Path, mean, std, metad
     """Write the export folder atomically; `metadata` (str -> str) goes into the safetensors header; its `head`
     (keep / drop) says whether the classifier goes with it. A CLIP run's text tower (`open_clip_text.safetensors`,
     when the file exists) is linked beside the image tower."""
-    import safetensors.torch
+    import torch
     from timm.models._hub import save_config_for_hf
+
+    from ..tensorfile import save_file
 
     out = Path(out)
     student = with_head(student, metadata.get("head", "drop"))
@@ -61,31 +64,13 @@ def export_student(student: VisionTransformer, out: str | Path, mean, std, metad
                 os.link(text_tower, tmp / Path(text_tower).name)
             except OSError:
                 shutil.copyfile(text_tower, tmp / Path(text_tower).name)
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in student.state_dict().items()}
+        tensors = student.state_dict(keep_vars=False)
         # written by Python, not by safetensors' Rust writer: a full disk is then an OSError with its errno
-        (tmp / WEIGHTS).write_bytes(safetensors.torch.save(tensors, metadata={"format": "pt", **metadata}))
-        _sort_metadata(tmp / WEIGHTS)
+        save_file(tensors, tmp / WEIGHTS, {"format": "pt", **metadata},
+                  dtypes={k: torch.float32 for k, v in tensors.items() if v.is_floating_point()})
         save_config_for_hf(student, tmp / CONFIG,
                            model_config=dict(pretrained_cfg=dict(mean=tuple(mean), std=tuple(std))))
     return out
-
-
-def _sort_metadata(path: Path) -> None:
-    """Sort the header's metadata keys in place, so the same student always exports to the same bytes.
-
-    safetensors writes its metadata from a Rust HashMap, in an order that changes from process to process. Sorting
-    only reorders keys, so the header keeps its length and every tensor offset stays valid.
-    """
-    with open(path, "r+b") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        raw = f.read(n)
-        header = json.loads(raw)
-        if "__metadata__" in header:
-            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(new) <= n:  # always equal for keys safetensors wrote; never grow the header
-            f.seek(8)
-            f.write(new.ljust(n, b" "))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -96,8 +81,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 def export_run(run: str | Path, out: str | Path | None = None) -> Path:
     """(Re)build a run's export from its latest checkpoint, as `distill` would have written it at that step.
 
-    The checkpoint holds every student tensor, so the teacher's weights are not needed: the architecture is built
-    empty, given its registers, and overwritten whole (strict load: a checkpoint of another recipe is refused).
+    A checkpoint holds what trains; the student's frozen rest is the base model's weights, so they are loaded as for
+    the run (and must be the same file: the checkpoint records their identity). A checkpoint of the first format
+    holds every tensor and needs no base weights.
     """
     from ..recipe import load_recipe
 
@@ -110,23 +96,68 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
     if not replaceable(out, {WEIGHTS, CONFIG, TEXT_FILE}):
         raise UsageError(f"refusing to replace {out}: it exists and is not an export folder; choose a new folder")
     recipe = load_recipe(run / RECIPE)
+    whole = json.loads((checkpoint / MANIFEST).read_text()).get("format") == "phreg.checkpoint/1"
+    student, mean, std = _from_whole(recipe, checkpoint) if whole else _from_base(recipe, checkpoint)
+    steps = checkpoint_step(checkpoint)
+    return export_student(student, out, mean, std, export_metadata(recipe, steps), text_tower=run / TEXT_FILE)
+
+
+def _from_base(recipe, checkpoint: Path):
+    """The student as the run built it (base weights, registers), with the checkpoint's trained tensors given to it
+    as its own (`assign`: the base model's storage, which the frozen rest shares, is never written)."""
+    from ..models import base_change, find_weights, frozen_dtype, load_teacher, normalization
+    from ..tensorfile import load_file
+
     m = recipe.model
+    try:
+        teacher = load_teacher(m, frozen_dtype(recipe.speed))  # the frozen tensors exactly as the run held them
+    except UsageError as e:
+        raise UsageError(f"phreg export rebuilds the student from the base weights and {checkpoint.name}, which "
+                         f"holds only what trains: {e}") from None
+    recorded = json.loads((checkpoint / STATE).read_text()).get("base")
+    why = base_change(recorded, find_weights(m).identity(m.name, recorded)) if recorded else None
+    if why:
+        raise UsageError(f"the base weights of {m.name} changed since {checkpoint} was written ({why}); export needs "
+                         f"the weights the run was trained on")
+    student = _student(recipe, teacher)
+    try:
+        trained = {k.removeprefix("model."): v for k, v in load_file(checkpoint / MODEL).items()}
+    except ValueError as e:
+        raise UsageError(f"checkpoint {checkpoint / MODEL} does not load: {e}") from None
+    own = student.state_dict()
+    misfit = [k for k, v in trained.items() if k not in own or own[k].shape != v.shape]
+    if misfit:
+        what = f"is not a tensor of {m.name}" if misfit[0] not in own else "has another shape than the student's"
+        raise UsageError(f"checkpoint {checkpoint}: its {misfit[0]} {what} (a checkpoint of another recipe?)")
+    student.load_state_dict(trained, strict=False, assign=True)
+    mean, std = normalization(teacher, m)
+    return student, mean, std
+
+
+def _student(recipe, teacher):
+    from ..backbones import add_registers
+
+    m = recipe.model
+    return add_registers(teacher, m.registers, m.register_init, m.register_noise, recipe.seed)
+
+
+def _from_whole(recipe, checkpoint: Path):
+    """A first-format checkpoint: every student tensor is in it; the architecture is built empty and overwritten whole
+    (strict load: a checkpoint of another recipe is refused)."""
     import safetensors.torch
 
-    from ..backbones import add_registers
     from ..models import _create, check_img_size, normalization
 
+    m = recipe.model
     try:
         saved = safetensors.torch.load_file(str(checkpoint / MODEL))
     except Exception as e:  # a truncated or foreign file: safetensors raises its own error types
         raise UsageError(f"checkpoint {checkpoint / MODEL} does not load: {type(e).__name__}: {e}") from None
     check_img_size(_create(m.name, pretrained=False, device="meta"), m.img_size)
     empty = _create(m.name, pretrained=False, img_size=m.img_size).eval()
-    student = add_registers(empty, m.registers, m.register_init, m.register_noise, recipe.seed)
+    student = _student(recipe, empty)
     try:
         student.load_state_dict({k.removeprefix("model."): v for k, v in saved.items()})
     except RuntimeError as e:
         raise UsageError(f"checkpoint {checkpoint} does not fit the run's recipe: {str(e).splitlines()[0]}") from None
-    mean, std = normalization(empty, m)
-    steps = checkpoint_step(checkpoint)
-    return export_student(student, out, mean, std, export_metadata(recipe, steps), text_tower=run / TEXT_FILE)
+    return student, *normalization(empty, m)

@@ -50,8 +50,14 @@ def unknown_model(name: str, what: str) -> UsageError:
     return UsageError(f"{what} {name!r} is not a timm model{hint}")
 
 
-def load_teacher(cfg: ModelCfg) -> torch.nn.Module:
-    """Build the pretrained model at the recipe's resolution (timm resamples `pos_embed`), frozen, in eval mode."""
+def frozen_dtype(speed) -> torch.dtype | None:
+    """The dtype `speed.frozen_dtype` holds frozen weights in (None: as loaded, float32)."""
+    return torch.bfloat16 if speed.frozen_dtype == "bf16" else None
+
+
+def load_teacher(cfg: ModelCfg, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Build the pretrained model at the recipe's resolution (timm resamples `pos_embed`), frozen, in eval mode.
+    `dtype` (`speed.frozen_dtype: bf16`): floating weights held in it, converted tensor by tensor as they are read."""
     name, size = cfg.name, cfg.img_size
     check_model_name(name, cfg.checkpoint)
     source = name.split(":", 1)[0] if ":" in name else ""
@@ -77,7 +83,7 @@ def load_teacher(cfg: ModelCfg) -> torch.nn.Module:
             # the file wins over a local-dir:/hf-hub: name's own weights; a whole CLIP (`visual.*` + text tower) goes
             # through timm's OpenAI / open_clip key conversion (the family's checkpoint_filter_fn) like any checkpoint
             with quiet_hub():
-                model = load_into_meta(name, file, img_size=size)
+                model = load_into_meta(name, file, dtype=dtype, img_size=size)
         except UsageError:
             raise
         except Exception as e:
@@ -86,6 +92,9 @@ def load_teacher(cfg: ModelCfg) -> torch.nn.Module:
         try:
             with quiet_hub():
                 model = build_model(name, img_size=size, pretrained=True)
+            for p in model.parameters() if dtype is not None else ():
+                if p.ndim == 2:
+                    p.data = p.data.to(dtype)
         except UsageError as e:
             raise UsageError(f"no weights for {name}: {hint} (download failed: {str(e).split(': ', 2)[-1]})") \
                 from None
@@ -93,18 +102,27 @@ def load_teacher(cfg: ModelCfg) -> torch.nn.Module:
     return model
 
 
-def load_into_meta(name: str, file: str | Path, **kwargs) -> torch.nn.Module:
+def load_into_meta(name: str, file: str | Path, dtype: torch.dtype | None = None, **kwargs) -> torch.nn.Module:
     """`name` with the weights in `file`, built without a transient copy of them.
 
     `timm.create_model(pretrained=True)` first fills the model with random weights and then copies a loaded state
     dict into them: two full copies at once. Here the model is built on the meta device (no memory), the file is read
     once by timm's own loader (safetensors, or `torch.load(weights_only=True)`), the family's `checkpoint_filter_fn`
     adapts it as timm would (DINOv2 original keys, `pos_embed` resampling to `img_size`, ...), and
-    `load_state_dict(assign=True)` makes those tensors the model's own.
+    `load_state_dict(assign=True)` makes those tensors the model's own. A safetensors file is read tensor by tensor
+    into the model's own storage (`phreg.tensorfile`: no memory map whose pages would count a second time), converted
+    to `dtype` (bf16 frozen weights) one tensor at a time: the linear layers' weight matrices, which are >99% of a
+    ViT's bytes; tokens, the patch conv, norms, biases and layer scales stay float32, as autocast wants them on
+    every device (CPU autocast does not cast a LayerNorm's or a conv's parameters).
     """
+    from ..tensorfile import load_file
+
     model = timm.create_model(name, pretrained=False, device="meta", **kwargs)
     try:
-        state = timm.models.load_state_dict(str(file))
+        if str(file).endswith(".safetensors"):
+            state = timm.models.clean_state_dict(load_file(file, dtype=dtype, ndim=2))
+        else:
+            state = timm.models.load_state_dict(str(file))
     except Exception as e:  # safetensors and torch.load raise many types for a file that is not weights at all
         raise UsageError(f"{file} is not a weights file phreg can read (safetensors, or a PyTorch state dict in "
                          f".pth/.pt/.bin, read with weights_only=True): {error_summary(e)}") from None
@@ -119,8 +137,9 @@ def load_into_meta(name: str, file: str | Path, **kwargs) -> torch.nn.Module:
             if key in state and (key not in expected or state[key].shape != expected[key].shape):
                 state.pop(key)
     for key, value in state.items():  # a half-precision file still gives a float32 model, as timm's copy would
-        if key in expected and value.is_floating_point() and value.dtype != expected[key].dtype:
-            state[key] = value.to(expected[key].dtype)
+        want = dtype if dtype is not None and value.ndim == 2 else expected.get(key, value).dtype
+        if key in expected and value.is_floating_point() and value.dtype != want:
+            state[key] = value.to(want)
     model.load_state_dict(state, strict=True, assign=True)
     _init_meta_buffers(model)
     return model
