@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import UsageError
 from .folders import kind, scan_images
-from .run import STEP_DIR
+from .run import STEP_DIR, used_folder
 
 
 
@@ -114,8 +114,12 @@ def check_distill(recipe, resuming: bool = False) -> None:
     check_out(recipe.output_dir, "output_dir")
     held = Path(recipe.output_dir).expanduser() / "checkpoints"
     if not resuming and held.is_dir() and any(STEP_DIR.match(p.name) for p in held.iterdir()):
-        raise UsageError(f"{recipe.output_dir} already holds a run; pass --resume to continue it or choose another "
-                         "output_dir")
+        # the recipe's own mistakes first (a misspelt model.name, a bad model.img_size): a seconds-long timm check,
+        # paid only on this path; the folder's state is not what is wrong with such a command
+        from .models.loading import check_architecture
+
+        check_architecture(recipe.model)
+        raise used_folder(Path(recipe.output_dir).expanduser())
     if recipe.cache.dir:
         check_out(recipe.cache.dir, "cache.dir")
 

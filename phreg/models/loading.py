@@ -50,6 +50,17 @@ def unknown_model(name: str, what: str) -> UsageError:
     return UsageError(f"{what} {name!r} is not a timm model{hint}")
 
 
+def check_architecture(cfg: ModelCfg) -> None:
+    """`model.name` against timm's registry and `model.img_size` against its patch size, on the meta device (no
+    weights, no network): the recipe's own mistakes, said before anything about the folder it writes to."""
+    check_model_name(cfg.name, cfg.checkpoint)
+    if cfg.name.startswith("hf-hub:"):  # its architecture is in a config on the Hub: checked when it loads
+        return
+    if ":" not in cfg.name and not timm.is_model(cfg.name):
+        raise unknown_model(cfg.name, "model.name")
+    check_img_size(build_model(cfg.name, pretrained=False, device="meta"), cfg.img_size)
+
+
 def load_teacher(cfg: ModelCfg) -> torch.nn.Module:
     """Build the pretrained model at the recipe's resolution (timm resamples `pos_embed`), frozen, in eval mode."""
     name, size = cfg.name, cfg.img_size
