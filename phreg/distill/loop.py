@@ -132,7 +132,8 @@ def _finish(recipe: Recipe, s: Session, scored: dict | None, wall: float, began:
     if acc.is_main_process:
         export_s = time.perf_counter()
         export_student(parts.student, run / EXPORT, mean=parts.mean, std=parts.std,
-                       metadata=export_metadata(recipe, s.state.step), text_tower=run / TEXT_FILE)
+                       metadata=export_metadata(recipe, s.state.step), text_tower=run / TEXT_FILE,
+                       local_weights=find_weights(recipe.model).local(recipe.model.name))
         export_s = time.perf_counter() - export_s
         timings = dict(total_s=round(time.perf_counter() - began, 1), cache_s=round(s.cache_s, 1),
                        train_s=round(wall, 1), export_s=round(export_s, 1))

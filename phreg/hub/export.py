@@ -45,11 +45,24 @@ def with_head(student: VisionTransformer, head: str) -> VisionTransformer:
     return twin
 
 
+# What timm's pretrained config says about the checkpoint it describes (its Hub tag, license, source, paper): true of
+# the Hub's weights only, so an export made from local weights does not carry them.
+ORIGIN_KEYS = ("tag", "license", "hf_hub_id", "hf_hub_filename", "url", "file", "origin_url", "paper_ids",
+               "paper_name", "notes")
+
+
+def without_origin(config: dict) -> dict:
+    """config.json without the teacher checkpoint's origin fields (`ORIGIN_KEYS`) in its pretrained_cfg."""
+    cfg = dict(config.get("pretrained_cfg") or {})
+    return {**config, "pretrained_cfg": {k: v for k, v in cfg.items() if k not in ORIGIN_KEYS}}
+
+
 def export_student(student: VisionTransformer, out: str | Path, mean, std, metadata: dict[str, str],
-                   text_tower: Path | None = None) -> Path:
+                   text_tower: Path | None = None, local_weights: bool = False) -> Path:
     """Write the export folder atomically; `metadata` (str -> str) goes into the safetensors header; its `head`
     (keep / drop) says whether the classifier goes with it. A CLIP run's text tower (`open_clip_text.safetensors`,
-    when the file exists) is linked beside the image tower."""
+    when the file exists) is linked beside the image tower. `local_weights`: the teacher came from a local file, so
+    config.json does not repeat the Hub checkpoint's tag and license (`without_origin`)."""
     import safetensors.torch
     from timm.models._hub import save_config_for_hf
 
@@ -67,6 +80,9 @@ def export_student(student: VisionTransformer, out: str | Path, mean, std, metad
         _sort_metadata(tmp / WEIGHTS)
         save_config_for_hf(student, tmp / CONFIG,
                            model_config=dict(pretrained_cfg=dict(mean=tuple(mean), std=tuple(std))))
+        if local_weights:
+            config = json.loads((tmp / CONFIG).read_text())
+            (tmp / CONFIG).write_text(json.dumps(without_origin(config), indent=2))
     return out
 
 
@@ -129,4 +145,7 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
         raise UsageError(f"checkpoint {checkpoint} does not fit the run's recipe: {str(e).splitlines()[0]}") from None
     mean, std = normalization(empty, m)
     steps = checkpoint_step(checkpoint)
-    return export_student(student, out, mean, std, export_metadata(recipe, steps), text_tower=run / TEXT_FILE)
+    from ..models import find_weights
+
+    return export_student(student, out, mean, std, export_metadata(recipe, steps), text_tower=run / TEXT_FILE,
+                          local_weights=find_weights(m).local(m.name))
