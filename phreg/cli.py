@@ -29,14 +29,14 @@ def _distill(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     check_distill(recipe, resuming=args.resume or args.auto_resume)  # before torch is even imported
     from .distill.loop import distill
-    from .distill.preempt import Preempted
+    from .distill.preempt import Interrupted, Preempted
     from .run import latest_checkpoint
 
     main_process = int(os.environ.get("RANK", 0)) == 0  # one line per launch, not one per process
     again = _resume_command(args)
     try:
         run = distill(recipe, resume=args.resume, cpu=args.cpu, quiet=args.quiet, auto_resume=args.auto_resume)
-    except Preempted as e:
+    except (Preempted, Interrupted) as e:
         if main_process:
             print(f"phreg: preempted at step {e.step} by {e.signame}, checkpoint {e.checkpoint}; resume with: {again}",
                   file=sys.stderr)

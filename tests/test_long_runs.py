@@ -22,7 +22,7 @@ from test_train import fresh_accelerate_state, tiny, weights  # noqa: F401  (the
 from phreg.run import checkpoint_dirs, damage
 from phreg.distill.loop import distill
 from phreg.errors import UsageError
-from phreg.recipe import save_recipe
+from phreg.recipe import load_recipe, save_recipe
 
 # `phreg` in a subprocess, optionally with hooks installed first (they stand in for a cluster's misfortunes).
 LAUNCH = textwrap.dedent("""
@@ -264,3 +264,107 @@ def test_a_manifest_of_the_wrong_shape_is_damage_not_a_traceback(tmp_path):
 
     (tmp_path / "manifest.json").write_text(json.dumps(dict(format=FORMAT, files={"model.safetensors": "x"})))
     assert damage(tmp_path) == "manifest.json is not a phreg checkpoint manifest"
+
+
+# `distill()` called from Python code, as a notebook, a script or a test does; SLOW_STEPS makes each step take a
+# second, so that a second Ctrl-C surely lands during a step.
+IN_PROCESS = textwrap.dedent("""
+    import os, sys, time
+    from phreg.distill import loop
+    from phreg.recipe import load_recipe
+    if os.environ.get("SLOW_STEPS"):
+        real = loop.train_step
+        def slow(*a, **k):
+            time.sleep(1.0)
+            return real(*a, **k)
+        loop.train_step = slow
+    try:
+        loop.distill(load_recipe(sys.argv[1]), quiet=False)
+    except KeyboardInterrupt as e:
+        print("caught", type(e).__name__, getattr(e, "step", None), getattr(e, "checkpoint", None), flush=True)
+        sys.exit(3)
+    except Exception as e:
+        print("caught Exception", type(e).__name__, flush=True)
+        sys.exit(4)
+    print("returned", flush=True)
+""")
+
+
+def caught(stdout: str) -> list[str]:
+    """The words of IN_PROCESS's last line: what reached the caller."""
+    return stdout.strip().splitlines()[-1].split()
+
+
+def in_process(recipe: Path, run: Path, signals: int, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `IN_PROCESS` on `recipe`; once step 1 is logged, send SIGINT `signals` times, 0.3 s apart."""
+    proc = subprocess.Popen([sys.executable, "-c", IN_PROCESS, str(recipe)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    deadline = time.monotonic() + 240
+    while not logged_steps(run):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    for i in range(signals):
+        time.sleep(0.3 * bool(i))
+        proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.slow
+def test_ctrl_c_inside_distill_reaches_the_caller_as_keyboard_interrupt(tmp_path, dinov2_file):
+    """In-process, the first Ctrl-C writes a checkpoint and reaches the caller as a KeyboardInterrupt (pytest and
+    notebooks stop on it; before, phreg raised its own Exception and pytest went on with the next test); its stop line
+    starts a line of its own, not the progress bar's tail; a second Ctrl-C stops at once, without a checkpoint."""
+    recipe = save_recipe(tiny(tmp_path, dinov2_file, "train.batch_size=1", "train.max_steps=40",
+                              "train.save_every_minutes=0"), tmp_path / "recipe.yaml")
+    run = tmp_path / "run"
+    once = in_process(recipe, run, 1)
+    assert once.returncode == 3, once.stdout + once.stderr
+    words = caught(once.stdout)
+    assert words[:2] == ["caught", "Interrupted"], once.stdout
+    step = int(words[2])
+    assert 1 <= step < 40 and words[3] == str(run / "checkpoints" / f"step_{step:08d}")
+    assert [p.name for p in checkpoint_dirs(run)] == [f"step_{step:08d}"] and damage(checkpoint_dirs(run)[0]) is None
+    assert "distill:" in once.stderr, once.stderr  # the progress bar was drawn
+    line = "phreg: SIGINT: stopping after this step with a checkpoint; Ctrl-C again to quit without one"
+    assert line in once.stderr
+    before = once.stderr.split(line)[0]
+    assert before.endswith(("\n", "\r")), repr(before[-80:])  # not glued to the bar: "...it/s]phreg: SIGINT"
+
+    again = save_recipe(load_recipe(recipe, [f"output_dir={tmp_path / 'run2'}"]), tmp_path / "recipe2.yaml")
+    twice = in_process(again, tmp_path / "run2", 2, env={"SLOW_STEPS": "1"})
+    assert twice.returncode == 3, twice.stdout + twice.stderr
+    assert caught(twice.stdout)[:2] == ["caught", "KeyboardInterrupt"], twice.stdout  # at once: not Interrupted
+    assert checkpoint_dirs(tmp_path / "run2") == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_pytest_session_that_runs_distill(tmp_path, dinov2_file):
+    """The issue's case: a test runs distill in-process and Ctrl-C arrives; pytest must stop the session (exit 2, its
+    '! ...Interrupted: ... !' banner), not record a failure and run the next test."""
+    recipe = save_recipe(tiny(tmp_path, dinov2_file, "train.batch_size=1", "train.max_steps=40",
+                              "train.save_every_minutes=0"), tmp_path / "recipe.yaml")
+    tests = tmp_path / "test_user.py"
+    tests.write_text(textwrap.dedent(f"""
+        from phreg.distill.loop import distill
+        from phreg.recipe import load_recipe
+
+        def test_a():
+            distill(load_recipe({str(recipe)!r}), quiet=True)
+
+        def test_b():
+            open({str(tmp_path / 'b_ran')!r}, "w").close()
+    """))
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 240
+    while not logged_steps(tmp_path / "run"):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 2, out  # pytest's "interrupted"
+    assert "Interrupted: interrupted at step" in out and "failed" not in out, out  # pytest's KeyboardInterrupt banner
+    assert not (tmp_path / "b_ran").exists()
+    assert len(checkpoint_dirs(tmp_path / "run")) == 1

@@ -26,7 +26,7 @@ from ..models import find_weights
 from ..recipe import Recipe, TrainCfg, recipe_hash, to_dict
 from ..run import EXPORT, METRICS, SUMMARY, TEXT_FILE
 from .checkpoints import save_checkpoint
-from .preempt import Preempted, StopRequests
+from .preempt import StopRequests, stopped
 from .progress import Progress, TrainState
 from .resume import Start
 from .session import Session, set_up
@@ -40,7 +40,9 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
     resume: continue from the newest valid checkpoint (damaged ones are moved aside). auto_resume: resume when the run
     folder has a checkpoint, start fresh when it has none. A resumed recipe may raise train.epochs / train.max_steps:
     the lr schedule is then the one the longer plan defines at each step (see README, "Long runs and clusters").
-    Stops with `Preempted` after writing a checkpoint on a stop signal or Ctrl-C.
+    Stops with `Preempted` after writing a checkpoint on a stop signal, with `Interrupted` (a KeyboardInterrupt, so
+    that pytest, a notebook or a script stops as Ctrl-C means) after writing one on Ctrl-C; a second Ctrl-C raises a
+    plain KeyboardInterrupt at once.
     """
     run = Path(recipe.output_dir)
     start = Start(run, recipe, resume, auto_resume)
@@ -58,7 +60,8 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
 
 def _train(recipe: Recipe, s: Session, quiet: bool) -> tuple[dict | None, float]:
     """The loop: steps to the end of the plan, log lines, held-out scores and checkpoints. A stop signal or Ctrl-C
-    writes a checkpoint and raises `Preempted`. Returns the latest held-out score and the training time."""
+    writes a checkpoint and raises `Preempted` / `Interrupted`. Returns the latest held-out score and the training
+    time."""
     acc, state, cfg, params = s.acc, s.state, recipe.train, s.parts.params  # the unlocked parameters, gathered once
     progress = Progress(acc, s.run / METRICS, s.total, state.step, quiet)
     scored = None  # the latest held-out score
@@ -93,7 +96,7 @@ def _train(recipe: Recipe, s: Session, quiet: bool) -> tuple[dict | None, float]
                     progress.close()
                     stop.settle()
                     acc.end_training()
-                    raise Preempted(state.step, where, stop.requested)
+                    raise stopped(state.step, where, stop.requested)
         if resumed_at != state.step:  # not when a finished run was resumed at its last step
             _save(s, cfg, stop)
     wall = time.perf_counter() - progress.start
