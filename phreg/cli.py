@@ -35,7 +35,8 @@ def _distill(args) -> int:
     main_process = int(os.environ.get("RANK", 0)) == 0  # one line per launch, not one per process
     again = _resume_command(args)
     try:
-        run = distill(recipe, resume=args.resume, cpu=args.cpu, quiet=args.quiet, auto_resume=args.auto_resume)
+        run = distill(recipe, resume=args.resume, cpu=args.cpu, quiet=args.quiet, auto_resume=args.auto_resume,
+                      verbose=args.verbose)
     except (Preempted, Interrupted) as e:
         if main_process:
             print(f"phreg: preempted at step {e.step} by {e.signame}, checkpoint {e.checkpoint}; resume with: {again}",
@@ -277,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "run and every requeue")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     p.add_argument("--quiet", action="store_true", help="no progress bar or tables")
+    p.add_argument("--verbose", action="store_true",
+                   help="print the unlocked-parameter table whole (always written to RUN/unlocked.txt)")
     p.set_defaults(func=_distill)
 
     p = sub.add_parser("inspect", formatter_class=HelpFormatter, help="token norms, high-norm outliers, TTA noise and pictures for one model",

@@ -34,12 +34,13 @@ from .step import lr_factor, make_accelerator, train_step  # noqa: F401  (lr_fac
 
 
 def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool = False,
-            auto_resume: bool = False) -> Path:
+            auto_resume: bool = False, verbose: bool = False) -> Path:
     """Train a student for `recipe`; returns the run folder (with `export/` when it finished).
 
     resume: continue from the newest valid checkpoint (damaged ones are moved aside). auto_resume: resume when the run
     folder has a checkpoint, start fresh when it has none. A resumed recipe may raise train.epochs / train.max_steps:
     the lr schedule is then the one the longer plan defines at each step (see README, "Long runs and clusters").
+    verbose: print the unlocked-parameter table whole (it is always written to RUN/unlocked.txt).
     Stops with `Preempted` after writing a checkpoint on a stop signal, with `Interrupted` (a KeyboardInterrupt, so
     that pytest, a notebook or a script stops as Ctrl-C means) after writing one on Ctrl-C; a second Ctrl-C raises a
     plain KeyboardInterrupt at once.
@@ -52,7 +53,7 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
         return run
     began = time.perf_counter()
     acc = make_accelerator(recipe, cpu, run)
-    s = set_up(recipe, acc, run, start, quiet)
+    s = set_up(recipe, acc, run, start, quiet, verbose)
     scored, wall = _train(recipe, s, quiet)
     _finish(recipe, s, scored, wall, began, quiet)
     return run

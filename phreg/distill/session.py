@@ -22,7 +22,7 @@ from ..data import EpochSampler, ImageDataset, collate
 from ..denoise.heldout import HeldOut
 from ..errors import UsageError
 from ..fastpath import teacher_precision
-from ..files import writing
+from ..files import write_atomic, writing
 from ..models import find_weights
 from ..recipe import Recipe, save_recipe
 from ..run import METRICS, RECIPE, TEXT_FILE, checkpoint_dirs
@@ -34,7 +34,7 @@ from .memory import estimate
 from .progress import TrainState, tracker_config
 from .resume import Start, planned_steps, trim_metrics
 from .step import Parts, build_parts, lr_factor
-from .unlock import unlocked_table
+from .unlock import UNLOCKED_FILE, unlocked_summary, unlocked_table
 
 
 @dataclass(kw_only=True)
@@ -59,9 +59,10 @@ class Session:
     resumed: bool
 
 
-def set_up(recipe: Recipe, acc: Accelerator, run: Path, start: Start, quiet: bool) -> Session:
+def set_up(recipe: Recipe, acc: Accelerator, run: Path, start: Start, quiet: bool, verbose: bool = False) -> Session:
     """Data, teacher, student, optimizer, target cache and schedule, restored from the newest valid checkpoint when
-    resuming; the recipe (and a CLIP text tower) written into the run folder."""
+    resuming; the recipe, the unlocked-parameter table (printed whole with `verbose`, else in one line) and a CLIP
+    text tower written into the run folder."""
     say = (lambda *a: None) if quiet else acc.print
     checkpoint = start.checkpoint(acc, run) if start.resume else None
     sources = open_sources(recipe.data, recipe.seed)
@@ -70,7 +71,8 @@ def set_up(recipe: Recipe, acc: Accelerator, run: Path, start: Start, quiet: boo
                          "Hugging Face dataset); WebDataset shards stream")
     train_precision = "bf16" if acc.mixed_precision == "bf16" else "fp32"
     parts = build_parts(recipe, acc.device, train_precision)
-    say(unlocked_table(parts.student, parts.groups, parts.notes))
+    table = unlocked_table(parts.student, parts.groups, parts.notes)
+    say(table if verbose else unlocked_summary(parts.student, parts.groups, parts.notes, run / UNLOCKED_FILE))
     say(estimate(parts.targets.teacher, parts.student, parts.groups, recipe.views.num, recipe.train.batch_size,
                  acc.mixed_precision == "bf16", recipe.speed.grad_checkpointing,
                  parts.targets.chunk(acc.device)).line())
@@ -88,6 +90,9 @@ def set_up(recipe: Recipe, acc: Accelerator, run: Path, start: Start, quiet: boo
         say(f"resumed from {checkpoint} at step {state.step}" + (f", extended to {total} steps" if total > planned
                                                                 else ""))
     write_run_files(recipe, acc, run, start.resume, state.step)
+    if acc.is_main_process:
+        with writing("the unlocked-parameter table", run / UNLOCKED_FILE):
+            write_atomic(run / UNLOCKED_FILE, table + "\n")
     # LambdaLR from the step: a fresh run starts at 0; a resumed one continues at its step (with the optimizer's
     # `initial_lr`), on the schedule of `total`, which is longer than the saved one when the run is extended.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lr_factor(recipe.train, total),
