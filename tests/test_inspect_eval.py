@@ -144,3 +144,65 @@ def test_a_metric_is_one_function_and_its_rows_reach_every_reader(tmp_path):
     assert "<td>patch tokens per image</td><td>4</td><td class=''>4</td>" in \
         (tmp_path / "eval" / "report.html").read_text()
     assert "| patch tokens per image | 4 | 4 |  |" in eval_table(r)
+
+
+def tiny_pair(tmp_path: Path, n_images: int = 3):
+    """A random 2-block DINOv2-S at 28 px and its 4-register student, and a folder of random images: eval in seconds."""
+    import numpy as np
+    import timm
+    from PIL import Image
+
+    from phreg.backbones import add_registers
+    from phreg.models import Loaded
+
+    torch.manual_seed(0)
+    model = timm.create_model(MODEL, pretrained=False, depth=2, img_size=28).eval()
+    teacher = Loaded(model, "tiny-teacher", 28, (0.5,) * 3, (0.5,) * 3)
+    student = Loaded(add_registers(model, 4), "tiny-student", 28, (0.5,) * 3, (0.5,) * 3)
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n_images):
+        Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    return teacher, student, images
+
+
+def test_small_things_a_reader_notices(tmp_path, monkeypatch):
+    """The CLS-cosine row has no verdict (the teacher's 1 is trivial: no red cell); a model with registers is not told
+    that distillation can still denoise it; patch-norm maps share one robust colour range (1st-99th percentile of
+    teacher and student together, not 0 to the maximum)."""
+    import numpy as np
+
+    from phreg.eval import evaluate as ev
+    from phreg.eval.evaluate import EvalOptions, evaluate
+    from phreg.hub.card import eval_table
+
+    teacher, student, images = tiny_pair(tmp_path)
+    seen = []
+    real = ev.panels
+    monkeypatch.setattr(ev, "panels", lambda image, rows, path, norms=None: seen.append((rows, norms)) or
+                        real(image, rows, path, norms))
+    r = evaluate(student, teacher, images, tmp_path / "eval", EvalOptions(views=2, pictures=2))
+    cls = next(row for row in r["summary"] if row["metric"] == "cls_cosine")
+    assert cls["teacher"] == 1.0 and cls["better"] is None and "by definition" in cls["note"]
+    html = (tmp_path / "eval" / "report.html").read_text()
+    assert "<td>CLS token cosine to the teacher&#x27;s</td><td>1</td><td class=''>" in html
+    from phreg.tables import number
+
+    assert (f"| CLS token cosine to the teacher's | 1 | {number(cls['student'])} | 1 is the teacher's by definition; "
+            "no verdict |") in eval_table(r)  # not bold: no winner
+    assert "can still denoise" not in r["student"]["verdict"] and "4 register tokens" in r["student"]["verdict"]
+    assert "can still denoise" in r["teacher"]["verdict"] or r["teacher"]["verdict"].startswith("HIGH-NORM")
+
+    assert len(seen) == 2 and seen[0][1] == seen[1][1]  # every picture: one range
+    norms = np.concatenate([np.asarray(m["norm"]).ravel() for rows, _ in seen for _, m in rows])
+    lo, hi = seen[0][1]  # before: (max,) read as 0..max
+    assert 0 < norms.min() <= lo and hi <= norms.max()
+    assert (norms < lo).mean() <= 0.02 and (norms > hi).mean() <= 0.02
+    # a few artifact tokens no longer set the scale: norms of 40-60 span it, a 500 is clipped
+    from phreg.eval.figures import norm_range
+
+    flat = {"norm": torch.linspace(40, 60, 400)}
+    spiky = {"norm": torch.cat([torch.linspace(40, 60, 396), torch.full((4,), 500.0)])}
+    lo, hi = norm_range([flat, spiky])
+    assert 40 <= lo < 41 and 59 < hi <= 60

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from .analysis import Analysis, analyze, to_rgb
-from .figures import norm_histogram, panels
+from .figures import norm_histogram, norm_range, panels
 from ..files import write_json
 from .inspection import load_images, verdict
 from .metrics import METRICS, STAGES, Context, Measured, Metric
@@ -108,9 +108,9 @@ def evaluate(student: Loaded, teacher: Loaded, images_dir, out: Path, options: E
 
 def _pictures(a_t: Analysis, a_s: Analysis, images, student: Loaded, threshold: float, out: Path) -> list[str]:
     """Teacher above student per pictured image (shared colour scales), and both models' norm histograms."""
-    vmax = max(float(m["norm"].max()) for a in (a_t, a_s) for m in a.maps) if a_t.maps else None
+    shared = norm_range(a_t.maps + a_s.maps) if a_t.maps else None  # one colour range: teacher, student, all images
     figures = [panels(to_rgb(images[i], student.mean, student.std), [("teacher", mt), ("student", ms)],
-                      out / f"compare_{i}.png", vmax).name for i, (mt, ms) in enumerate(zip(a_t.maps, a_s.maps))]
+                      out / f"compare_{i}.png", shared).name for i, (mt, ms) in enumerate(zip(a_t.maps, a_s.maps))]
     figures.append(norm_histogram([("teacher", a_t.norms[a_t.artifact_layer]),
                                    ("student", a_s.norms[a_s.artifact_layer])], out / "norm_histogram.png",
                                   threshold).name)

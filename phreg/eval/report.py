@@ -31,7 +31,8 @@ def summary_table(rows: list[dict]) -> str:
     out = ["<table><tr><th>metric</th><th>teacher</th><th>student</th><th>better</th></tr>"]
     for r in rows:
         out.append(f"<tr><td>{html.escape(r['label'])}</td><td>{_fmt(r['teacher'])}</td>"
-                   f"<td class='{_verdict_class(r)}'>{_fmt(r['student'])}</td><td>{r['better'] or ''}</td></tr>")
+                   f"<td class='{_verdict_class(r)}'>{_fmt(r['student'])}</td>"
+                   f"<td>{html.escape(r['better'] or r.get('note') or '')}</td></tr>")
     out.append("</table>")
     return "\n".join(out)
 

@@ -60,7 +60,7 @@ def eval_table(report: dict) -> str:
     rows (images/s), which are shown as measured without a verdict."""
     lines = ["| metric | teacher | student | better |", "| --- | ---: | ---: | --- |"]
     for row in report["summary"]:
-        better = "hardware-dependent, no verdict" if hardware_dependent(row) else row.get("better")
+        better = "hardware-dependent, no verdict" if hardware_dependent(row) else row.get("better") or row.get("note")
         cells = [number(row.get("teacher")), number(row.get("student"))]
         best = winner(row)
         if best is not None:
