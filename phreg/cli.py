@@ -199,6 +199,20 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _export(args) -> int:
+    from .lock import hold, note_if_held
+
+    inside = args.out is None or Path(args.out).resolve().is_relative_to(Path(args.run).resolve())
+    if not inside:  # written elsewhere: the run is only read (its newest verified checkpoint, as it is now)
+        note_if_held(args.run, "exporting its newest checkpoint as it is now")
+        return _export_to(args)
+    from .run import require_run
+
+    require_run(args.run)  # before the lock: never a lock file in a folder that is not a run
+    with hold(args.run, "phreg export"):  # writes into the run folder: one writer at a time
+        return _export_to(args)
+
+
+def _export_to(args) -> int:
     began = time.perf_counter()
     if args.format in ("transformers", "both"):
         from .hub.transformers import ARCHITECTURE, SUFFIX, export_run_transformers
@@ -222,8 +236,10 @@ def _export(args) -> int:
 
 def _push(args) -> int:
     from .hub.publish import PushError, check_repo_id, dry_run, push
+    from .lock import refuse_if_held
 
     check_repo_id(args.repo_id)
+    refuse_if_held(args.run, "push publishes a run once it has finished; push it then")
     if args.tries < 1 or args.retry_wait < 0:
         raise UsageError("--tries must be >= 1 and --retry-wait >= 0")
     began = time.perf_counter()

@@ -368,3 +368,42 @@ def test_ctrl_c_stops_a_pytest_session_that_runs_distill(tmp_path, dinov2_file):
     assert "Interrupted: interrupted at step" in out and "failed" not in out, out  # pytest's KeyboardInterrupt banner
     assert not (tmp_path / "b_ran").exists()
     assert len(checkpoint_dirs(tmp_path / "run")) == 1
+
+
+@pytest.mark.slow
+def test_two_processes_never_write_one_run_folder(tmp_path, dinov2_file):
+    """The issue's double launch: `phreg distill ... RUN` and, while it trains, the same command with --auto-resume.
+    The second is refused in one line naming the first (host, PID, since), exit 2, and writes nothing; `export` into
+    the run and `push` are refused too, `eval`-style readers only get a note; once the first ends, the folder is free."""
+    import socket
+
+    from phreg.lock import hold, holder, note_if_held
+
+    recipe = save_recipe(tiny(tmp_path, dinov2_file, "train.batch_size=1", "train.max_steps=400",
+                              "train.save_every_minutes=0"), tmp_path / "recipe.yaml")
+    run = tmp_path / "run"
+    first = phreg("distill", recipe, f"output_dir={run}", "--quiet", wait=False)
+    try:
+        deadline = time.monotonic() + 240
+        while not logged_steps(run):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.02)
+        who = f"is being written by phreg distill on host {socket.gethostname()}, PID {first.pid}, since "
+        metrics = (run / "metrics.jsonl").read_text()
+        second = phreg("distill", recipe, f"output_dir={run}", "--quiet", "--auto-resume")
+        assert second.returncode == 2 and who in one_line(second.stderr), second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+        assert (run / "metrics.jsonl").read_text().startswith(metrics)  # untouched: still the first run's rows
+        export = phreg("export", run)
+        assert export.returncode == 2 and who in one_line(export.stderr), export.stderr
+        push = phreg("push", run, "--repo-id", "alice/x", "--dry-run", tmp_path / "hub")
+        assert push.returncode == 2 and "push publishes a run once it has finished" in one_line(push.stderr)
+        assert not (tmp_path / "hub").exists()
+        note_if_held(run, "reading it as it is")  # what eval and inspect print, and go on
+    finally:
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=240)
+    assert first.returncode == 75, err
+    assert holder(run) is None
+    with hold(run, "phreg distill"):  # free again: the next writer takes it
+        pass

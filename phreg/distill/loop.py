@@ -8,6 +8,8 @@ does the device placement, bf16 autocast and gradient sync. The parts live in th
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import time
 from pathlib import Path
@@ -22,6 +24,7 @@ from ..errors import Aborted, UsageError  # noqa: F401  (Aborted: raised here, i
 from ..files import write_json, writing
 from ..folders import data_record
 from ..hub.export import export_metadata, export_student
+from ..lock import hold
 from ..models import find_weights
 from ..recipe import Recipe, TrainCfg, recipe_hash, to_dict
 from ..run import EXPORT, METRICS, SUMMARY, TEXT_FILE
@@ -41,11 +44,20 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
     folder has a checkpoint, start fresh when it has none. A resumed recipe may raise train.epochs / train.max_steps:
     the lr schedule is then the one the longer plan defines at each step (see README, "Long runs and clusters").
     verbose: print the unlocked-parameter table whole (it is always written to RUN/unlocked.txt).
+    The run folder is held by this process (its main process under DDP) until it returns: a second writer is refused
+    (`phreg.lock`).
     Stops with `Preempted` after writing a checkpoint on a stop signal, with `Interrupted` (a KeyboardInterrupt, so
     that pytest, a notebook or a script stops as Ctrl-C means) after writing one on Ctrl-C; a second Ctrl-C raises a
     plain KeyboardInterrupt at once.
     """
     run = Path(recipe.output_dir)
+    main = int(os.environ.get("RANK", 0)) == 0  # before Accelerate: the main process of a launch holds the lock
+    with hold(run, "phreg distill") if main else contextlib.nullcontext():  # one writer per run folder
+        return _distill(recipe, run, resume, cpu, quiet, auto_resume, verbose)
+
+
+def _distill(recipe: Recipe, run: Path, resume: bool, cpu: bool, quiet: bool, auto_resume: bool,
+             verbose: bool) -> Path:
     start = Start(run, recipe, resume, auto_resume)
     if start.done:
         if not quiet:

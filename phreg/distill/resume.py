@@ -63,7 +63,7 @@ class Start:
         if self.resume and found is None:
             raise UsageError(f"--resume: no checkpoint in {run / 'checkpoints'}")
         if not self.resume and found is not None:
-            from ..models.loading import check_architecture
+            from ..preflight import check_architecture
 
             check_architecture(recipe.model)  # the recipe's own mistake first, as `phreg distill` says it
             raise used_folder(run)

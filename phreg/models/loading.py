@@ -8,7 +8,6 @@ weights or does not fit, no weights and no network) is one `UsageError` line; th
 
 from __future__ import annotations
 
-import difflib
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from timm.data import resolve_data_config
 
 from ..backbones import backbone
 from ..errors import UsageError
-from ..preflight import check_img_size, check_model_name
+from ..preflight import check_img_size, check_model_name, unknown_model
 from ..recipe import ModelCfg
 from .weights import checkpoints_dir, find_weights, hub_cached, offline_reason, quiet_hub
 
@@ -40,25 +39,6 @@ def build_model(name: str, **kwargs) -> torch.nn.Module:
         raise UsageError(f"could not build model {name!r}: {error_summary(e)}") from None
     backbone(model, name)  # a supported family, or one line naming the ones that are
     return model
-
-
-def unknown_model(name: str, what: str) -> UsageError:
-    """`what 'vit_smal_patch14_dinov2' is not a timm model; closest: vit_small_patch14_dinov2, ...`."""
-    base = name.split(".")[0]
-    close = difflib.get_close_matches(base, timm.list_models(), n=3, cutoff=0.6)
-    hint = f"; closest: {', '.join(close)}" if close else "; see timm.list_models('*vit*')"
-    return UsageError(f"{what} {name!r} is not a timm model{hint}")
-
-
-def check_architecture(cfg: ModelCfg) -> None:
-    """`model.name` against timm's registry and `model.img_size` against its patch size, on the meta device (no
-    weights, no network): the recipe's own mistakes, said before anything about the folder it writes to."""
-    check_model_name(cfg.name, cfg.checkpoint)
-    if cfg.name.startswith("hf-hub:"):  # its architecture is in a config on the Hub: checked when it loads
-        return
-    if ":" not in cfg.name and not timm.is_model(cfg.name):
-        raise unknown_model(cfg.name, "model.name")
-    check_img_size(build_model(cfg.name, pretrained=False, device="meta"), cfg.img_size)
 
 
 def load_teacher(cfg: ModelCfg) -> torch.nn.Module:
