@@ -116,6 +116,9 @@ def _eval(args) -> int:
     for row in r["summary"]:
         verdict = row["better"] or row.get("note") or ""
         print(f"{row['label']:<52}{number(row['teacher'], '-'):>12}{number(row['student'], '-'):>12}  {verdict}")
+    from .training_list import overlap_line
+
+    print(overlap_line(r["training_overlap"]))
     stages = ", ".join(f"{k} {v}s" for k, v in r.get("timings", {}).items())
     print(f"wrote {out / 'eval.json'}, {out / 'report.html'} and {len(r['figures'])} pictures in "
           f"{time.perf_counter() - began:.0f}s (loading models {load_s:.1f}s{', ' + stages if stages else ''})")

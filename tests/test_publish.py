@@ -145,6 +145,17 @@ def test_local_weights_carry_no_hub_tag_or_license_in_config_json(run, tmp_path)
     assert "license" not in staged and "tag" not in staged
 
 
+def test_a_run_records_the_content_of_its_training_images(run):
+    """RUN/training_files.tsv: sha256, size and name of each image the run trained on (the embedded photos here), what
+    eval checks its own images against."""
+    rows = [ln.split("\t") for ln in (run / "training_files.tsv").read_text().splitlines() if not ln.startswith("#")]
+    photos = sorted(embedded_photos().glob("*.*"))
+    photos = [p for p in photos if p.suffix in (".png", ".jpg")]
+    assert [r[2] for r in rows] == [p.name for p in photos]
+    assert [r[0] for r in rows] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in photos]
+    assert [int(r[1]) for r in rows] == [p.stat().st_size for p in photos]
+
+
 def test_readme_names_every_file_an_upload_can_hold():
     """The README's list of what `push` uploads names eval.png and every other file `stage` can write."""
     from phreg.hub.publish import FILES

@@ -22,7 +22,9 @@ from ..data import EpochSampler, ImageDataset, collate
 from ..denoise.heldout import HeldOut
 from ..errors import UsageError
 from ..fastpath import teacher_precision
+from .. import training_list
 from ..files import write_atomic, writing
+from ..folders import embedded_photos, kind
 from ..models import find_weights
 from ..recipe import Recipe, save_recipe
 from ..run import METRICS, RECIPE, TEXT_FILE, checkpoint_dirs
@@ -93,6 +95,10 @@ def set_up(recipe: Recipe, acc: Accelerator, run: Path, start: Start, quiet: boo
     if acc.is_main_process:
         with writing("the unlocked-parameter table", run / UNLOCKED_FILE):
             write_atomic(run / UNLOCKED_FILE, table + "\n")
+        if kind(recipe.data.root) == "folder" and not (start.resume and (run / training_list.RECORD).is_file()):
+            with writing("the training list", run / training_list.RECORD):  # what eval checks its images against
+                root = Path(recipe.data.root).expanduser() if recipe.data.root else embedded_photos()
+                training_list.write_record(run, sources.train, root)
     # LambdaLR from the step: a fresh run starts at 0; a resumed one continues at its step (with the optimizer's
     # `initial_lr`), on the schedule of `total`, which is longer than the saved one when the run is extended.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lr_factor(recipe.train, total),

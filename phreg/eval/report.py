@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..files import write_atomic
 from ..tables import number, winner, zeroshot_iou_rows
+from ..training_list import overlap_line
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -88,10 +89,11 @@ def write_report(r: dict, path: Path) -> Path:
                  f"</table>")
     pictures = "\n".join(_img(folder / f) for f in r["figures"] if (folder / f).is_file())
     zeroshot = zeroshot_section(r["zeroshot"], folder) if "zeroshot" in r else ""
+    seen = f"<br>{html.escape(overlap_line(r['training_overlap']))}." if r.get("training_overlap") else ""
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>phreg eval</title><style>{CSS}</style></head><body>
 <h1>phreg eval: {html.escape(Path(s['name']).name)} vs {html.escape(t['name'])}</h1>
 <p class="muted">{r['images']} images at {r['img_size']} px, {r['views']} TTA views, seed {r['seed']};
-same images, crops and view plans for both models. phreg {r['phreg_version']}, {r['seconds']} s.</p>
+same images, crops and view plans for both models. phreg {r['phreg_version']}, {r['seconds']} s.{seen}</p>
 <p><b>teacher:</b> {html.escape(t['verdict'])}<br><b>student:</b> {html.escape(s['verdict'])}</p>
 <h2>Summary</h2>{summary_table(r['summary'])}
 <p class="muted">Green: the student is better than its teacher on that row; red: worse.</p>
