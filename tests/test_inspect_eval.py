@@ -243,7 +243,7 @@ def test_the_headline_is_scored_on_images_the_student_never_trained_on(tmp_path)
     assert o["unseen"] == [4] and o["by_name"] == 3 and o["same_name_other_content"] == 1  # 0, 1, 3 .png
     head, everything = r["summary"][:2]
     d = r["denoised_distance"]
-    assert head["label"] == "mean 1 - cos to TTA-denoised teacher features (1 never-trained images)"
+    assert head["label"] == "mean 1 - cos to TTA-denoised teacher features (1 never-trained image)"
     assert head["student"] == d["per_image_student"][4] and head["teacher"] == d["per_image_teacher"][4]
     assert everything["label"] == "  same, all 6 images (5 of them trained on)"
     assert everything["student"] == pytest.approx(sum(d["per_image_student"]) / 6)
@@ -252,7 +252,7 @@ def test_the_headline_is_scored_on_images_the_student_never_trained_on(tmp_path)
     assert "Training overlap: 5 of the 6 images are in the run's training list (4 images) by content, 3 by file " \
            "name (1 share a training file's name, not its content: never trained on); the first row is scored on " \
            "the 1 never trained on" in lead
-    assert "(1 never-trained images)" in eval_table(r)
+    assert "(1 never-trained image)" in eval_table(r)
 
     (images / "3.png").unlink()
     (images / "x.png").unlink()  # every image left was trained on: the row says it is not a held-out score

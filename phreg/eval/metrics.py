@@ -104,7 +104,7 @@ def denoised_distance(ctx: Context) -> Measured:
     else:  # the headline on never-trained images; all images beside it, saying how many were trained on
         d.update(unseen_images=len(unseen), unseen_teacher=tta.teacher_distances[unseen].mean().item(),
                  unseen_student=dist_s[unseen].mean().item())
-        rows = [row("denoised_distance", f"{label} ({len(unseen)} never-trained images)", d["unseen_teacher"],
+        rows = [row("denoised_distance", f"{label} ({len(unseen)} never-trained image{'s' * (len(unseen) != 1)})", d["unseen_teacher"],
                     d["unseen_student"], "lower"),
                 row("denoised_distance_all", f"  same, all {n} images ({n - len(unseen)} of them trained on)",
                     d["teacher"], d["student"], "lower")]
