@@ -112,10 +112,11 @@ def _eval(args) -> int:
                           num_classes=args.num_classes, ignore_index=args.ignore_index, split=args.split,
                           device=_device(args), zeroshot=zeroshot)
     r = evaluate(student, teacher, args.images, out, options)
-    print(f"{'metric':<52}{'teacher':>12}{'student':>12}  better")
+    w = max([52] + [len(row["label"]) + 2 for row in r["summary"]])  # labels say which images a row is on
+    print(f"{'metric':<{w}}{'teacher':>12}{'student':>12}  better")
     for row in r["summary"]:
         verdict = row["better"] or row.get("note") or ""
-        print(f"{row['label']:<52}{number(row['teacher'], '-'):>12}{number(row['student'], '-'):>12}  {verdict}")
+        print(f"{row['label']:<{w}}{number(row['teacher'], '-'):>12}{number(row['student'], '-'):>12}  {verdict}")
     from .training_list import overlap_line
 
     print(overlap_line(r["training_overlap"]))
