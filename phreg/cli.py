@@ -29,14 +29,15 @@ def _distill(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     check_distill(recipe, resuming=args.resume or args.auto_resume)  # before torch is even imported
     from .distill.loop import distill
-    from .distill.preempt import Preempted
+    from .distill.preempt import Interrupted, Preempted
     from .run import latest_checkpoint
 
     main_process = int(os.environ.get("RANK", 0)) == 0  # one line per launch, not one per process
     again = _resume_command(args)
     try:
-        run = distill(recipe, resume=args.resume, cpu=args.cpu, quiet=args.quiet, auto_resume=args.auto_resume)
-    except Preempted as e:
+        run = distill(recipe, resume=args.resume, cpu=args.cpu, quiet=args.quiet, auto_resume=args.auto_resume,
+                      verbose=args.verbose)
+    except (Preempted, Interrupted) as e:
         if main_process:
             print(f"phreg: preempted at step {e.step} by {e.signame}, checkpoint {e.checkpoint}; resume with: {again}",
                   file=sys.stderr)
@@ -111,10 +112,14 @@ def _eval(args) -> int:
                           num_classes=args.num_classes, ignore_index=args.ignore_index, split=args.split,
                           device=_device(args), zeroshot=zeroshot)
     r = evaluate(student, teacher, args.images, out, options)
-    print(f"{'metric':<52}{'teacher':>12}{'student':>12}  better")
+    w = max([52] + [len(row["label"]) + 2 for row in r["summary"]])  # labels say which images a row is on
+    print(f"{'metric':<{w}}{'teacher':>12}{'student':>12}  better")
     for row in r["summary"]:
         verdict = row["better"] or row.get("note") or ""
-        print(f"{row['label']:<52}{number(row['teacher'], '-'):>12}{number(row['student'], '-'):>12}  {verdict}")
+        print(f"{row['label']:<{w}}{number(row['teacher'], '-'):>12}{number(row['student'], '-'):>12}  {verdict}")
+    from .training_list import overlap_line
+
+    print(overlap_line(r["training_overlap"]))
     stages = ", ".join(f"{k} {v}s" for k, v in r.get("timings", {}).items())
     print(f"wrote {out / 'eval.json'}, {out / 'report.html'} and {len(r['figures'])} pictures in "
           f"{time.perf_counter() - began:.0f}s (loading models {load_s:.1f}s{', ' + stages if stages else ''})")
@@ -214,6 +219,20 @@ def _estimate(args) -> int:
 
 
 def _export(args) -> int:
+    from .lock import hold, note_if_held
+
+    inside = args.out is None or Path(args.out).resolve().is_relative_to(Path(args.run).resolve())
+    if not inside:  # written elsewhere: the run is only read (its newest verified checkpoint, as it is now)
+        note_if_held(args.run, "exporting its newest checkpoint as it is now")
+        return _export_to(args)
+    from .run import require_run
+
+    require_run(args.run)  # before the lock: never a lock file in a folder that is not a run
+    with hold(args.run, "phreg export"):  # writes into the run folder: one writer at a time
+        return _export_to(args)
+
+
+def _export_to(args) -> int:
     began = time.perf_counter()
     if args.format in ("transformers", "both"):
         from .hub.transformers import ARCHITECTURE, SUFFIX, export_run_transformers
@@ -237,8 +256,10 @@ def _export(args) -> int:
 
 def _push(args) -> int:
     from .hub.publish import PushError, check_repo_id, dry_run, push
+    from .lock import refuse_if_held
 
     check_repo_id(args.repo_id)
+    refuse_if_held(args.run, "push publishes a run once it has finished; push it then")
     if args.tries < 1 or args.retry_wait < 0:
         raise UsageError("--tries must be >= 1 and --retry-wait >= 0")
     began = time.perf_counter()
@@ -293,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "run and every requeue")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     p.add_argument("--quiet", action="store_true", help="no progress bar or tables")
+    p.add_argument("--verbose", action="store_true",
+                   help="print the unlocked-parameter table whole (always written to RUN/unlocked.txt)")
     p.set_defaults(func=_distill)
 
     p = sub.add_parser("estimate", formatter_class=HelpFormatter, help="the memory a recipe's run will need, without weights",

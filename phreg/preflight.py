@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .errors import UsageError
 from .folders import kind, scan_images
-from .run import STEP_DIR
+from .lock import note_if_held, refuse_if_held
+from .run import STEP_DIR, used_folder
 
 
 
@@ -47,6 +48,37 @@ def check_model_name(name: str, checkpoint: str | None = None) -> None:
     if name.startswith("local-dir:") and not Path(name.removeprefix("local-dir:")).is_dir():
         raise UsageError(f"model.name {name}: no such folder")
     check_file(checkpoint, "model.checkpoint")
+
+
+def unknown_model(name: str, what: str) -> UsageError:
+    """`what 'vit_smal_patch14_dinov2' is not a timm model; closest: vit_small_patch14_dinov2, ...`."""
+    import difflib
+
+    import timm
+
+    base = name.split(".")[0]
+    close = difflib.get_close_matches(base, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"; closest: {', '.join(close)}" if close else "; see timm.list_models('*vit*')"
+    return UsageError(f"{what} {name!r} is not a timm model{hint}")
+
+
+def check_architecture(cfg) -> None:
+    """`model.name` against timm's registry and `model.img_size` against its patch size, on the meta device (no
+    weights, no network; timm's import costs seconds): the recipe's own mistakes, said before anything about the
+    folder it writes to. What else can be wrong with the model is said by the loader, in its own words."""
+    import timm
+
+    check_model_name(cfg.name, cfg.checkpoint)
+    if cfg.name.startswith("hf-hub:"):  # its architecture is in a config on the Hub: checked when it loads
+        return
+    if ":" not in cfg.name and not timm.is_model(cfg.name):
+        raise unknown_model(cfg.name, "model.name")
+    try:
+        model = timm.create_model(cfg.name, pretrained=False, device="meta")
+    except Exception:  # a folder timm cannot read, a family phreg does not distill: the loader's words
+        return
+    if hasattr(model, "patch_embed"):
+        check_img_size(model, cfg.img_size)
 
 
 def check_img_size(model, img_size: int) -> None:
@@ -112,10 +144,14 @@ def check_distill(recipe, resuming: bool = False) -> None:
     if d.val_root and kind(d.val_root) == "folder":
         scan_images(d.val_root, "data.val_root")
     check_out(recipe.output_dir, "output_dir")
+    if int(os.environ.get("RANK", 0)) == 0:  # only the process that will hold the lock probes it
+        refuse_if_held(Path(recipe.output_dir).expanduser())
     held = Path(recipe.output_dir).expanduser() / "checkpoints"
     if not resuming and held.is_dir() and any(STEP_DIR.match(p.name) for p in held.iterdir()):
-        raise UsageError(f"{recipe.output_dir} already holds a run; pass --resume to continue it or choose another "
-                         "output_dir")
+        # the recipe's own mistakes first (a misspelt model.name, a bad model.img_size): a seconds-long timm check,
+        # paid only on this path; the folder's state is not what is wrong with such a command
+        check_architecture(recipe.model)
+        raise used_folder(Path(recipe.output_dir).expanduser())
     if recipe.cache.dir:
         check_out(recipe.cache.dir, "cache.dir")
 
@@ -129,6 +165,7 @@ def check_eval(args) -> list[Path]:
         raise UsageError("--classes needs --masks (ground-truth label maps) to score zero-shot segmentation")
     check_views(args.views)
     check_model_spec(args.student, "--student")
+    note_if_held(args.student, "evaluating its export as it is now (replaced whole when the run finishes)")
     if args.teacher:
         check_model_spec(args.teacher, "--teacher")
     elif not (Path(args.student) / "recipe.yaml").is_file():
@@ -156,6 +193,7 @@ def check_eval(args) -> list[Path]:
 def check_inspect(args) -> list[Path]:
     check_views(args.views)
     check_model_spec(args.model)
+    note_if_held(args.model, "inspecting its export as it is now (replaced whole when the run finishes)")
     check_file(args.checkpoint, "--checkpoint")
     check_out(args.out)
     return check_images(args.images, args.limit)

@@ -117,6 +117,17 @@ def newest_valid(run: str | Path, move_aside: bool = True, say=None) -> Path | N
     return None
 
 
+def used_folder(run: str | Path) -> UsageError:
+    """The refusal of a fresh run into a folder that holds one: a stopped run is continued with --resume; a finished
+    one is said to be finished, with how to train it longer (never a bare --resume, which would do nothing)."""
+    run = Path(run)
+    if finished(run):
+        step = read_summary(run)["steps"]
+        return UsageError(f"{run} already holds a finished run (step {step}, export written); to train it longer "
+                          "pass --resume with a larger train.max_steps or train.epochs, or choose another output_dir")
+    return UsageError(f"{run} already holds a run; pass --resume to continue it or choose another output_dir")
+
+
 # ----------------------------------------------------------------------------------------------- summary, export
 
 def read_summary(run: str | Path) -> dict | None:

@@ -88,7 +88,8 @@ def test_recipe_file_missing_and_bad_override(tmp_path):
 def test_resume_without_checkpoint_and_rerun_into_a_used_folder(tmp_path, quick):
     assert_usage_error(phreg("distill", *quick, "--resume"), "--resume: no checkpoint")
     assert phreg("distill", *quick, "--quiet").returncode == 0
-    assert_usage_error(phreg("distill", *quick), "already holds a run; pass --resume")
+    assert_usage_error(phreg("distill", *quick), "already holds a finished run (step 1, export written); to train it "
+                                                 "longer pass --resume with a larger train.max_steps")
 
 
 def test_help_and_version():
@@ -110,10 +111,57 @@ def test_a_used_output_dir_is_refused_before_any_model_loads(tmp_path):
     check_distill(recipe, resuming=True)  # which checkpoint to use is distill's (verified) decision
 
 
+def fake_run(run: Path, step: int, finished: bool) -> Path:
+    """A run folder as distill leaves it, without training: checkpoint step_N, and when `finished` an export of step N
+    (its weights' header says so) and summary.json."""
+    (run / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+    (run / "recipe.yaml").write_text("output_dir: x\n")
+    if finished:
+        (run / "export").mkdir()
+        safetensors.torch.save_file({"x": __import__("torch").zeros(1)}, str(run / "export" / "model.safetensors"),
+                                    metadata={"steps": str(step)})
+        (run / "summary.json").write_text(f'{{"steps": {step}}}')
+    return run
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.img_size=225", "model.img_size=225 is not a multiple of the patch size 14; nearest valid sizes: 224, 238"),
+    ("model.name=vit_smal_patch14_dinov2", "model.name 'vit_smal_patch14_dinov2' is not a timm model; closest: "
+                                           "vit_small_patch14_dinov2"),
+])
+def test_a_used_output_dir_does_not_hide_the_recipe_s_own_mistake(tmp_path, override, message):
+    """With output_dir holding a run, a bad img_size or a misspelt model name gets its own error, not "pass --resume"
+    (which would fail again on the same mistake)."""
+    from phreg.errors import UsageError
+    from phreg.preflight import check_distill
+    from phreg.recipe import load_recipe
+
+    fake_run(tmp_path / "run", 2, finished=False)
+    recipe = load_recipe(RECIPES / "quickstart.yaml", [f"output_dir={tmp_path / 'run'}", override])
+    with pytest.raises(UsageError) as e:
+        check_distill(recipe)
+    assert message in str(e.value), str(e.value)
+
+
+def test_a_finished_run_is_said_to_be_finished_not_told_to_resume(tmp_path):
+    from phreg.distill.resume import Start
+    from phreg.errors import UsageError
+    from phreg.preflight import check_distill
+    from phreg.recipe import load_recipe
+
+    run = fake_run(tmp_path / "run", 7, finished=True)
+    recipe = load_recipe(RECIPES / "quickstart.yaml", [f"output_dir={run}"])
+    for check in (lambda: check_distill(recipe), lambda: Start(run, recipe, resume=False, auto_resume=False)):
+        with pytest.raises(UsageError) as e:
+            check()
+        assert str(e.value) == (f"{run} already holds a finished run (step 7, export written); to train it longer "
+                                "pass --resume with a larger train.max_steps or train.epochs, or choose another "
+                                "output_dir")
+
+
 # Messages still written twice, in files that other parts of issue 17 own (distill/, eval/, clip/, hub/, cli.py).
 KNOWN_TWICE = {"--classes needs --masks (ground-truth label maps) to score zero-shot segmentation",
                "zero-shot window: crop", "is not a multiple of the patch size",
-               "already holds a run; pass --resume to continue it or choose another output_dir",
                "recipe key train.unlock", "--views must be >= 1", "is not a phreg run folder (no recipe.yaml",
                "rebuild it with `phreg export", "it exists and is not a transformers export; choose a new folder"}
 

@@ -144,3 +144,120 @@ def test_a_metric_is_one_function_and_its_rows_reach_every_reader(tmp_path):
     assert "<td>patch tokens per image</td><td>4</td><td class=''>4</td>" in \
         (tmp_path / "eval" / "report.html").read_text()
     assert "| patch tokens per image | 4 | 4 |  |" in eval_table(r)
+
+
+def tiny_pair(tmp_path: Path, n_images: int = 3):
+    """A random 2-block DINOv2-S at 28 px and its 4-register student, and a folder of random images: eval in seconds."""
+    import numpy as np
+    import timm
+    from PIL import Image
+
+    from phreg.backbones import add_registers
+    from phreg.models import Loaded
+
+    torch.manual_seed(0)
+    model = timm.create_model(MODEL, pretrained=False, depth=2, img_size=28).eval()
+    teacher = Loaded(model, "tiny-teacher", 28, (0.5,) * 3, (0.5,) * 3)
+    student = Loaded(add_registers(model, 4), "tiny-student", 28, (0.5,) * 3, (0.5,) * 3)
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n_images):
+        Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    return teacher, student, images
+
+
+def test_small_things_a_reader_notices(tmp_path, monkeypatch):
+    """The CLS-cosine row has no verdict (the teacher's 1 is trivial: no red cell); a model with registers is not told
+    that distillation can still denoise it; patch-norm maps share one robust colour range (1st-99th percentile of
+    teacher and student together, not 0 to the maximum)."""
+    import numpy as np
+
+    from phreg.eval import evaluate as ev
+    from phreg.eval.evaluate import EvalOptions, evaluate
+    from phreg.hub.card import eval_table
+
+    teacher, student, images = tiny_pair(tmp_path)
+    seen = []
+    real = ev.panels
+    monkeypatch.setattr(ev, "panels", lambda image, rows, path, norms=None: seen.append((rows, norms)) or
+                        real(image, rows, path, norms))
+    r = evaluate(student, teacher, images, tmp_path / "eval", EvalOptions(views=2, pictures=2))
+    cls = next(row for row in r["summary"] if row["metric"] == "cls_cosine")
+    assert cls["teacher"] == 1.0 and cls["better"] is None and "by definition" in cls["note"]
+    html = (tmp_path / "eval" / "report.html").read_text()
+    assert "<td>CLS token cosine to the teacher&#x27;s</td><td>1</td><td class=''>" in html
+    from phreg.tables import number
+
+    assert (f"| CLS token cosine to the teacher's | 1 | {number(cls['student'])} | 1 is the teacher's by definition; "
+            "no verdict |") in eval_table(r)  # not bold: no winner
+    assert "can still denoise" not in r["student"]["verdict"] and "4 register tokens" in r["student"]["verdict"]
+    assert "can still denoise" in r["teacher"]["verdict"] or r["teacher"]["verdict"].startswith("HIGH-NORM")
+
+    assert len(seen) == 2 and seen[0][1] == seen[1][1]  # every picture: one range
+    norms = np.concatenate([np.asarray(m["norm"]).ravel() for rows, _ in seen for _, m in rows])
+    lo, hi = seen[0][1]  # before: (max,) read as 0..max
+    assert 0 < norms.min() <= lo and hi <= norms.max()
+    assert (norms < lo).mean() <= 0.02 and (norms > hi).mean() <= 0.02
+    # a few artifact tokens no longer set the scale: norms of 40-60 span it, a 500 is clipped
+    from phreg.eval.figures import norm_range
+
+    flat = {"norm": torch.linspace(40, 60, 400)}
+    spiky = {"norm": torch.cat([torch.linspace(40, 60, 396), torch.full((4,), 500.0)])}
+    lo, hi = norm_range([flat, spiky])
+    assert 40 <= lo < 41 and 59 < hi <= 60
+
+
+def test_the_headline_is_scored_on_images_the_student_never_trained_on(tmp_path):
+    """eval finds by itself which of its images are in the run's training list (by content, and by name beside it)
+    and computes the headline row on the others; the row, report and card say so. Before, the headline mixed
+    training and held-out images and nothing flagged it."""
+    import shutil
+
+    from phreg.eval.evaluate import EvalOptions, evaluate
+    from phreg.hub.card import eval_lead, eval_table
+    from phreg.models import Loaded
+    from phreg.training_list import RECORD, write_record
+
+    teacher, s, images = tiny_pair(tmp_path, n_images=4)
+    run = tmp_path / "run"
+    train = tmp_path / "train"
+    train.mkdir()
+    run.mkdir()
+    for name in ("0.png", "1.png"):
+        shutil.copy(images / name, train / name)
+    shutil.copy(images / "2.png", train / "renamed.png")  # image 2: trained on under another name
+    shutil.copy(images / "0.png", images / "0_copy.png")  # a copy of a training image in the eval set
+    (images / "3.png").rename(images / "x.png")
+    shutil.copy(images / "x.png", train / "3.png")  # trained under the name 3.png
+    (images / "3.png").write_bytes((images / "1.png").read_bytes()[:-1] + b"\0")  # name of one, content of none
+    write_record(run, sorted(train.iterdir()), train)
+    assert len((run / RECORD).read_text().splitlines()) == 1 + 4
+    student = Loaded(s.model, str(run), 28, s.mean, s.std, run=run)
+
+    r = evaluate(student, teacher, images, tmp_path / "eval", EvalOptions(views=2, pictures=0))
+    files = [Path(f).name for f in r["files"]]
+    assert files == ["0.png", "0_copy.png", "1.png", "2.png", "3.png", "x.png"]
+    o = r["training_overlap"]
+    assert o["recorded"] and [files[i] for i in o["trained"]] == ["0.png", "0_copy.png", "1.png", "2.png", "x.png"]
+    assert o["unseen"] == [4] and o["by_name"] == 3 and o["same_name_other_content"] == 1  # 0, 1, 3 .png
+    head, everything = r["summary"][:2]
+    d = r["denoised_distance"]
+    assert head["label"] == "mean 1 - cos to TTA-denoised teacher features (1 never-trained image)"
+    assert head["student"] == d["per_image_student"][4] and head["teacher"] == d["per_image_teacher"][4]
+    assert everything["label"] == "  same, all 6 images (5 of them trained on)"
+    assert everything["student"] == pytest.approx(sum(d["per_image_student"]) / 6)
+    assert "5 of the 6 images are in the run&#x27;s training list" in (tmp_path / "eval" / "report.html").read_text()
+    lead = eval_lead(r)
+    assert "Training overlap: 5 of the 6 images are in the run's training list (4 images) by content, 3 by file " \
+           "name (1 share a training file's name, not its content: never trained on); the first row is scored on " \
+           "the 1 never trained on" in lead
+    assert "(1 never-trained image)" in eval_table(r)
+
+    (images / "3.png").unlink()
+    (images / "x.png").unlink()  # every image left was trained on: the row says it is not a held-out score
+    r = evaluate(student, teacher, images, tmp_path / "eval2", EvalOptions(views=2, pictures=0))
+    assert r["summary"][0]["label"].endswith("(all 4 images were trained on: not a held-out score)")
+    r = evaluate(Loaded(s.model, "x", 28, s.mean, s.std), teacher, images, tmp_path / "eval3",
+                 EvalOptions(views=2, pictures=0))
+    assert r["summary"][0]["label"].endswith("(4 images; training overlap unknown)")

@@ -112,7 +112,7 @@ def test_load_errors_are_one_line(tmp_path, monkeypatch, dinov2_file):
         (ModelCfg(name="no_such_model"), "is not a timm model"),
         (ModelCfg(name="vit_smal_patch14_dinov2"), "is not a timm model; closest: vit_small_patch14_dinov2"),
         (ModelCfg(name=MODEL, checkpoint=str(tmp_path / "missing.safetensors")), "not found"),
-        (ModelCfg(name=MODEL, checkpoint=str(text)), f"{text} is not a weights file phreg can read"),
+        (ModelCfg(name=MODEL, checkpoint=str(text)), f"{text} is a text file, not weights (it starts 'these are"),
     ]
     for cfg, message in cases:
         with pytest.raises(UsageError) as e:
@@ -146,3 +146,36 @@ def test_loaders_refuse_a_spec_in_the_words_of_the_cli_checks(tmp_path):
         with pytest.raises(UsageError) as loader:
             load_teacher(r.model)
         assert str(loader.value) == str(preflight.value), overrides
+
+
+def test_a_file_that_is_not_weights_is_named_for_what_it_is(tmp_path, dinov2_file):
+    """A CSV, a whole pickled model, a zip of something else, a truncated safetensors file: each is said to be what it
+    is and what is expected, never torch's "retry with weights_only=False" (phreg has no such switch)."""
+    import torch
+
+    csv = tmp_path / "classes.csv"
+    csv.write_text("name,id\nroad,0\nsky,1\n")
+    whole = tmp_path / "whole.pt"
+    torch.save({"model": torch.nn.Linear(2, 2)}, whole)  # a module object: weights_only=True refuses it
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"model": torch.nn.Linear(2, 2)}, legacy, _use_new_zipfile_serialization=False)
+    other = tmp_path / "photos.zip"
+    import zipfile
+
+    with zipfile.ZipFile(other, "w") as z:
+        z.writestr("a.txt", "x")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(dinov2_file.read_bytes()[:5000])
+    noise = tmp_path / "noise.bin"
+    noise.write_bytes(bytes(range(256)) * 8)
+    cases = [(csv, "is a text file, not weights (it starts 'name,id'); expected a .safetensors file"),
+             (whole, "is a torch.save archive that holds more than tensors"),
+             (legacy, "is a legacy torch.save (pickle) file that holds more than tensors"),
+             (other, "is a zip archive but not a torch.save archive"),
+             (cut, "is a damaged safetensors file"),
+             (noise, "is neither safetensors nor a PyTorch archive (2048 bytes of other data)")]
+    for file, message in cases:
+        with pytest.raises(UsageError) as e:
+            load_teacher(ModelCfg(name=MODEL, checkpoint=str(file), img_size=224))
+        text = str(e.value)
+        assert message in text and "weights_only=False" not in text and "\n" not in text, text

@@ -127,6 +127,46 @@ def test_model_card_front_matter_and_body(run, tmp_path):
     assert "## Evaluation" not in body and "eval.png" not in body
 
 
+def test_local_weights_carry_no_hub_tag_or_license_in_config_json(run, tmp_path):
+    """The tiny run's teacher is a local file: neither its export nor the upload's config.json claims the Hub
+    checkpoint's `license: apache-2.0` / `tag: lvd142m` (the card says the licence is not set)."""
+    out = dry(run, tmp_path / "hub")
+    for config in (run / "export" / "config.json", out / "config.json"):
+        cfg = json.loads(config.read_text())["pretrained_cfg"]
+        assert "license" not in cfg and "tag" not in cfg, (config, cfg)
+        assert cfg["mean"] and cfg["input_size"] == [3, 56, 56]  # the rest of the config is intact
+    # an export written before this rule (with the fields) is cleaned when it is staged
+    old = light_copy(run, tmp_path / "old")
+    cfg = json.loads((run / "export" / "config.json").read_text())
+    cfg["pretrained_cfg"].update(tag="lvd142m", license="apache-2.0")
+    (old / "export" / "config.json").unlink()
+    (old / "export" / "config.json").write_text(json.dumps(cfg))
+    staged = json.loads((dry(old, tmp_path / "hub2") / "config.json").read_text())["pretrained_cfg"]
+    assert "license" not in staged and "tag" not in staged
+
+
+def test_a_run_records_the_content_of_its_training_images(run):
+    """RUN/training_files.tsv: sha256, size and name of each image the run trained on (the embedded photos here), what
+    eval checks its own images against."""
+    rows = [ln.split("\t") for ln in (run / "training_files.tsv").read_text().splitlines() if not ln.startswith("#")]
+    photos = sorted(embedded_photos().glob("*.*"))
+    photos = [p for p in photos if p.suffix in (".png", ".jpg")]
+    assert [r[2] for r in rows] == [p.name for p in photos]
+    assert [r[0] for r in rows] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in photos]
+    assert [int(r[1]) for r in rows] == [p.stat().st_size for p in photos]
+
+
+def test_readme_names_every_file_an_upload_can_hold():
+    """The README's list of what `push` uploads names eval.png and every other file `stage` can write."""
+    from phreg.hub.publish import FILES
+
+    text = " ".join((REPO / "README.md").read_text().split("## Publish", 1)[1].split("\n## ", 1)[0].split())
+    said = text.split("The upload folder holds", 1)[1].split("nothing else", 1)[0]
+    for name in FILES:
+        if name != "preprocessor_config.json":  # transformers' files: named in the --format section below
+            assert f"`{name}`" in said, name
+
+
 def test_model_card_usage_snippet_runs(run, tmp_path):
     out = dry(run, tmp_path / "hub")
     code = re.search(r"```python\n(.*?)```", card(out)[1], re.S).group(1)

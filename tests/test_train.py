@@ -225,3 +225,19 @@ def test_two_processes_train_like_one_with_their_batches_together(tmp_path, dino
     for name in a:  # Adam turns float-rounding-sized gradient differences into lr-sized steps: compare to the move
         moved = (a[name] - start[name]).norm()
         assert (a[name] - b[name]).norm() <= 0.01 * moved, name  # measured: <= 0.0012
+
+
+@pytest.mark.slow
+def test_the_unlocked_table_is_one_line_unless_verbose_and_always_in_the_run_folder(tmp_path, dinov2_file, capsys):
+    """The quickstart's 28 console lines were 19 rows of this table: one summary line by default."""
+    run = distill(tiny(tmp_path, dinov2_file, "train.max_steps=1"), quiet=False)
+    out = capsys.readouterr().out
+    table = (run / "unlocked.txt").read_text()
+    assert table.startswith("unlocked parameter") and "reg_token" in table and "blocks.11.mlp.fc2.weight" in table
+    assert "total unlocked" in table
+    rows = [ln for ln in out.splitlines() if ln.startswith(("unlocked", "total unlocked"))]
+    assert len(rows) == 1 and rows[0].startswith("unlocked 2,009,472 of 21,537,792 parameters (9.3%) in 19 tensors, "
+                                                 "lr 1e-04/1e-05; the table: "), out
+    assert "reg_token" not in out and "blocks.11" not in out
+    distill(tiny(tmp_path, dinov2_file, "train.max_steps=1", name="verbose"), quiet=False, verbose=True)
+    assert (tmp_path / "verbose" / "unlocked.txt").read_text() in capsys.readouterr().out

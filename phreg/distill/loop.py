@@ -8,6 +8,8 @@ does the device placement, bf16 autocast and gradient sync. The parts live in th
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import time
 from pathlib import Path
@@ -22,10 +24,12 @@ from ..errors import Aborted, UsageError  # noqa: F401  (Aborted: raised here, i
 from ..files import write_json, writing
 from ..folders import data_record
 from ..hub.export import export_metadata, export_student
+from ..lock import hold
+from ..models import find_weights
 from ..recipe import Recipe, TrainCfg, recipe_hash, to_dict
 from ..run import EXPORT, METRICS, SUMMARY, TEXT_FILE
 from .checkpoints import save_checkpoint
-from .preempt import Preempted, StopRequests
+from .preempt import StopRequests, stopped
 from .progress import Progress, TrainState
 from .resume import Start
 from .session import Session, set_up
@@ -33,15 +37,27 @@ from .step import lr_factor, make_accelerator, train_step  # noqa: F401  (lr_fac
 
 
 def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool = False,
-            auto_resume: bool = False) -> Path:
+            auto_resume: bool = False, verbose: bool = False) -> Path:
     """Train a student for `recipe`; returns the run folder (with `export/` when it finished).
 
     resume: continue from the newest valid checkpoint (damaged ones are moved aside). auto_resume: resume when the run
     folder has a checkpoint, start fresh when it has none. A resumed recipe may raise train.epochs / train.max_steps:
     the lr schedule is then the one the longer plan defines at each step (see README, "Long runs and clusters").
-    Stops with `Preempted` after writing a checkpoint on a stop signal or Ctrl-C.
+    verbose: print the unlocked-parameter table whole (it is always written to RUN/unlocked.txt).
+    The run folder is held by this process (its main process under DDP) until it returns: a second writer is refused
+    (`phreg.lock`).
+    Stops with `Preempted` after writing a checkpoint on a stop signal, with `Interrupted` (a KeyboardInterrupt, so
+    that pytest, a notebook or a script stops as Ctrl-C means) after writing one on Ctrl-C; a second Ctrl-C raises a
+    plain KeyboardInterrupt at once.
     """
     run = Path(recipe.output_dir)
+    main = int(os.environ.get("RANK", 0)) == 0  # before Accelerate: the main process of a launch holds the lock
+    with hold(run, "phreg distill") if main else contextlib.nullcontext():  # one writer per run folder
+        return _distill(recipe, run, resume, cpu, quiet, auto_resume, verbose)
+
+
+def _distill(recipe: Recipe, run: Path, resume: bool, cpu: bool, quiet: bool, auto_resume: bool,
+             verbose: bool) -> Path:
     start = Start(run, recipe, resume, auto_resume)
     if start.done:
         if not quiet:
@@ -49,7 +65,7 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
         return run
     began = time.perf_counter()
     acc = make_accelerator(recipe, cpu, run)
-    s = set_up(recipe, acc, run, start, quiet)
+    s = set_up(recipe, acc, run, start, quiet, verbose)
     scored, wall = _train(recipe, s, quiet)
     _finish(recipe, s, scored, wall, began, quiet)
     return run
@@ -57,7 +73,8 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
 
 def _train(recipe: Recipe, s: Session, quiet: bool) -> tuple[dict | None, float]:
     """The loop: steps to the end of the plan, log lines, held-out scores and checkpoints. A stop signal or Ctrl-C
-    writes a checkpoint and raises `Preempted`. Returns the latest held-out score and the training time."""
+    writes a checkpoint and raises `Preempted` / `Interrupted`. Returns the latest held-out score and the training
+    time."""
     acc, state, cfg, params = s.acc, s.state, recipe.train, s.parts.params  # the unlocked parameters, gathered once
     progress = Progress(acc, s.run / METRICS, s.total, state.step, quiet)
     scored = None  # the latest held-out score
@@ -92,7 +109,7 @@ def _train(recipe: Recipe, s: Session, quiet: bool) -> tuple[dict | None, float]
                     progress.close()
                     stop.settle()
                     acc.end_training()
-                    raise Preempted(state.step, where, stop.requested)
+                    raise stopped(state.step, where, stop.requested)
         if resumed_at != state.step:  # not when a finished run was resumed at its last step
             _save(s, cfg, stop)
     wall = time.perf_counter() - progress.start
@@ -139,7 +156,8 @@ def _finish(recipe: Recipe, s: Session, scored: dict | None, wall: float, began:
     if acc.is_main_process:
         export_s = time.perf_counter()
         export_student(parts.student, run / EXPORT, mean=parts.mean, std=parts.std,
-                       metadata=export_metadata(recipe, s.state.step), text_tower=run / TEXT_FILE)
+                       metadata=export_metadata(recipe, s.state.step), text_tower=run / TEXT_FILE,
+                       local_weights=find_weights(recipe.model).local(recipe.model.name))
         export_s = time.perf_counter() - export_s
         timings = dict(total_s=round(time.perf_counter() - began, 1), cache_s=round(s.cache_s, 1),
                        train_s=round(wall, 1), export_s=round(export_s, 1))

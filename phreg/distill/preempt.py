@@ -2,9 +2,10 @@
 
 Clusters announce the end of a job with a signal (SLURM `--signal`, Kubernetes and spot instances SIGTERM) and kill it
 a little later. On such a signal (`train.stop_signals`, default SIGTERM and SIGUSR1) or a first Ctrl-C the loop
-finishes the optimizer step it is in, writes a checkpoint and stops with `Preempted`; a second Ctrl-C before the
-checkpoint starts quits at once (the previous checkpoint stays valid), and signals that arrive while the checkpoint is
-being written wait until it is complete.
+finishes the optimizer step it is in, writes a checkpoint and stops with `Preempted` (Ctrl-C: `Interrupted`, a
+KeyboardInterrupt, so that in-process callers stop too); a second Ctrl-C before the checkpoint starts quits at once
+(the previous checkpoint stays valid), and signals that arrive while the checkpoint is being written wait until it is
+complete.
 
 Under DDP every process must stop (and save) after the same step. Each process keeps two local flags, "stop" and "a
 timed checkpoint is due", and the flags are max-reduced at step boundaries through an asynchronous all-reduce on the
@@ -30,6 +31,30 @@ class Preempted(Exception):
         self.step, self.checkpoint, self.signame = step, checkpoint, signame
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C: training stopped after writing a checkpoint. A KeyboardInterrupt, so that whoever called `distill()`
+    in-process (pytest, a notebook, a script) stops as Ctrl-C means, instead of recording an error and going on;
+    the CLI reads the same attributes as `Preempted`'s for its resume hint and exits 130."""
+
+    def __init__(self, step: int, checkpoint, signame: str = "SIGINT"):
+        super().__init__(f"interrupted at step {step} by {signame}; checkpoint {checkpoint}")
+        self.step, self.checkpoint, self.signame = step, checkpoint, signame
+
+
+def stopped(step: int, checkpoint, signame: str) -> BaseException:
+    """What a stop request raises once its checkpoint is written: `Interrupted` for Ctrl-C, else `Preempted`."""
+    return (Interrupted if signame == "SIGINT" else Preempted)(step, checkpoint, signame)
+
+
+def say_above_bars(line: str) -> None:
+    """A line on stderr that starts on a line of its own: a live progress bar is cleared first and drawn again below
+    it (tqdm.write), instead of the line landing on the bar's tail."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+    sys.stderr.flush()
+
+
 def signal_number(name: str) -> int:
     name = name.upper()
     return getattr(signal, name if name.startswith("SIG") else f"SIG{name}")
@@ -41,7 +66,7 @@ class StopRequests:
     poll() -> (stop, save_due): stop after this step / write a timed checkpoint now."""
 
     def __init__(self, acc, signals: list[str], save_every_minutes: float, say=None):
-        self.acc, self.say = acc, say or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.acc, self.say = acc, say or say_above_bars
         self.signals = [signal.SIGINT, *(signal_number(s) for s in signals)]
         self.every_s = save_every_minutes * 60
         self.requested: str | None = None  # name of the first signal received (by any process, once agreed)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..recipe import Recipe, TrainCfg, load_recipe, to_dict
-from ..run import RECIPE, checkpoint_step, finished, latest_checkpoint, newest_valid
+from ..run import RECIPE, checkpoint_step, finished, latest_checkpoint, newest_valid, used_folder
 from .progress import flat
 
 # Keys a resumed run may change: where and how often it reports and checkpoints (they do not change the weights),
@@ -63,7 +63,10 @@ class Start:
         if self.resume and found is None:
             raise UsageError(f"--resume: no checkpoint in {run / 'checkpoints'}")
         if not self.resume and found is not None:
-            raise UsageError(f"{run} already holds a run; pass --resume to continue it or choose another output_dir")
+            from ..preflight import check_architecture
+
+            check_architecture(recipe.model)  # the recipe's own mistake first, as `phreg distill` says it
+            raise used_folder(run)
         if self.resume:
             self.old = started_with(run, recipe, self.flag)
             self.done = self.old is not None and finished(run) and not changed_keys(self.old, recipe) & LENGTH

@@ -22,7 +22,9 @@ from ..data import EpochSampler, ImageDataset, collate
 from ..denoise.heldout import HeldOut
 from ..errors import UsageError
 from ..fastpath import teacher_precision
-from ..files import writing
+from .. import training_list
+from ..files import write_atomic, writing
+from ..folders import embedded_photos, kind
 from ..models import base_change, find_weights
 from ..recipe import Recipe, save_recipe
 from ..run import METRICS, RECIPE, TEXT_FILE, checkpoint_dirs
@@ -34,7 +36,7 @@ from .memory import estimate, resident_bytes
 from .progress import TrainState, tracker_config
 from .resume import Start, planned_steps, trim_metrics
 from .step import Parts, build_parts, lr_factor
-from .unlock import unlocked_table
+from .unlock import UNLOCKED_FILE, unlocked_summary, unlocked_table
 
 
 @dataclass(kw_only=True)
@@ -60,9 +62,10 @@ class Session:
     base: dict  # the frozen base weights' identity (`Weights.identity`): in every checkpoint and in summary.json
 
 
-def set_up(recipe: Recipe, acc: Accelerator, run: Path, start: Start, quiet: bool) -> Session:
+def set_up(recipe: Recipe, acc: Accelerator, run: Path, start: Start, quiet: bool, verbose: bool = False) -> Session:
     """Data, teacher, student, optimizer, target cache and schedule, restored from the newest valid checkpoint when
-    resuming; the recipe (and a CLIP text tower) written into the run folder."""
+    resuming; the recipe, the unlocked-parameter table (printed whole with `verbose`, else in one line) and a CLIP
+    text tower written into the run folder."""
     say = (lambda *a: None) if quiet else acc.print
     checkpoint = start.checkpoint(acc, run) if start.resume else None
     base = base_weights(recipe, checkpoint, start.flag)
@@ -76,7 +79,8 @@ def set_up(recipe: Recipe, acc: Accelerator, run: Path, start: Start, quiet: boo
                          "in fp32 (a CPU: set train.precision=bf16)")
     runtime = resident_bytes() if acc.device.type == "cpu" else 0  # what the process holds before the model
     parts = build_parts(recipe, acc.device, train_precision)
-    say(unlocked_table(parts.student, parts.groups, parts.notes))
+    table = unlocked_table(parts.student, parts.groups, parts.notes)
+    say(table if verbose else unlocked_summary(parts.student, parts.groups, parts.notes, run / UNLOCKED_FILE))
     say(estimate(parts.targets.teacher, parts.student, parts.groups, recipe.views.num, recipe.train.batch_size,
                  acc.mixed_precision == "bf16", recipe.speed.grad_checkpointing,
                  parts.targets.chunk(acc.device), runtime).line())
@@ -94,6 +98,13 @@ def set_up(recipe: Recipe, acc: Accelerator, run: Path, start: Start, quiet: boo
         say(f"resumed from {checkpoint} at step {state.step}" + (f", extended to {total} steps" if total > planned
                                                                 else ""))
     write_run_files(recipe, acc, run, start.resume, state.step)
+    if acc.is_main_process:
+        with writing("the unlocked-parameter table", run / UNLOCKED_FILE):
+            write_atomic(run / UNLOCKED_FILE, table + "\n")
+        if kind(recipe.data.root) == "folder" and not (start.resume and (run / training_list.RECORD).is_file()):
+            with writing("the training list", run / training_list.RECORD):  # what eval checks its images against
+                root = Path(recipe.data.root).expanduser() if recipe.data.root else embedded_photos()
+                training_list.write_record(run, sources.train, root)
     # LambdaLR from the step: a fresh run starts at 0; a resumed one continues at its step (with the optimizer's
     # `initial_lr`), on the schedule of `total`, which is longer than the saved one when the run is extended.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lr_factor(recipe.train, total),

@@ -73,3 +73,19 @@ def unlocked_table(model: torch.nn.Module, param_groups: list[dict], notes: list
     rows.append(f"{'total unlocked':<40} {'':>18} {n_unlocked:>10,} of {total:,} ({100 * n_unlocked / total:.1f}%)")
     rows += [f"note: {n}" for n in notes]
     return "\n".join(rows)
+
+
+UNLOCKED_FILE = "unlocked.txt"  # RUN/unlocked.txt: the full table, one row per unlocked tensor
+
+
+def unlocked_summary(model: torch.nn.Module, param_groups: list[dict], notes: list[str] = (),
+                     table: str | None = None) -> str:
+    """The unlocked subset in one line (plus a line per note: parts the family lacks), for the console; the full
+    table (`unlocked_table`) goes to the run folder and under `--verbose`."""
+    total = sum(p.numel() for p in model.parameters())
+    n = sum(p.numel() for g in param_groups for p in g["params"])
+    tensors = sum(len(g["params"]) for g in param_groups)
+    lrs = "/".join(dict.fromkeys(f"{g['lr']:.0e}" for g in param_groups))
+    where = f"; the table: {table}" if table else ""
+    rows = [f"unlocked {n:,} of {total:,} parameters ({100 * n / total:.1f}%) in {tensors} tensors, lr {lrs}{where}"]
+    return "\n".join(rows + [f"note: {x}" for x in notes])

@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from .analysis import Analysis, analyze, to_rgb
-from .figures import norm_histogram, panels
+from .figures import norm_histogram, norm_range, panels
 from ..files import write_json
 from .inspection import load_images, verdict
 from .metrics import METRICS, STAGES, Context, Measured, Metric
 from ..models import Loaded
 from .inputs import split_indices
 from ..recipe import ViewsCfg
+from ..training_list import overlap
 from .report import write_report
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ def evaluate(student: Loaded, teacher: Loaded, images_dir, out: Path, options: E
     judged = a_s.outliers(t_thr if t_thr != float("inf") else None)
     judged.pop("mask")
     train, val = split_indices(files, o.split) if o.probing else (None, None)
+    seen = overlap(student.run, files)  # which images the student trained on, from its run's training list
     dataset = dict(images=str(images_dir), masks=str(o.masks) if o.masks else None,
                    split=str(o.split) if o.split else None, limit=o.limit)
     if o.probing:
@@ -80,13 +82,13 @@ def evaluate(student: Loaded, teacher: Loaded, images_dir, out: Path, options: E
                        split_rule=f"from {Path(o.split).name}" if o.split else "every 4th image is val")
     result = dict(
         schema=SCHEMA, phreg_version=__version__, seconds=None, images=len(files), img_size=student.img_size,
-        views=o.views, seed=o.seed, files=[str(f) for f in files], dataset=dataset,
+        views=o.views, seed=o.seed, files=[str(f) for f in files], dataset=dataset, training_overlap=seen,
         teacher=dict(name=teacher.name, inspect=s_t, verdict=verdict(s_t)),
         student=dict(name=student.name, inspect=s_s, verdict=verdict(s_s), outliers_at_teacher_threshold=judged),
     )
     out.mkdir(parents=True, exist_ok=True)
     ctx = Context(teacher=teacher, student=student, files=files, a_t=a_t, a_s=a_s, s_t=s_t, s_s=s_s, judged=judged,
-                  options=o, out=out, train=train, val=val)
+                  options=o, out=out, train=train, val=val, unseen=seen["unseen"])
     measured: dict[Metric, Measured] = {}
     for stage in STAGES:  # each stage timed on its own; the summary keeps the metrics' registration order
         for m in METRICS:
@@ -108,9 +110,9 @@ def evaluate(student: Loaded, teacher: Loaded, images_dir, out: Path, options: E
 
 def _pictures(a_t: Analysis, a_s: Analysis, images, student: Loaded, threshold: float, out: Path) -> list[str]:
     """Teacher above student per pictured image (shared colour scales), and both models' norm histograms."""
-    vmax = max(float(m["norm"].max()) for a in (a_t, a_s) for m in a.maps) if a_t.maps else None
+    shared = norm_range(a_t.maps + a_s.maps) if a_t.maps else None  # one colour range: teacher, student, all images
     figures = [panels(to_rgb(images[i], student.mean, student.std), [("teacher", mt), ("student", ms)],
-                      out / f"compare_{i}.png", vmax).name for i, (mt, ms) in enumerate(zip(a_t.maps, a_s.maps))]
+                      out / f"compare_{i}.png", shared).name for i, (mt, ms) in enumerate(zip(a_t.maps, a_s.maps))]
     figures.append(norm_histogram([("teacher", a_t.norms[a_t.artifact_layer]),
                                    ("student", a_s.norms[a_s.artifact_layer])], out / "norm_histogram.png",
                                   threshold).name)

@@ -24,18 +24,29 @@ def _save(fig, path: Path) -> Path:
     return write_atomic(path, buf.getvalue())
 
 
-def panels(image: np.ndarray, rows: list[tuple[str, dict]], path: Path, norm_max: float | None = None) -> Path:
+def norm_range(maps: list[dict]) -> tuple[float, float]:
+    """The colour range of patch-norm maps: their pooled 1st to 99th percentile. A range from 0 to the maximum makes
+    norms of 40-60 one flat colour and lets a few artifact tokens set the scale; teacher and student (and every
+    pictured image) share one range, so the same colour is the same norm everywhere."""
+    values = np.concatenate([np.asarray(m["norm"], dtype=np.float64).ravel() for m in maps])
+    lo, hi = np.percentile(values, [1, 99])
+    return float(lo), float(max(hi, lo + 1e-6))
+
+
+def panels(image: np.ndarray, rows: list[tuple[str, dict]], path: Path,
+           norms: tuple[float, float] | None = None) -> Path:
     """One row per model: image | patch-norm map (last block, pre-norm) | PCA-to-RGB | CLS attention.
-    Rows share the norm colour scale and the first row's PCA basis, so teacher and student compare directly."""
-    vmax = norm_max or max(float(m["norm"].max()) for _, m in rows)
+    Rows share the norm colour range (`norms`, default `norm_range` of these rows; the colour bar is clipped at both
+    ends) and the first row's PCA basis, so teacher and student compare directly."""
+    vmin, vmax = norms or norm_range([m for _, m in rows])
     basis = pca_basis(rows[0][1]["patches"])
     fig, axes = plt.subplots(len(rows), 4, figsize=(11, 2.9 * len(rows)), squeeze=False)
     for r, (label, m) in enumerate(rows):
         ax = axes[r]
         ax[0].imshow(image)
         ax[0].set_ylabel(label, fontsize=10)
-        im = ax[1].imshow(m["norm"].numpy(), cmap="inferno", vmin=0, vmax=vmax)
-        fig.colorbar(im, ax=ax[1], fraction=0.046, pad=0.02)
+        im = ax[1].imshow(m["norm"].numpy(), cmap="inferno", vmin=vmin, vmax=vmax)
+        fig.colorbar(im, ax=ax[1], fraction=0.046, pad=0.02, extend="both")
         ax[2].imshow(pca_rgb(m["patches"], m["norm"].shape, basis).numpy(), interpolation="nearest")
         if m["attn"] is not None:
             ax[3].imshow(m["attn"].numpy(), cmap="viridis")

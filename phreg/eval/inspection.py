@@ -10,7 +10,7 @@ import torch
 from .analysis import Analysis, analyze, to_rgb
 from ..data import ImageDataset, scan_images
 from ..errors import UsageError
-from .figures import norm_histogram, panels
+from .figures import norm_histogram, norm_range, panels
 from ..files import write_json
 from ..models import Loaded
 from ..recipe import ViewsCfg
@@ -27,13 +27,19 @@ def load_images(root, loaded: Loaded, limit: int = 0) -> tuple[list[Path], torch
 
 
 def verdict(summary: dict) -> str:
+    """One line: artifacts or not, and what to do. A model that already has registers (a distilled student, a
+    `reg4` checkpoint) is not told to get them or that distillation could still help it: its line says what it has."""
     o, noise = summary["outliers"], summary["tta_noise"]["mean_1_minus_cos"]
+    regs = summary.get("registers") or 0
     if o["rule"]["bimodal"]:
+        advice = (f"They remain despite its {regs} register tokens." if regs else
+                  "Registers recommended: phreg distill.")
         return (f"HIGH-NORM ARTIFACTS: {100 * o['fraction']:.1f}% of patch tokens above {o['threshold']:.0f} "
                 f"(up to {o['max_over_median']:.1f}x the median) in {o['images_with_outliers']}/{summary['images']} "
-                f"images; TTA noise {noise:.4f}. Registers recommended: phreg distill.")
+                f"images; TTA noise {noise:.4f}. {advice}")
+    tail = f"; it has {regs} register tokens" if regs else ": distillation can still denoise"
     return (f"no high-norm artifacts (patch norms unimodal, max {o['max_over_median']:.1f}x the median); "
-            f"TTA noise {noise:.4f} (mean 1-cos of raw to own denoised features): distillation can still denoise.")
+            f"TTA noise {noise:.4f} (mean 1-cos of raw to own denoised features){tail}.")
 
 
 def text_summary(s: dict) -> str:
@@ -65,8 +71,9 @@ def inspect_model(loaded: Loaded, images_dir, out: Path | None, views: int = 10,
     s["verdict"] = verdict(s)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        shared = norm_range(a.maps) if a.maps else None  # one colour range for every pictured image
         figures = [panels(to_rgb(images[i], loaded.mean, loaded.std), [(Path(a.name).name, m)],
-                          out / f"image_{i:02d}.png").name for i, m in enumerate(a.maps)]
+                          out / f"image_{i:02d}.png", shared).name for i, m in enumerate(a.maps)]
         figures.append(norm_histogram([(a.name, a.norms[a.artifact_layer])], out / "norm_histogram.png",
                                       s["outliers"]["threshold"]).name)
         s["figures"] = figures

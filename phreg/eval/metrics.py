@@ -44,6 +44,7 @@ class Context:
     out: Path  # the eval folder (pictures go there)
     train: list[int] | None = None  # the probe's split (indices into `files`), when masks and classes are given
     val: list[int] | None = None
+    unseen: list[int] | None = None  # images the student never trained on (`phreg.training_list`); None: unknown
 
 
 @dataclass
@@ -83,14 +84,30 @@ def row(metric: str, label: str, teacher, student, better: str | None, note: str
 
 @metric("denoised_distance")
 def denoised_distance(ctx: Context) -> Measured:
-    """Mean 1 - cos to the teacher's TTA-denoised features: the number distillation optimizes (and on the probe's
-    val images alone, when there is a split)."""
+    """Mean 1 - cos to the teacher's TTA-denoised features: the number distillation optimizes. The headline row is
+    measured on images the student never trained on (all images in a second row), or says in its label that it is
+    not; and on the probe's val images alone, when there is a split."""
     tta = ctx.a_t.tta
     dist_s = tta.distances(ctx.student.model)
     d = dict(teacher=tta.teacher_distance, student=dist_s.mean().item(),
              per_image_teacher=tta.teacher_distances.tolist(), per_image_student=dist_s.tolist())
-    rows = [row("denoised_distance", "mean 1 - cos to TTA-denoised teacher features", d["teacher"], d["student"],
-                "lower")]
+    label, n, unseen = "mean 1 - cos to TTA-denoised teacher features", len(ctx.files), ctx.unseen
+    if unseen is None:  # not a phreg run, or one that recorded no training list
+        rows = [row("denoised_distance", f"{label} ({n} images; training overlap unknown)", d["teacher"],
+                    d["student"], "lower")]
+    elif len(unseen) == n:
+        rows = [row("denoised_distance", f"{label} ({n} images, none trained on)", d["teacher"], d["student"],
+                    "lower")]
+    elif not unseen:
+        rows = [row("denoised_distance", f"{label} (all {n} images were trained on: not a held-out score)",
+                    d["teacher"], d["student"], "lower")]
+    else:  # the headline on never-trained images; all images beside it, saying how many were trained on
+        d.update(unseen_images=len(unseen), unseen_teacher=tta.teacher_distances[unseen].mean().item(),
+                 unseen_student=dist_s[unseen].mean().item())
+        rows = [row("denoised_distance", f"{label} ({len(unseen)} never-trained image{'s' * (len(unseen) != 1)})", d["unseen_teacher"],
+                    d["unseen_student"], "lower"),
+                row("denoised_distance_all", f"  same, all {n} images ({n - len(unseen)} of them trained on)",
+                    d["teacher"], d["student"], "lower")]
     if ctx.val is not None:
         d.update(val_images=len(ctx.val), val_teacher=tta.teacher_distances[ctx.val].mean().item(),
                  val_student=dist_s[ctx.val].mean().item())
@@ -140,14 +157,20 @@ def high_norm_mass(ctx: Context) -> Measured:
     return Measured(dict(layer=ctx.a_t.artifact_layer, teacher=shares(ctx.a_t), student=shares(ctx.a_s)), [])
 
 
+CLS_COSINE_NOTE = "1 is the teacher's by definition; no verdict"
+
+
 @metric("cls_cosine")
 def cls_cosine(ctx: Context) -> Measured:
-    """Cosine of the two final class tokens; None (and no row) for a model without one (SigLIP)."""
+    """Cosine of the two final class tokens; None (and no row) for a model without one (SigLIP). No verdict: the
+    teacher's cosine to itself is 1 by definition, so judging the row would paint every student red."""
     t, s = ctx.a_t.cls_final, ctx.a_s.cls_final
     if t is None or s is None:
         return Measured(None, [])
     cos = torch.nn.functional.cosine_similarity(t, s, dim=-1).mean().item()
-    return Measured(cos, [row("cls_cosine", "CLS token cosine to the teacher's", 1.0, cos, "higher")])
+    return Measured(cos, [row("cls_cosine", "CLS token cosine to the teacher's", 1.0, cos, None,
+                              note=CLS_COSINE_NOTE)])
+
 
 
 @metric("probe", stage="probe")
@@ -160,8 +183,10 @@ def probe(ctx: Context) -> Measured | None:
     o = ctx.options
     p = evaluate_probe(ctx.teacher, ctx.student, ctx.files, o.masks, o.num_classes, o.ignore_index, ctx.train,
                        ctx.val, o.device)
+    trained = len(set(ctx.val) - set(ctx.unseen)) if ctx.unseen is not None else 0  # the split's, not ours
+    also = f", {trained} of them trained on by the student" if trained else ""
     return Measured(p, [
-        row("miou", f"linear-probe mIoU ({p['val_images']} val images)", p["teacher"]["miou"],
+        row("miou", f"linear-probe mIoU ({p['val_images']} val images{also})", p["teacher"]["miou"],
             p["student"]["miou"], "higher"),
         row("pixel_accuracy", "linear-probe pixel accuracy", p["teacher"]["pixel_accuracy"],
             p["student"]["pixel_accuracy"], "higher")])

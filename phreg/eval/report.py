@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..files import write_atomic
 from ..tables import number, winner, zeroshot_iou_rows
+from ..training_list import overlap_line
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -31,7 +32,8 @@ def summary_table(rows: list[dict]) -> str:
     out = ["<table><tr><th>metric</th><th>teacher</th><th>student</th><th>better</th></tr>"]
     for r in rows:
         out.append(f"<tr><td>{html.escape(r['label'])}</td><td>{_fmt(r['teacher'])}</td>"
-                   f"<td class='{_verdict_class(r)}'>{_fmt(r['student'])}</td><td>{r['better'] or ''}</td></tr>")
+                   f"<td class='{_verdict_class(r)}'>{_fmt(r['student'])}</td>"
+                   f"<td>{html.escape(r['better'] or r.get('note') or '')}</td></tr>")
     out.append("</table>")
     return "\n".join(out)
 
@@ -87,10 +89,11 @@ def write_report(r: dict, path: Path) -> Path:
                  f"</table>")
     pictures = "\n".join(_img(folder / f) for f in r["figures"] if (folder / f).is_file())
     zeroshot = zeroshot_section(r["zeroshot"], folder) if "zeroshot" in r else ""
+    seen = f"<br>{html.escape(overlap_line(r['training_overlap']))}." if r.get("training_overlap") else ""
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>phreg eval</title><style>{CSS}</style></head><body>
 <h1>phreg eval: {html.escape(Path(s['name']).name)} vs {html.escape(t['name'])}</h1>
 <p class="muted">{r['images']} images at {r['img_size']} px, {r['views']} TTA views, seed {r['seed']};
-same images, crops and view plans for both models. phreg {r['phreg_version']}, {r['seconds']} s.</p>
+same images, crops and view plans for both models. phreg {r['phreg_version']}, {r['seconds']} s.{seen}</p>
 <p><b>teacher:</b> {html.escape(t['verdict'])}<br><b>student:</b> {html.escape(s['verdict'])}</p>
 <h2>Summary</h2>{summary_table(r['summary'])}
 <p class="muted">Green: the student is better than its teacher on that row; red: worse.</p>

@@ -15,6 +15,7 @@ import yaml
 from ..tables import hardware_dependent, number, winner, zeroshot_iou_rows
 from .. import __version__
 from ..run import CONFIG, RECIPE, TEXT_FILE, WEIGHTS
+from ..training_list import overlap_line
 from .transformers import ARCHITECTURE as HF_CLASS, FILES as HF_FILES
 
 CARD, FIGURE = "README.md", "eval.png"
@@ -60,7 +61,7 @@ def eval_table(report: dict) -> str:
     rows (images/s), which are shown as measured without a verdict."""
     lines = ["| metric | teacher | student | better |", "| --- | ---: | ---: | --- |"]
     for row in report["summary"]:
-        better = "hardware-dependent, no verdict" if hardware_dependent(row) else row.get("better")
+        better = "hardware-dependent, no verdict" if hardware_dependent(row) else row.get("better") or row.get("note")
         cells = [number(row.get("teacher")), number(row.get("student"))]
         best = winner(row)
         if best is not None:
@@ -165,6 +166,11 @@ def eval_lead(report: dict) -> str:
     if ds.get("probe_val"):
         text += f"; linear probe trained on {ds['probe_train']} and scored on {ds['probe_val']} of them " \
                 f"({ds.get('split_rule')}), masks from `{_folder(ds['masks'])}`"
+    seen = report.get("training_overlap")
+    if seen:
+        text += f". Training overlap: {overlap_line(seen)}" + (
+            f"; the first row is scored on the {len(seen['unseen'])} never trained on"
+            if seen["recorded"] and 0 < len(seen["unseen"]) < seen["images"] else "")
     return text + ". Rows marked hardware-dependent are timings of one machine, not a property of the model."
 
 

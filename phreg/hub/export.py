@@ -46,11 +46,24 @@ def with_head(student: VisionTransformer, head: str) -> VisionTransformer:
     return twin
 
 
+# What timm's pretrained config says about the checkpoint it describes (its Hub tag, license, source, paper): true of
+# the Hub's weights only, so an export made from local weights does not carry them.
+ORIGIN_KEYS = ("tag", "license", "hf_hub_id", "hf_hub_filename", "url", "file", "origin_url", "paper_ids",
+               "paper_name", "notes")
+
+
+def without_origin(config: dict) -> dict:
+    """config.json without the teacher checkpoint's origin fields (`ORIGIN_KEYS`) in its pretrained_cfg."""
+    cfg = dict(config.get("pretrained_cfg") or {})
+    return {**config, "pretrained_cfg": {k: v for k, v in cfg.items() if k not in ORIGIN_KEYS}}
+
+
 def export_student(student: VisionTransformer, out: str | Path, mean, std, metadata: dict[str, str],
-                   text_tower: Path | None = None) -> Path:
+                   text_tower: Path | None = None, local_weights: bool = False) -> Path:
     """Write the export folder atomically; `metadata` (str -> str) goes into the safetensors header; its `head`
     (keep / drop) says whether the classifier goes with it. A CLIP run's text tower (`open_clip_text.safetensors`,
-    when the file exists) is linked beside the image tower."""
+    when the file exists) is linked beside the image tower. `local_weights`: the teacher came from a local file, so
+    config.json does not repeat the Hub checkpoint's tag and license (`without_origin`)."""
     import torch
     from timm.models._hub import save_config_for_hf
 
@@ -70,6 +83,9 @@ def export_student(student: VisionTransformer, out: str | Path, mean, std, metad
                   dtypes={k: torch.float32 for k, v in tensors.items() if v.is_floating_point()})
         save_config_for_hf(student, tmp / CONFIG,
                            model_config=dict(pretrained_cfg=dict(mean=tuple(mean), std=tuple(std))))
+        if local_weights:
+            config = json.loads((tmp / CONFIG).read_text())
+            (tmp / CONFIG).write_text(json.dumps(without_origin(config), indent=2))
     return out
 
 
@@ -98,8 +114,11 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
     recipe = load_recipe(run / RECIPE)
     whole = json.loads((checkpoint / MANIFEST).read_text()).get("format") == "phreg.checkpoint/1"
     student, mean, std = _from_whole(recipe, checkpoint) if whole else _from_base(recipe, checkpoint)
+    from ..models import find_weights
+
     steps = checkpoint_step(checkpoint)
-    return export_student(student, out, mean, std, export_metadata(recipe, steps), text_tower=run / TEXT_FILE)
+    return export_student(student, out, mean, std, export_metadata(recipe, steps), text_tower=run / TEXT_FILE,
+                          local_weights=find_weights(recipe.model).local(recipe.model.name))
 
 
 def _from_base(recipe, checkpoint: Path):

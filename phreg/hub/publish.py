@@ -24,7 +24,7 @@ import safetensors
 from .. import __version__
 from ..errors import UsageError
 from .card import CARD, FIGURE, RECIPE, Run, model_card
-from .export import CONFIG, TEXT_FILE, WEIGHTS, read_metadata
+from .export import CONFIG, TEXT_FILE, WEIGHTS, read_metadata, without_origin
 from ..files import atomic_dir, replaceable
 from ..run import EVAL, EXPORT, SUMMARY, checkpoint_step, finished, latest_checkpoint, require_run
 from .transformers import FILES as TRANSFORMERS_FILES, PROCESSOR, SUBFOLDER
@@ -151,7 +151,10 @@ def stage(run: Run, repo_id: str, folder: Path, fmt: str = "timm") -> list[str]:
         converted["subfolder"] = SUBFOLDER if fmt == "both" else None
     if fmt != "transformers":
         shutil.copyfile(run.path / EXPORT / WEIGHTS, folder / WEIGHTS)
-        shutil.copyfile(run.path / EXPORT / CONFIG, folder / CONFIG)
+        if local_weights(run) and run.config != without_origin(run.config):  # exported before phreg dropped them
+            (folder / CONFIG).write_text(json.dumps(without_origin(run.config), indent=2))
+        else:
+            shutil.copyfile(run.path / EXPORT / CONFIG, folder / CONFIG)
         if (run.path / EXPORT / TEXT_FILE).is_file():
             shutil.copyfile(run.path / EXPORT / TEXT_FILE, folder / TEXT_FILE)
     shutil.copyfile(run.path / RECIPE, folder / RECIPE)
@@ -159,6 +162,12 @@ def stage(run: Run, repo_id: str, folder: Path, fmt: str = "timm") -> list[str]:
     if run.figure is not None:
         shutil.copyfile(run.figure, folder / FIGURE)
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def local_weights(run: Run) -> bool:
+    """Was the teacher a local file (summary.json's weights record), so that the Hub checkpoint's tag and license
+    are not this upload's."""
+    return ((run.summary or {}).get("weights") or {}).get("source") in ("file", "local-dir")
 
 
 def dry_run(run: str | Path, repo_id: str, out: str | Path, fmt: str = "timm") -> list[str]:

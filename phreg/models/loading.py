@@ -8,7 +8,6 @@ weights or does not fit, no weights and no network) is one `UsageError` line; th
 
 from __future__ import annotations
 
-import difflib
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from timm.data import resolve_data_config
 
 from ..backbones import backbone
 from ..errors import UsageError
-from ..preflight import check_img_size, check_model_name
+from ..preflight import check_img_size, check_model_name, unknown_model
 from ..recipe import ModelCfg
 from .weights import checkpoints_dir, find_weights, hub_cached, offline_reason, quiet_hub
 
@@ -40,14 +39,6 @@ def build_model(name: str, **kwargs) -> torch.nn.Module:
         raise UsageError(f"could not build model {name!r}: {error_summary(e)}") from None
     backbone(model, name)  # a supported family, or one line naming the ones that are
     return model
-
-
-def unknown_model(name: str, what: str) -> UsageError:
-    """`what 'vit_smal_patch14_dinov2' is not a timm model; closest: vit_small_patch14_dinov2, ...`."""
-    base = name.split(".")[0]
-    close = difflib.get_close_matches(base, timm.list_models(), n=3, cutoff=0.6)
-    hint = f"; closest: {', '.join(close)}" if close else "; see timm.list_models('*vit*')"
-    return UsageError(f"{what} {name!r} is not a timm model{hint}")
 
 
 def frozen_dtype(speed) -> torch.dtype | None:
@@ -102,6 +93,57 @@ def load_teacher(cfg: ModelCfg, dtype: torch.dtype | None = None) -> torch.nn.Mo
     return model
 
 
+WEIGHTS_EXPECTED = ("expected a .safetensors file or a PyTorch state dict (.pth/.pt/.bin: tensors only, read with "
+                    "weights_only=True)")
+
+
+def sniff(file: str | Path) -> str:
+    """What a file is, from its first bytes: 'safetensors', 'zip' (a torch.save archive), 'other zip', 'pickle'
+    (torch's legacy format), 'text' or 'binary'. Decides which words a load failure gets; nothing is unpickled."""
+    with open(file, "rb") as f:
+        head = f.read(4096)
+    if len(head) >= 9:
+        n = int.from_bytes(head[:8], "little")
+        if 2 <= n < 100 << 20 and head[8:9] == b"{":
+            return "safetensors"
+    if head[:4] == b"PK\x03\x04":
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(file) as z:
+                return "zip" if any(n.endswith("/data.pkl") or n == "data.pkl" for n in z.namelist()) else "other zip"
+        except zipfile.BadZipFile:
+            return "binary"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    try:
+        head.decode("utf-8")
+        return "text" if head and b"\x00" not in head else "binary"
+    except UnicodeDecodeError:
+        return "binary"
+
+
+def not_weights(file: str | Path) -> str:
+    """Why `file` did not load as weights, in words that fit what the file is (never torch's `weights_only=False`
+    advice: phreg has no such switch and never unpickles)."""
+    kind = sniff(file)
+    if kind == "safetensors":
+        return f"{file} is a damaged safetensors file (its header or tensors do not read); download or copy it again"
+    if kind in ("zip", "pickle"):
+        what = "a torch.save archive" if kind == "zip" else "a legacy torch.save (pickle) file"
+        return (f"{file} is {what} that holds more than tensors (a whole model or training state, which phreg never "
+                f"unpickles); save its state dict instead: torch.save(model.state_dict(), FILE) or safetensors")
+    if kind == "other zip":
+        return f"{file} is a zip archive but not a torch.save archive (no data.pkl in it); {WEIGHTS_EXPECTED}"
+    if kind == "text":
+        with open(file, "rb") as f:
+            first = f.read(200).decode("utf-8", "replace").splitlines()
+        line = first[0][:60] if first else ""
+        return (f"{file} is a text file, not weights (it starts {line!r}); {WEIGHTS_EXPECTED}")
+    return f"{file} is neither safetensors nor a PyTorch archive ({Path(file).stat().st_size} bytes of other data); " \
+           f"{WEIGHTS_EXPECTED}"
+
+
 def load_into_meta(name: str, file: str | Path, dtype: torch.dtype | None = None, **kwargs) -> torch.nn.Module:
     """`name` with the weights in `file`, built without a transient copy of them.
 
@@ -123,9 +165,8 @@ def load_into_meta(name: str, file: str | Path, dtype: torch.dtype | None = None
             state = timm.models.clean_state_dict(load_file(file, dtype=dtype, ndim=2))
         else:
             state = timm.models.load_state_dict(str(file))
-    except Exception as e:  # safetensors and torch.load raise many types for a file that is not weights at all
-        raise UsageError(f"{file} is not a weights file phreg can read (safetensors, or a PyTorch state dict in "
-                         f".pth/.pt/.bin, read with weights_only=True): {error_summary(e)}") from None
+    except Exception:  # safetensors and torch.load raise many types for a file that is not weights at all
+        raise UsageError(not_weights(file)) from None
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state = filter_fn(state, model)

@@ -104,6 +104,11 @@ class Weights:
     hub_id: str | None = None
     url: str | None = None
 
+    def local(self, name: str) -> bool:
+        """Weights from a file or a local-dir: folder, not the checkpoint timm's pretrained config describes: its tag
+        and license are then not this model's to claim (the export's config.json drops them)."""
+        return self.kind == "file" or (self.kind == "spec" and name.startswith("local-dir:"))
+
     def record(self, name: str) -> dict:
         """What the model card needs to say where the weights came from: file name + sha256, or hub id + revision."""
         if self.kind == "file":
