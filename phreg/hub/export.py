@@ -165,15 +165,15 @@ def _from_whole(recipe, checkpoint: Path):
     (strict load: a checkpoint of another recipe is refused)."""
     import safetensors.torch
 
-    from ..models import _create, check_img_size, normalization
+    from ..models import build_model, check_img_size, normalization
 
     m = recipe.model
     try:
         saved = safetensors.torch.load_file(str(checkpoint / MODEL))
     except Exception as e:  # a truncated or foreign file: safetensors raises its own error types
         raise UsageError(f"checkpoint {checkpoint / MODEL} does not load: {type(e).__name__}: {e}") from None
-    check_img_size(_create(m.name, pretrained=False, device="meta"), m.img_size)
-    empty = _create(m.name, pretrained=False, img_size=m.img_size).eval()
+    check_img_size(build_model(m.name, pretrained=False, device="meta"), m.img_size)
+    empty = build_model(m.name, pretrained=False, img_size=m.img_size).eval()
     student = _student(recipe, empty)
     try:
         student.load_state_dict({k.removeprefix("model."): v for k, v in saved.items()})

@@ -63,7 +63,7 @@ def read_run(run: str | Path) -> Run:
     import timm  # only now: the cheap checks above answer in a fraction of a second
 
     from ..backbones import backbone
-    from ..models import _first_line
+    from ..models import error_summary
 
     try:  # what timm's strict load checks, without reading the weights: the architecture on "meta", the header
         metadata = read_metadata(export / WEIGHTS)  # a truncated or foreign file fails here
@@ -72,7 +72,7 @@ def read_run(run: str | Path) -> Run:
         with safetensors.safe_open(str(export / WEIGHTS), "pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # safetensors, JSON and timm raise many types
-        raise UsageError(f"the export in {export} does not load: {_first_line(e)}; "
+        raise UsageError(f"the export in {export} does not load: {error_summary(e)}; "
                          f"rebuild it with `phreg export {run}`") from None
     wanted = {k: tuple(v.shape) for k, v in student.state_dict().items()}
     if shapes != wanted:

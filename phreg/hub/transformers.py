@@ -325,7 +325,7 @@ def export_run_transformers(run: str | Path, out: str | Path | None = None,
     or else to a temporary folder beside `out`, removed after: the transformers folder is the conversion of exactly
     what `phreg export RUN` writes. Everything that can be checked without the weights is checked before anything is
     written."""
-    from ..models import _create
+    from ..models import build_model
     from ..recipe import load_recipe
     from .export import export_run
 
@@ -335,7 +335,7 @@ def export_run_transformers(run: str | Path, out: str | Path | None = None,
         raise UsageError(f"refusing to replace {out}: it exists and is not a transformers export; choose a new folder")
     require_transformers()
     name = load_recipe(run / RECIPE).model.name
-    check_exportable(_create(name, pretrained=False, device="meta"), name, run)  # the teacher's layout is the student's
+    check_exportable(build_model(name, pretrained=False, device="meta"), name, run)  # the teacher's layout is the student's
     if timm_out is not None:
         student, metadata = _from_timm_export(export_run(run, timm_out))
         return out, export_transformers(student, out, metadata, name, run)

@@ -9,16 +9,13 @@ Everything is importable from `phreg.models` as before the split.
 """
 
 from ..preflight import check_img_size
-from .loading import build_model, error_summary, frozen_dtype, load_into_meta, load_teacher, normalization, unknown_model
+from .loading import (build_model, error_summary, frozen_dtype, load_into_meta, load_teacher, normalization,
+                      unknown_model)
 from .specs import Loaded, load_run_teacher, load_spec, run_recipe
-from .weights import (HUB_FILES, WEIGHT_SUFFIXES, Weights, base_change, checkpoints_dir, find_local_weights, find_weights,
-                      hub_cached, offline_reason, quiet_hub, sha256_file)
+from .weights import (HUB_FILES, WEIGHT_SUFFIXES, Weights, base_change, checkpoints_dir, find_local_weights,
+                      find_weights, hub_cached, offline_reason, quiet_hub, sha256_file)
 
-__all__ = ["HUB_FILES", "WEIGHT_SUFFIXES", "Loaded", "Weights", "base_change", "build_model", "check_img_size", "checkpoints_dir",
-           "error_summary", "find_local_weights", "frozen_dtype", "find_weights", "hub_cached", "load_into_meta", "load_run_teacher",
-           "load_spec", "load_teacher", "normalization", "offline_reason", "quiet_hub", "run_recipe", "sha256_file",
-           "unknown_model"]
-
-# The names hub/export.py, hub/transformers.py and hub/publish.py import (other branches edit those files): their
-# import lines can move to build_model / error_summary and these two go.
-_create, _first_line = build_model, error_summary
+__all__ = ["HUB_FILES", "WEIGHT_SUFFIXES", "Loaded", "Weights", "base_change", "build_model", "check_img_size",
+           "checkpoints_dir", "error_summary", "find_local_weights", "find_weights", "frozen_dtype", "hub_cached",
+           "load_into_meta", "load_run_teacher", "load_spec", "load_teacher", "normalization", "offline_reason",
+           "quiet_hub", "run_recipe", "sha256_file", "unknown_model"]
