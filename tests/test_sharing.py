@@ -104,8 +104,8 @@ def test_export_holds_every_tensor_of_a_shared_student(tmp_path, dinov2_file):
 
 
 def test_cache_size_is_counted_and_a_cache_that_cannot_fit_is_refused(tmp_path, dinov2_file, monkeypatch):
-    # 4 images x 2 plans x (16 tokens x 384 dim x 2 bytes + a 56 px uint8 crop + 3 views x 3 int16)
-    assert cache_bytes(4, 2, 16, 384, "float16", 56, 3) == 4 * 2 * (16 * 384 * 2 + 56 * 56 * 3 + 3 * 3 * 2)
+    # 4 images x 2 plans x (16 tokens x 384 dim x 2 bytes + a 56 px uint8 crop + 3 views x 3 int16 + a CRC32)
+    assert cache_bytes(4, 2, 16, 384, "float16", 56, 3) == 4 * 2 * (16 * 384 * 2 + 56 * 56 * 3 + 3 * 3 * 2 + 4)
     line = check_fits(tmp_path, 10, 4, 2, 16, 384, "float16")
     assert line.startswith("target cache: 4 images x 2 plans x 16 tokens x 384 dim x float16")
     with pytest.raises(UsageError, match="GB are free there"):  # a petabyte is clearly more than this disk
