@@ -30,6 +30,7 @@ from transformers import AutoImageProcessor, AutoModel  # noqa: E402
 
 from phreg.backbones import add_registers  # noqa: E402
 from phreg.cli import main  # noqa: E402
+from phreg.lock import LOCK_FILE  # noqa: E402
 from phreg.data import embedded_photos  # noqa: E402
 from phreg.errors import UsageError  # noqa: E402
 from phreg.hub.export import export_student  # noqa: E402
@@ -265,10 +266,10 @@ def test_cli_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, mo
     assert main(["export", str(clip), "--format", "transformers", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "cannot compute it exactly" in err and "use the timm export" in err, err
-    assert not (tmp_path / "out").exists() and sorted(p.name for p in clip.iterdir()) == ["recipe.yaml"]
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in clip.iterdir() if p.name != LOCK_FILE) == ["recipe.yaml"]
     assert main(["export", str(clip), "--format", "both"]) == 2  # refused before the timm export is written too
     assert "cannot compute it exactly" in capsys.readouterr().err
-    assert sorted(p.name for p in clip.iterdir()) == ["recipe.yaml"]
+    assert sorted(p.name for p in clip.iterdir() if p.name != LOCK_FILE) == ["recipe.yaml"]
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     assert main(["export", str(clip), "--format", "transformers", "--out", str(tmp_path / "mine")]) == 2

@@ -243,11 +243,10 @@ def write_transformers(student, folder: str | Path, metadata: dict[str, str] | N
     with the student on a seeded N(0, 1) batch at its size. Returns what was measured (`max_diff`, `registers`,
     `img_size`); a difference over `TOLERANCE` stops with one line (exit 1). `metadata` (str -> str) goes into the
     safetensors header, as in the timm export. Atomicity is the caller's (`export_transformers`, staging)."""
-    import safetensors.torch
     import torch
     from timm.data import resolve_data_config
 
-    from .export import _sort_metadata
+    from ..tensorfile import save_file
 
     transformers = require_transformers()
     if not student.no_embed_class:  # phreg's students never are: their class entry is folded into cls_token
@@ -258,8 +257,7 @@ def write_transformers(student, folder: str | Path, metadata: dict[str, str] | N
     size = student.patch_embed.img_size[0]
     data = dict(resolve_data_config({}, model=student), input_size=(3, size, size))
     tensors = convert_state(student.state_dict(), len(student.blocks))
-    (folder / WEIGHTS).write_bytes(safetensors.torch.save(tensors, metadata={"format": "pt", **(metadata or {})}))
-    _sort_metadata(folder / WEIGHTS)
+    save_file(tensors, folder / WEIGHTS, {"format": "pt", **(metadata or {})})  # metadata sorted: reproducible
     (folder / CONFIG).write_text(json.dumps(hf_config(student), indent=2) + "\n")
     (folder / PROCESSOR).write_text(json.dumps(processor_config(data), indent=2) + "\n")
     bars = transformers.utils.logging.is_progress_bar_enabled()
