@@ -163,7 +163,7 @@ def _ttr_line(how, neurons) -> str:
     by_layer = neurons.by_layer() if isinstance(neurons, RegisterNeurons) else neurons
     count = sum(len(u) for u in by_layer.values())
     return (f"test-time registers ({how}): {count} register neurons {by_layer}" if count else
-            f"test-time registers ({how}): no register neurons, so the fix moves nothing (one idle zero token)")
+            f"test-time registers ({how}): no register neurons, nothing to move: the model is used as it is")
 
 
 def _eval_ttr(args, teacher, student) -> tuple[dict, dict, dict | None]:

@@ -101,7 +101,8 @@ def build_parts(recipe: Recipe, device: torch.device, precision: str = "fp32", f
 def teacher_with_ttr(teacher: torch.nn.Module, m, files: list, mean, std, device) -> tuple[torch.nn.Module, dict | None]:
     """The model the targets are read from: the teacher, or with `model.teacher_ttr` the teacher with test-time
     registers (its neurons found on the first training images, or read from a sidecar), so that the targets are
-    denoised from a teacher without its artifacts. The student is built from the plain teacher either way."""
+    denoised from a teacher without its artifacts. The student is built from the plain teacher either way. With no
+    register neurons (a clean teacher) the targets are the plain teacher's."""
     if m.teacher_ttr == "none":
         return teacher, None
     from ..data import ImageDataset
@@ -112,7 +113,10 @@ def teacher_with_ttr(teacher: torch.nn.Module, m, files: list, mean, std, device
         data = ImageDataset(files[:FIND_IMAGES], m.img_size, mean, std, train=False)
         return torch.stack([data[i]["image"] for i in range(len(data))]).to(device)
     neurons = neurons_for(m.teacher_ttr, teacher, images if files else None)
-    return add_test_time_registers(teacher, neurons), neurons_record(neurons, m.teacher_ttr)
+    record = neurons_record(neurons, m.teacher_ttr)
+    if not record["count"]:  # a clean teacher: nothing to move, so the targets are the plain teacher's
+        return teacher, record
+    return add_test_time_registers(teacher, neurons), record
 
 
 def skip_if_nonfinite(optimizer, grad_norm: torch.Tensor) -> torch.Tensor:

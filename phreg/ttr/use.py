@@ -55,15 +55,21 @@ def neurons_for(how: str | Path, model: torch.nn.Module,
 
 
 def with_test_time_registers(loaded, how: str | Path | None, images=None, neurons=None):
-    """A `phreg.models.Loaded` with test-time registers (same name + " +TTR"), and the neurons applied; the loaded
-    model itself when `how` is "none". Pass `neurons` to apply ones already found (e.g. the teacher's, to its
+    """A `phreg.models.Loaded` with test-time registers (same name + " +TTR"), and the neurons applied. The loaded
+    model itself when `how` is "none", or when there are no neurons (a clean model: nothing to move, and an idle
+    extra token would only perturb it). Pass `neurons` to apply ones already found (e.g. the teacher's, to its
     student)."""
     if neurons is None:
         neurons = neurons_for(how, loaded.model, images)
-    if neurons is None:
-        return loaded, None
+    if neurons is None or not count(neurons):
+        return loaded, neurons
     model = add_test_time_registers(loaded.model, neurons)
     return replace(loaded, model=model, name=f"{loaded.name} +TTR"), neurons
+
+
+def count(neurons: RegisterNeurons | Mapping[int, Sequence[int]]) -> int:
+    """How many register neurons."""
+    return len(neurons.neurons) if isinstance(neurons, RegisterNeurons) else sum(len(u) for u in neurons.values())
 
 
 def neurons_record(neurons: RegisterNeurons | Mapping[int, Sequence[int]] | None, how) -> dict | None:
