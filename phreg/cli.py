@@ -77,10 +77,18 @@ def _inspect(args) -> int:
     if args.neurons:
         from .eval.neurons import inspect_neurons
 
-        r = inspect_neurons(loaded, args.images, out, args.limit, args.figures, _device(args), tails=args.tails,
+        from .recipe import ModelCfg
+
+        spec = Path(args.model)  # the sidecar names the base model as load_spec resolved it
+        name = f"local-dir:{spec / 'export' if loaded.run else spec}" if spec.is_dir() else args.model
+        base = ModelCfg(name=name, checkpoint=args.checkpoint, img_size=loaded.img_size, mean=list(loaded.mean),
+                        std=list(loaded.std))
+        r = inspect_neurons(loaded, args.images, out, args.limit, args.figures, _device(args), base, tails=args.tails,
                             top_k=args.top_k)
         print(r["table"])
         what = f"wrote {out / 'neurons.json'} and {len(r['figures'])} pictures" if out else "searched"
+        if r.get("sidecar"):
+            what += f"; the sidecar {out / r['sidecar']} (use it with --ttr {out})"
         print(f"{what} in {time.perf_counter() - began:.1f}s ({len(r['files'])} images)")
         return 0
     loaded = _with_ttr(args, loaded)

@@ -252,6 +252,15 @@ def test_inspect_neurons_names_the_implanted_ones_and_none_in_real_dinov2(artifa
     assert all(f"{implanted['block']:>5} {u:>6}" in printed for u in implanted["units"])  # block, unit per line
     assert "at outliers" in printed and record["figures"] == ["neurons_00.png", "neurons_01.png"]
     assert all((out / f).stat().st_size > 10_000 for f in record["figures"])
+    side = json.loads((out / "test_time_registers.json").read_text())  # publishable: base weights + sidecar
+    assert side["base"]["weights"]["file"] == artifact_file.name and len(side["base"]["weights"]["sha256"]) == 64
+    assert {int(b): sorted(u) for b, u in side["neurons"].items()} == {implanted["block"]: sorted(implanted["units"])}
+    fixed = tmp_path / "fixed"  # inspect with the sidecar: the fixed model has no outliers left
+    assert main(["inspect", MODEL, "--checkpoint", str(artifact_file), "--images", str(camvid["val"]), "--limit", "4",
+                 "--views", "1", "--figures", "0", "--ttr", str(out), "--out", str(fixed)]) == 0
+    assert "test-time registers" in capsys.readouterr().out
+    inspected = json.loads((fixed / "inspect.json").read_text())
+    assert inspected["registers"] == 1 and inspected["outliers"]["fraction"] == 0
     clean = tmp_path / "clean"
     assert main(["inspect", MODEL, "--checkpoint", str(dinov2_file), "--images", str(camvid["train"]),
                  "--limit", "16", "--figures", "1", "--neurons", "--out", str(clean)]) == 0

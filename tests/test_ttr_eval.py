@@ -145,6 +145,9 @@ def test_ttr_mistakes_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--ttr" in err and "neither none, find nor" in err and len(err.strip().splitlines()) == 1
     assert main(["inspect", MODEL, "--images", str(folder), "--ttr", "finds"]) == 2
+    assert main(["segment", MODEL, "--images", str(folder), "--classes", "c.csv", "--out", str(tmp_path / "s"),
+                 "--ttr", "finds"]) == 2
+    assert "--ttr: finds is neither" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text('{"schema": "phreg.eval/1"}')
     from phreg.errors import UsageError

@@ -45,9 +45,11 @@ def neuron_maps(model: torch.nn.Module, images: torch.Tensor, found: RegisterNeu
 
 
 def inspect_neurons(loaded: Loaded, images_dir, out: Path | None, limit: int = 0, pictures: int = 8,
-                    device="cpu", **finder) -> dict:
+                    device="cpu", base=None, **finder) -> dict:
     """Find the register neurons on the images under `images_dir`; with `out`, write neurons.json and one picture
-    per image (at most `pictures`). `finder`: keyword arguments of `find_register_neurons` (ratio, tails, top_k)."""
+    per image (at most `pictures`), and, when neurons were found and `base` (the `ModelCfg` the model was loaded
+    with) is given, the sidecar `test_time_registers.json` that `--ttr OUT` and `load_test_time_registers` read.
+    `finder`: keyword arguments of `find_register_neurons` (ratio, tails, top_k)."""
     start = time.perf_counter()
     files, images = load_images(images_dir, loaded, limit)
     model = loaded.model.to(device)
@@ -63,6 +65,10 @@ def inspect_neurons(loaded: Loaded, images_dir, out: Path | None, limit: int = 0
             [(to_rgb(shown[i].cpu(), loaded.mean, loaded.std), None if acts[i] is None else acts[i].cpu().numpy(),
               norms[i].cpu().numpy())], out / f"neurons_{i:02d}.png", what, found.outliers["layer"]).name
             for i in range(len(shown))]
+        if found and base is not None:
+            from ..ttr import add_test_time_registers, save_test_time_registers
+
+            record["sidecar"] = save_test_time_registers(add_test_time_registers(model, found), out, base).name
     record["seconds"] = round(time.perf_counter() - start, 1)
     if out is not None:
         write_json(out / "neurons.json", record)
