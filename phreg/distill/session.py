@@ -71,8 +71,10 @@ def set_up(recipe: Recipe, acc: Accelerator, run: Path, start: Start, quiet: boo
     train_precision = "bf16" if acc.mixed_precision == "bf16" else "fp32"
     parts = build_parts(recipe, acc.device, train_precision, [] if sources.streaming else sources.train)
     if parts.teacher_ttr is not None:
-        say(f"targets read with test-time registers ({recipe.model.teacher_ttr}): {parts.teacher_ttr['count']} "
-            f"register neurons {parts.teacher_ttr['neurons']}")
+        t = parts.teacher_ttr
+        say(f"targets read with test-time registers ({recipe.model.teacher_ttr}): {t['count']} register neurons "
+            f"{t['neurons']}" if t["count"] else
+            f"model.teacher_ttr={recipe.model.teacher_ttr}: no register neurons, so the targets are the plain teacher's")
     say(unlocked_table(parts.student, parts.groups, parts.notes))
     say(estimate(parts.targets.teacher, parts.student, parts.groups, recipe.views.num, recipe.train.batch_size,
                  acc.mixed_precision == "bf16", recipe.speed.grad_checkpointing,
