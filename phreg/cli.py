@@ -188,8 +188,7 @@ def _eval_ttr(args, teacher, student) -> tuple[dict, dict, dict | None]:
     others = dict(ttr=ttr)
     if student is not None:
         others["both"] = with_test_time_registers(student, args.ttr, neurons=neurons)[0]
-    labels = dict(teacher="teacher", ttr="test-time registers", student="PH-Reg student",
-                  both="student + test-time registers")
+    labels = dict(teacher="teacher", ttr="test-time registers", student="PH-Reg student", both="student + TTR")
     return others, labels, neurons_record(neurons, args.ttr)
 
 

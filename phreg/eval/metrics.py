@@ -268,8 +268,8 @@ def norm_tails(ctx: Context) -> Measured:
                  first_block=first)
     wt, ws = worst["teacher"], worst["student"]
     return Measured(value, [
-        row("outliers_two_tailed", f"patch tokens beyond {TAIL_RATIO:g}x or below 1/{TAIL_RATIO:g} of the image "
-                                   "median norm, last block", last["teacher"]["both"], last["student"]["both"], "lower"),
+        row("outliers_two_tailed", f"outliers, both tails ({TAIL_RATIO:g}x / 1/{TAIL_RATIO:g} median), last block",
+            last["teacher"]["both"], last["student"]["both"], "lower"),
         row("outliers_low_tail", f"  of which below 1/{TAIL_RATIO:g} (low-norm artifacts)", last["teacher"]["low"],
             last["student"]["low"], "lower"),
         row("outliers_worst_block", f"  same, at the block with the most (blocks {wt['block']} / {ws['block']})",
