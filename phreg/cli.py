@@ -119,6 +119,7 @@ def _eval(args) -> int:
     others, labels, ttr = _eval_ttr(args, teacher, student)
     if student is None:  # teacher vs teacher with test-time registers
         student = others.pop("ttr")
+        labels = dict(teacher="teacher", student="test-time registers")
     load_s = time.perf_counter() - began
     out = Path(args.out) if args.out else student.run / "eval"
     zeroshot = None
@@ -174,12 +175,11 @@ def _ttr_line(how, neurons) -> str:
             f"test-time registers ({how}): no register neurons, nothing to move: the model is used as it is")
 
 
-def _eval_ttr(args, teacher, student) -> tuple[dict, dict, dict | None]:
+def _eval_ttr(args, teacher, student) -> tuple[dict, dict | None, dict | None]:
     """`eval --ttr`: the teacher with test-time registers and, with a student, the student with the same neurons
     (found on the teacher, or read from the sidecar). Returns ({key: model}, {key: column label}, record)."""
-    labels = dict(teacher="teacher", student="PH-Reg student")
     if args.ttr in (None, "none"):
-        return {}, labels, None
+        return {}, None, None
     from .ttr import with_test_time_registers
     from .ttr.use import neurons_record
 

@@ -123,6 +123,9 @@ def evaluate(student: Loaded, teacher: Loaded, images_dir, out: Path, options: E
         names = dict(teacher=teacher.name, student=student.name) | {k: v.name for k, v in others.items()}
         order = [k for k in labels if k in names] + [k for k in names if k not in labels]
         result["columns"] = [dict(key=k, label=labels.get(k, k), name=names[k]) for k in order]
+    elif columns:  # a pair with labels of its own, e.g. teacher vs test-time registers
+        result["columns"] = [dict(key=k, label=columns.get(k, k), name=m.name)
+                             for k, m in (("teacher", teacher), ("student", student))]
     if ttr is not None:
         result["ttr"] = ttr
     result["figures"] = _pictures(a_t, a_s, images, student, t_thr, out, extra, result.get("columns"))
