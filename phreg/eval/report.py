@@ -110,7 +110,7 @@ same images, crops and view plans for both models. phreg {r['phreg_version']}, {
 {''.join(mass_rows)}</table>
 {probe}
 {zeroshot}
-<h2>Teacher (top) vs student (bottom), same images</h2>{pictures}
+<h2>{_pictures_heading(r)}</h2>{pictures}
 <h2>Token norms</h2><table><tr><th>model</th><th>layer</th><th>kind</th><th>median</th><th>p99</th><th>max</th></tr>
 {''.join(norms)}</table>
 </body></html>"""
@@ -156,3 +156,10 @@ def artifact_section(r: dict) -> str:
     return (f"<h2>Outliers per block, both tails</h2><p class='muted'>{html.escape(tails['rule'])}: the fraction of "
             f"patch tokens above (high) and below (low), at the output of every block.</p>"
             f"<table><tr><th>block</th>{head}</tr>{body}</table>")
+
+
+def _pictures_heading(r: dict) -> str:
+    cols = columns(r)
+    if len(cols) > 2:
+        return "One row per model (" + ", ".join(html.escape(label) for _, label in cols) + "), same images"
+    return "Teacher (top) vs student (bottom), same images"
