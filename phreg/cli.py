@@ -75,6 +75,24 @@ def _inspect(args) -> int:
     loaded = load_spec(args.model, args.img_size, args.checkpoint)
     load_s = time.perf_counter() - began
     out = Path(args.out) if args.out else None
+    if args.neurons:
+        from .eval.neurons import inspect_neurons
+
+        from .recipe import ModelCfg
+
+        spec = Path(args.model)  # the sidecar names the base model as load_spec resolved it
+        name = f"local-dir:{spec / 'export' if loaded.run else spec}" if spec.is_dir() else args.model
+        base = ModelCfg(name=name, checkpoint=args.checkpoint, img_size=loaded.img_size, mean=list(loaded.mean),
+                        std=list(loaded.std))
+        r = inspect_neurons(loaded, args.images, out, args.limit, args.figures, _device(args), base, tails=args.tails,
+                            top_k=args.top_k)
+        print(r["table"])
+        what = f"wrote {out / 'neurons.json'} and {len(r['figures'])} pictures" if out else "searched"
+        if r.get("sidecar"):
+            what += f"; the sidecar {out / r['sidecar']} (use it with --ttr {out})"
+        print(f"{what} in {time.perf_counter() - began:.1f}s ({len(r['files'])} images)")
+        return 0
+    loaded = _with_ttr(args, loaded)
     summary = inspect_model(loaded, args.images, out, args.views, args.limit, args.figures, args.seed,
                             _device(args))
     print(text_summary(summary))
@@ -90,15 +108,19 @@ def _eval(args) -> int:
     check_eval(args)  # images, masks' class ids, split, output folder: before any model loads
     from .eval.evaluate import EvalOptions, evaluate
     from .models import load_run_teacher, load_spec
-    from .tables import number
+    from .tables import cell, columns, number
 
     began = time.perf_counter()
     zs = _zeroshot_inputs(args) if args.classes else None  # cheap checks first, then the models
-    student = load_spec(args.student, args.img_size)
+    student = load_spec(args.student, args.img_size) if args.student else None
     if args.teacher:
-        teacher = load_spec(args.teacher, student.img_size, args.teacher_checkpoint)
+        teacher = load_spec(args.teacher, student.img_size if student else args.img_size, args.teacher_checkpoint)
     else:
         teacher = load_run_teacher(student.run, student.img_size)
+    others, labels, ttr = _eval_ttr(args, teacher, student)
+    if student is None:  # teacher vs teacher with test-time registers
+        student = others.pop("ttr")
+        labels = dict(teacher="teacher", student="test-time registers")
     load_s = time.perf_counter() - began
     out = Path(args.out) if args.out else student.run / "eval"
     zeroshot = None
@@ -111,12 +133,16 @@ def _eval(args) -> int:
     options = EvalOptions(views=args.views, limit=args.limit, pictures=args.figures, seed=args.seed, masks=args.masks,
                           num_classes=args.num_classes, ignore_index=args.ignore_index, split=args.split,
                           device=_device(args), zeroshot=zeroshot)
-    r = evaluate(student, teacher, args.images, out, options)
+    r = evaluate(student, teacher, args.images, out, options, others or None, labels, ttr)
+    cols = columns(r)
     w = max([52] + [len(row["label"]) + 2 for row in r["summary"]])  # labels say which images a row is on
-    print(f"{'metric':<{w}}{'teacher':>12}{'student':>12}  better")
+    width = 21 if len(cols) > 2 else 12
+    print(f"{'metric':<{w}}" + "".join(f"{label[:20]:>21}" if len(cols) > 2 else f"{label:>12}" for _, label in cols)
+          + "  better")
     for row in r["summary"]:
         verdict = row["better"] or row.get("note") or ""
-        print(f"{row['label']:<{w}}{number(row['teacher'], '-'):>12}{number(row['student'], '-'):>12}  {verdict}")
+        print(f"{row['label']:<{w}}" + "".join(f"{number(cell(row, k), '-'):>{width}}" for k, _ in cols)
+              + f"  {verdict}")
     from .training_list import overlap_line
 
     print(overlap_line(r["training_overlap"]))
@@ -124,6 +150,51 @@ def _eval(args) -> int:
     print(f"wrote {out / 'eval.json'}, {out / 'report.html'} and {len(r['figures'])} pictures in "
           f"{time.perf_counter() - began:.0f}s (loading models {load_s:.1f}s{', ' + stages if stages else ''})")
     return 0
+
+
+def _ttr_images(args, loaded):
+    """The first images of --images at the model's size: what `--ttr find` finds the register neurons on."""
+    from .eval.inspection import load_images
+    from .ttr.use import FIND_IMAGES
+
+    return lambda: load_images(args.images, loaded, FIND_IMAGES)[1]
+
+
+def _with_ttr(args, loaded):
+    """`--ttr SIDECAR|find` of inspect and segment: the model with test-time registers (said on stdout)."""
+    if args.ttr in (None, "none"):
+        return loaded
+    from .ttr import with_test_time_registers
+
+    loaded, neurons = with_test_time_registers(loaded, args.ttr, _ttr_images(args, loaded))
+    print(_ttr_line(args.ttr, neurons))
+    return loaded
+
+
+def _ttr_line(how, neurons) -> str:
+    from .ttr import RegisterNeurons
+
+    by_layer = neurons.by_layer() if isinstance(neurons, RegisterNeurons) else neurons
+    count = sum(len(u) for u in by_layer.values())
+    return (f"test-time registers ({how}): {count} register neurons {by_layer}" if count else
+            f"test-time registers ({how}): no register neurons, nothing to move: the model is used as it is")
+
+
+def _eval_ttr(args, teacher, student) -> tuple[dict, dict | None, dict | None]:
+    """`eval --ttr`: the teacher with test-time registers and, with a student, the student with the same neurons
+    (found on the teacher, or read from the sidecar). Returns ({key: model}, {key: column label}, record)."""
+    if args.ttr in (None, "none"):
+        return {}, None, None
+    from .ttr import with_test_time_registers
+    from .ttr.use import neurons_record
+
+    ttr, neurons = with_test_time_registers(teacher, args.ttr, _ttr_images(args, teacher))
+    print(_ttr_line(args.ttr, neurons))
+    others = dict(ttr=ttr)
+    if student is not None:
+        others["both"] = with_test_time_registers(student, args.ttr, neurons=neurons)[0]
+    labels = dict(teacher="teacher", ttr="test-time registers", student="PH-Reg student", both="student + TTR")
+    return others, labels, neurons_record(neurons, args.ttr)
 
 
 def _zeroshot_inputs(args) -> dict:
@@ -157,12 +228,15 @@ def _segment(args) -> int:
     from .data import scan_images
     from .models import load_spec
 
+    from .preflight import check_ttr
+
+    check_ttr(args.ttr)
     zs = _zeroshot_inputs(args)
     files, _ = scan_images(args.images)
     files = files[:args.limit] if args.limit else files
     out = Path(args.out)
     check_out(out)
-    loaded = load_spec(args.model, args.img_size, args.checkpoint)
+    loaded = _with_ttr(args, load_spec(args.model, args.img_size, args.checkpoint))
     text = text_tower_for(args.model, args.text, args.text_model, loaded.run)
     s = segment_folder(loaded, files, zs["classes"], text, out, args.head, zs["settings"], zs["sigma"], _device(args),
                        say=(lambda *a: None) if args.quiet else print)
@@ -185,6 +259,13 @@ def _zeroshot_args(p: argparse.ArgumentParser, classes_required: bool) -> None:
     g.add_argument("--bg-threshold", type=float, default=0.0,
                    help="pixels whose best class probability is below this go to the first class (e.g. 0.1 for VOC21)")
     g.add_argument("--naclip-sigma", type=float, default=5.0, help="NACLIP neighbourhood width in patches")
+
+
+def _ttr_arg(p: argparse.ArgumentParser, more: str = "") -> None:
+    p.add_argument("--ttr", metavar="SIDECAR|find", type=user_path,
+                   help="apply test-time registers (Jiang et al., 2025): a sidecar written by "
+                        "phreg.ttr.save_test_time_registers, or find the register neurons on the first 16 images. "
+                        "Stock timm alone does not apply them." + more)
 
 
 def _device(args) -> str:
@@ -339,6 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, type=user_path, help="folder of images (recursive)")
     p.add_argument("--out", type=user_path, help="folder for inspect.json and pictures (default: print only)")
     p.add_argument("--checkpoint", type=user_path, help="weights file for a timm model name")
+    p.add_argument("--neurons", action="store_true",
+                   help="find the model's register neurons instead (Jiang et al., 2025): print them (block, unit, "
+                        "mean |activation| at outliers vs elsewhere, share of outliers) and, with --out, "
+                        "neurons.json and a picture per image of where they fire next to the patch-norm map")
+    p.add_argument("--tails", default="both", choices=("both", "high", "low"),
+                   help="--neurons: which tails of the norm distribution are outliers (default both)")
+    p.add_argument("--top-k", type=int, help="--neurons: keep exactly this many neurons (default: the gap rule)")
+    _ttr_arg(p)
     _model_args(p)
     p.set_defaults(func=_inspect)
 
@@ -347,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "view plans. Writes OUT/eval.json, OUT/report.html and PNGs.",
                        epilog="example: phreg eval --student runs/quickstart --images DIR  (teacher and --out "
                               "default to the run's base model and RUN/eval)")
-    p.add_argument("--student", type=user_path, required=True, help="a phreg run or export folder, local-dir:/hf-hub:, ...")
+    p.add_argument("--student", type=user_path, help="a phreg run or export folder, local-dir:/hf-hub:, ... "
+                                                     "(may be left out with --teacher and --ttr)")
     p.add_argument("--teacher", help="default: the run's base model and weights, from its recipe")
     p.add_argument("--teacher-checkpoint", type=user_path, help="weights file when --teacher is a timm model name")
     p.add_argument("--images", required=True, type=user_path, help="folder of images (recursive)")
@@ -363,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dense head of the teacher for zero-shot (default naclip)")
     p.add_argument("--student-head", default="maskclip", choices=("final", "naclip", "maskclip"),
                    help="dense head of the student for zero-shot (default maskclip)")
+    _ttr_arg(p, " With it, eval compares teacher, teacher + test-time registers, student and student + test-time "
+                "registers (the teacher's neurons), a column each.")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("segment", formatter_class=HelpFormatter, help="zero-shot segmentation of a folder of images (CLIP family)",
@@ -381,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="use at most this many images (sorted by path)")
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even if a GPU is present")
     p.add_argument("--quiet", action="store_true", help="no per-image lines")
+    _ttr_arg(p)
     _zeroshot_args(p, classes_required=True)
     p.set_defaults(func=_segment)
 

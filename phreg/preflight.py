@@ -133,11 +133,22 @@ def check_views(views: int) -> int:
     return views
 
 
+def check_ttr(how: str | None, what: str = "--ttr") -> None:
+    """Test-time registers named sensibly: none, find, or a sidecar file (or a folder holding one)."""
+    if how is None or how in ("none", "find"):
+        return
+    path = Path(how).expanduser()
+    if not (path.is_file() or (path / "test_time_registers.json").is_file()):
+        raise UsageError(f"{what}: {how} is neither none, find nor a test-time-register sidecar "
+                         "(a .json file or a folder holding test_time_registers.json)")
+
+
 def check_distill(recipe, resuming: bool = False) -> None:
     """The recipe's folders and files and the output folder, before torch is imported. A fresh run refuses an
     output_dir that holds checkpoints here; which checkpoint a resumed run uses is decided (verified) by `distill`."""
     m, d = recipe.model, recipe.data
     check_model_name(m.name, m.checkpoint)
+    check_ttr(m.teacher_ttr, "model.teacher_ttr")
     if kind(d.root) == "folder":  # datasets and shards are opened by their own libraries, later
         files, _ = scan_images(d.root, "data.root")
         check_val_split(d.val_split, len(files))
@@ -164,8 +175,18 @@ def check_eval(args) -> list[Path]:
     if getattr(args, "classes", None) and not args.masks:
         raise UsageError("--classes needs --masks (ground-truth label maps) to score zero-shot segmentation")
     check_views(args.views)
-    check_model_spec(args.student, "--student")
-    note_if_held(args.student, "evaluating its export as it is now (replaced whole when the run finishes)")
+    check_ttr(getattr(args, "ttr", None))
+    if args.student is None:
+        if not args.teacher or getattr(args, "ttr", None) in (None, "none"):
+            raise UsageError("--student is required, unless --teacher and --ttr are given (teacher vs teacher with "
+                             "test-time registers)")
+        if args.out is None:
+            raise UsageError("--out is required without --student")
+        if getattr(args, "classes", None):
+            raise UsageError("--classes needs --student (zero-shot compares the teacher with a student)")
+    else:
+        check_model_spec(args.student, "--student")
+        note_if_held(args.student, "evaluating its export as it is now (replaced whole when the run finishes)")
     if args.teacher:
         check_model_spec(args.teacher, "--teacher")
     elif not (Path(args.student) / "recipe.yaml").is_file():
@@ -192,6 +213,9 @@ def check_eval(args) -> list[Path]:
 
 def check_inspect(args) -> list[Path]:
     check_views(args.views)
+    check_ttr(getattr(args, "ttr", None))
+    if getattr(args, "top_k", None) is not None and args.top_k < 1:
+        raise UsageError("--top-k must be >= 1")
     check_model_spec(args.model)
     note_if_held(args.model, "inspecting its export as it is now (replaced whole when the run finishes)")
     check_file(args.checkpoint, "--checkpoint")

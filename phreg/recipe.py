@@ -46,6 +46,7 @@ class ModelCfg:
     std: Optional[list[float]] = None
     teacher_head: str = opt("final", choices=HEADS)  # how the teacher's targets are read (phreg.backbones.heads)
     student_head: str = opt("final", choices=HEADS)  # which student output learns them
+    teacher_ttr: str = "none"  # targets read with test-time registers: none, find, or a sidecar (phreg.ttr)
     naclip_sigma: float = opt(5.0, gt=0)  # NACLIP's Gaussian neighbourhood width, in patches
     text_model: Optional[str] = None  # open_clip model name of the text tower (CLIP family); None = no zero-shot
     text_pretrained: Optional[str] = None  # open_clip pretrained tag, used when model.checkpoint is no whole CLIP

@@ -49,3 +49,31 @@ def zeroshot_iou_rows(z: dict) -> list[dict]:
     return [dict(label="mIoU", teacher=t["miou"], student=s["miou"], total=True),
             *(dict(label=name, teacher=t["per_class_iou"][name], student=s["per_class_iou"][name])
               for name in t["per_class_iou"])]
+
+
+def columns(report: dict) -> list[tuple[str, str]]:
+    """(key, label) of the models a report compares, in table order: eval.json's `columns` when `phreg eval` measured
+    more than a pair (teacher, test-time registers, PH-Reg student, both), else teacher and student."""
+    cols = report.get("columns")
+    return [(c["key"], c["label"]) for c in cols] if cols else [("teacher", "teacher"), ("student", "student")]
+
+
+def cell(row: dict, key: str):
+    """A row's value for one column: `teacher` / `student`, or one of its `others`."""
+    return row.get(key) if key in ("teacher", "student") else (row.get("others") or {}).get(key)
+
+
+def best(row: dict, keys: list[str]) -> set[str]:
+    """The columns holding a row's best value (by its `better`), none when all are equal, a value is missing, or the
+    row has no verdict (e.g. images/s). With two columns this is `winner`."""
+    better = row.get("better")
+    if hardware_dependent(row) or better not in ("lower", "higher"):
+        return set()
+    values = {k: cell(row, k) for k in keys}
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values.values()):
+        return set()
+    top = (min if better == "lower" else max)(values.values())
+    tie = 1e-6 * max(1.0, abs(top))  # columns of different token counts differ by float noise
+    if all(abs(v - top) <= tie for v in values.values()):
+        return set()
+    return {k for k, v in values.items() if abs(v - top) <= tie}

@@ -133,9 +133,11 @@ def test_a_metric_is_one_function_and_its_rows_reach_every_reader(tmp_path):
         r = evaluate(student, teacher, images, tmp_path / "eval", EvalOptions(views=2, pictures=1))
     finally:
         metrics.METRICS[:] = registered
-    assert [row["metric"] for row in r["summary"]] == ["denoised_distance", "tta_noise", "outlier_fraction",
-                                                        "max_norm_ratio", "cls_cosine", "gflops", "images_per_s",
-                                                        "patch_count"]
+    assert [row["metric"] for row in r["summary"]] == [
+        "denoised_distance", "denoised_distance_p50", "denoised_distance_p90", "denoised_distance_p99", "tta_noise",
+        "outlier_fraction", "max_norm_ratio", "outliers_two_tailed", "outliers_low_tail", "outliers_worst_block",
+        "register_attention_cls", "register_attention_patches", "patch_norm_variance", "cls_cosine", "gflops",
+        "images_per_s", "patch_count"]
     assert r["patch_count"] == dict(teacher=4, student=4) and r["summary"][-1]["teacher"] == 4
     assert [k for k in r if k in ("denoised_distance", "high_norm_mass", "cls_cosine", "cost", "patch_count")] == \
         ["denoised_distance", "high_norm_mass", "cls_cosine", "cost", "patch_count"]  # eval.json: measured order

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -226,3 +227,64 @@ def test_mistakes_are_one_line(teacher224, frames):
         add_test_time_registers(teacher224, {3: [1536]})
     with pytest.raises(UsageError, match="do not exist"):
         add_test_time_registers(teacher224, {12: [0]})
+
+
+@pytest.fixture(scope="module")
+def artifact_file(artifacts, tmp_path_factory):
+    model, _ = artifacts
+    path = tmp_path_factory.mktemp("ttr") / "artifacts.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.mark.slow
+def test_inspect_neurons_names_the_implanted_ones_and_none_in_real_dinov2(artifacts, artifact_file, camvid,
+                                                                          dinov2_file, tmp_path, capsys):
+    from phreg.cli import main
+
+    _, implanted = artifacts
+    out = tmp_path / "fixture"
+    assert main(["inspect", MODEL, "--checkpoint", str(artifact_file), "--images", str(camvid["train"]),
+                 "--limit", "16", "--figures", "2", "--neurons", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads((out / "neurons.json").read_text())
+    assert {(n["layer"], n["index"]) for n in record["neurons"]} == {(implanted["block"], u) for u in implanted["units"]}
+    assert all(f"{implanted['block']:>5} {u:>6}" in printed for u in implanted["units"])  # block, unit per line
+    assert "at outliers" in printed and record["figures"] == ["neurons_00.png", "neurons_01.png"]
+    assert all((out / f).stat().st_size > 10_000 for f in record["figures"])
+    side = json.loads((out / "test_time_registers.json").read_text())  # publishable: base weights + sidecar
+    assert side["base"]["weights"]["file"] == artifact_file.name and len(side["base"]["weights"]["sha256"]) == 64
+    assert {int(b): sorted(u) for b, u in side["neurons"].items()} == {implanted["block"]: sorted(implanted["units"])}
+    fixed = tmp_path / "fixed"  # inspect with the sidecar: the fixed model has no outliers left
+    assert main(["inspect", MODEL, "--checkpoint", str(artifact_file), "--images", str(camvid["val"]), "--limit", "4",
+                 "--views", "1", "--figures", "0", "--ttr", str(out), "--out", str(fixed)]) == 0
+    assert "test-time registers" in capsys.readouterr().out
+    inspected = json.loads((fixed / "inspect.json").read_text())
+    assert inspected["registers"] == 1 and inspected["outliers"]["fraction"] == 0
+    clean = tmp_path / "clean"
+    assert main(["inspect", MODEL, "--checkpoint", str(dinov2_file), "--images", str(camvid["train"]),
+                 "--limit", "16", "--figures", "1", "--neurons", "--out", str(clean)]) == 0
+    assert "no register neurons" in capsys.readouterr().out
+    assert json.loads((clean / "neurons.json").read_text())["neurons"] == []
+
+
+@pytest.mark.slow
+def test_teacher_targets_read_with_test_time_registers(artifacts, artifact_file, camvid):
+    """`model.teacher_ttr=find`: the targets' teacher carries the implanted neurons' fix; the student is built from
+    the plain teacher (1 + 16 prefix tokens, not 1 + 1 + 16)."""
+    from phreg.data import scan_images
+    from phreg.distill.step import build_parts
+    from phreg.recipe import load_recipe
+
+    _, implanted = artifacts
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml",
+                         [f"model.checkpoint={artifact_file}", "model.teacher_ttr=find"])
+    files, _ = scan_images(camvid["train"])
+    parts = build_parts(recipe, torch.device("cpu"), files=files)
+    assert {b: sorted(u) for b, u in parts.teacher_ttr["neurons"].items()} == \
+        {str(implanted["block"]): sorted(implanted["units"])}
+    assert parts.targets.teacher.test_time_registers.neurons.keys() == {implanted["block"]}
+    assert parts.student.num_prefix_tokens == 1 + 16 and parts.targets.teacher.num_prefix_tokens == 2
+    plain = build_parts(load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml",
+                                    [f"model.checkpoint={artifact_file}"]), torch.device("cpu"))
+    assert plain.teacher_ttr is None and not hasattr(plain.targets.teacher, "test_time_registers")

@@ -51,6 +51,10 @@ def cache_key(recipe: Recipe, files: list[Path], teacher_precision: str = "fp32"
                  views={k: getattr(v, k) for k in ("num", "max_shift", "flip", "candidates", "fill")},
                  head=m.teacher_head, sigma=m.naclip_sigma if m.teacher_head == "naclip" else None,
                  resize=d.resize, seed=recipe.seed, plans=recipe.cache.plans, dtype=recipe.cache.dtype, files=stats)
+    if m.teacher_ttr != "none":  # only then, so caches built before the key existed stay valid
+        side = Path(m.teacher_ttr).expanduser()
+        side = side / "test_time_registers.json" if side.is_dir() else side
+        parts["teacher_ttr"] = m.teacher_ttr if m.teacher_ttr == "find" else fingerprint([side])
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

@@ -185,8 +185,9 @@ def _summary(recipe: Recipe, s: Session, scored: dict | None, wall: float, timin
         versions=dict(torch=torch.__version__, timm=timm.__version__),
         # what the model card says the student was made from (hashed once, at the start)
         weights={k: v for k, v in s.base.items() if k != "mtime_ns"},
-        registers=dict(present=backbone(parts.targets.teacher).num_registers, added=m.registers,
+        registers=dict(present=student.num_registers - m.registers, added=m.registers,
                        total=student.num_registers),
+        teacher_ttr=parts.teacher_ttr,  # test-time registers the targets were read with (model.teacher_ttr)
         # what trained, as the card lists it: each unlock group's resolved patterns and its lr scale
         unlocked=[[names, g.lr_scale] for g in recipe.train.unlock if (names := student.resolve(g.params))],
         data=data_record(recipe.data, s.files, s.val_files),

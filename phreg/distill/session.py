@@ -78,7 +78,12 @@ def set_up(recipe: Recipe, acc: Accelerator, run: Path, start: Start, quiet: boo
         raise UsageError("recipe key speed.frozen_dtype: bf16 frozen weights need bf16 autocast, and this run trains "
                          "in fp32 (a CPU: set train.precision=bf16)")
     runtime = resident_bytes() if acc.device.type == "cpu" else 0  # what the process holds before the model
-    parts = build_parts(recipe, acc.device, train_precision)
+    parts = build_parts(recipe, acc.device, train_precision, [] if sources.streaming else sources.train)
+    if parts.teacher_ttr is not None:
+        t = parts.teacher_ttr
+        say(f"targets read with test-time registers ({recipe.model.teacher_ttr}): {t['count']} register neurons "
+            f"{t['neurons']}" if t["count"] else
+            f"model.teacher_ttr={recipe.model.teacher_ttr}: no register neurons, so the targets are the plain teacher's")
     table = unlocked_table(parts.student, parts.groups, parts.notes)
     say(table if verbose else unlocked_summary(parts.student, parts.groups, parts.notes, run / UNLOCKED_FILE))
     say(estimate(parts.targets.teacher, parts.student, parts.groups, recipe.views.num, recipe.train.batch_size,

@@ -71,13 +71,15 @@ class Parts:
     mean: tuple
     std: tuple
     notes: list = field(default_factory=list)  # semantic unlock parts the model lacks
+    teacher_ttr: dict | None = None  # the test-time registers the targets were read with (`model.teacher_ttr`)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
         return [p for g in self.groups for p in g["params"]]
 
 
-def build_parts(recipe: Recipe, device: torch.device, precision: str = "fp32") -> Parts:
+def build_parts(recipe: Recipe, device: torch.device, precision: str = "fp32", files: list | None = None) -> Parts:
+    """`files`: the training images, read (the first 16, center crops) only when `model.teacher_ttr` is "find"."""
     m, cfg, speed = recipe.model, recipe.train, recipe.speed
     # first, so the student's frozen tensors are the teacher's on the device too (bf16 with speed.frozen_dtype: bf16)
     teacher = load_teacher(m, frozen_dtype(speed)).to(device)
@@ -90,10 +92,32 @@ def build_parts(recipe: Recipe, device: torch.device, precision: str = "fp32") -
     groups = unlock(student, cfg.unlock, cfg.lr, cfg.weight_decay, notes)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                   fused=True)
-    targets = DenoisedTeacher(teacher, recipe.views, mean, std, teacher_autocast(speed, device, precision),
+    reads, ttr = teacher_with_ttr(teacher, m, files or [], mean, std, device)
+    targets = DenoisedTeacher(reads, recipe.views, mean, std, teacher_autocast(speed, device, precision),
                               compile=use_compile(speed, device), head=m.teacher_head, sigma=m.naclip_sigma)
     return Parts(targets.to(device), student, PatchTokens(student, m.student_head, m.naclip_sigma), groups,
-                 optimizer, mean, std, notes)
+                 optimizer, mean, std, notes, ttr)
+
+
+def teacher_with_ttr(teacher: torch.nn.Module, m, files: list, mean, std, device) -> tuple[torch.nn.Module, dict | None]:
+    """The model the targets are read from: the teacher, or with `model.teacher_ttr` the teacher with test-time
+    registers (its neurons found on the first training images, or read from a sidecar), so that the targets are
+    denoised from a teacher without its artifacts. The student is built from the plain teacher either way. With no
+    register neurons (a clean teacher) the targets are the plain teacher's."""
+    if m.teacher_ttr == "none":
+        return teacher, None
+    from ..data import ImageDataset
+    from ..ttr.use import FIND_IMAGES, neurons_for, neurons_record
+    from ..ttr import add_test_time_registers
+
+    def images() -> torch.Tensor:
+        data = ImageDataset(files[:FIND_IMAGES], m.img_size, mean, std, train=False)
+        return torch.stack([data[i]["image"] for i in range(len(data))]).to(device)
+    neurons = neurons_for(m.teacher_ttr, teacher, images if files else None)
+    record = neurons_record(neurons, m.teacher_ttr)
+    if not record["count"]:  # a clean teacher: nothing to move, so the targets are the plain teacher's
+        return teacher, record
+    return add_test_time_registers(teacher, neurons), record
 
 
 def skip_if_nonfinite(optimizer, grad_norm: torch.Tensor) -> torch.Tensor:

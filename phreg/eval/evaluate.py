@@ -9,7 +9,7 @@ writes eval.json, the pictures and report.html.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,8 +50,17 @@ class EvalOptions:
         return bool(self.masks) and self.num_classes is not None
 
 
-def evaluate(student: Loaded, teacher: Loaded, images_dir, out: Path, options: EvalOptions = EvalOptions()) -> dict:
-    """Teacher vs student on the images under `images_dir`: OUT/eval.json, OUT/report.html and pictures."""
+def evaluate(student: Loaded, teacher: Loaded, images_dir, out: Path, options: EvalOptions = EvalOptions(),
+             others: dict[str, Loaded] | None = None, columns: dict[str, str] | None = None,
+             ttr: dict | None = None) -> dict:
+    """Teacher vs student on the images under `images_dir`: OUT/eval.json, OUT/report.html and pictures.
+
+    `others` ({key: model}, e.g. "ttr": the teacher with test-time registers, "both": the student with them) are
+    measured against the same teacher, metric by metric, on the same images and view plans: each summary row then
+    also holds `others: {key: value}`, eval.json `columns` (key, label, model name, in table order) and `others`
+    (each one's inspect summary, verdict and metric values). `columns` gives the labels ({key: label}, "teacher" and
+    "student" included) and the order; `ttr` is the test-time registers' record. Zero-shot is scored for the pair
+    only."""
     o = options
     start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -89,17 +98,39 @@ def evaluate(student: Loaded, teacher: Loaded, images_dir, out: Path, options: E
     out.mkdir(parents=True, exist_ok=True)
     ctx = Context(teacher=teacher, student=student, files=files, a_t=a_t, a_s=a_s, s_t=s_t, s_s=s_s, judged=judged,
                   options=o, out=out, train=train, val=val, unseen=seen["unseen"])
-    measured: dict[Metric, Measured] = {}
-    for stage in STAGES:  # each stage timed on its own; the summary keeps the metrics' registration order
-        for m in METRICS:
-            if m.stage == stage and (got := m.measure(ctx)) is not None:
-                measured[m] = got
-                if m.key is not None:
-                    result[m.key] = got.value
-        if any(m.stage == stage for m in measured):
-            lap(stage)
+    measured = _measure(ctx, lap)
+    for m, got in measured.items():
+        if m.key is not None:
+            result[m.key] = got.value
     result["summary"] = [r for m in METRICS if m in measured for r in measured[m].rows]
-    result["figures"] = _pictures(a_t, a_s, images, student, t_thr, out)
+    extra: dict[str, Analysis] = {}
+    if others:
+        result["others"] = {}
+        for key, loaded in others.items():
+            a_o = extra[key] = analyze(loaded, images, vcfg, o.seed, pictures=o.pictures, device=o.device)
+            s_o = a_o.summary()
+            judged_o = a_o.outliers(t_thr if t_thr != float("inf") else None)
+            judged_o.pop("mask")
+            ctx_o = Context(teacher=teacher, student=loaded, files=files, a_t=a_t, a_s=a_o, s_t=s_t, s_s=s_o,
+                            judged=judged_o, options=replace(o, zeroshot=None), out=out, train=train, val=val)
+            got_o = _measure(ctx_o)
+            lap(key)
+            result["others"][key] = dict(name=loaded.name, inspect=s_o, verdict=verdict(s_o),
+                                         outliers_at_teacher_threshold=judged_o,
+                                         **{m.key: g.value for m, g in got_o.items() if m.key is not None})
+            theirs = {r["metric"]: r["student"] for g in got_o.values() for r in g.rows}
+            for r in result["summary"]:
+                r.setdefault("others", {})[key] = theirs.get(r["metric"])
+        labels = columns or dict(teacher="teacher", student="student")
+        names = dict(teacher=teacher.name, student=student.name) | {k: v.name for k, v in others.items()}
+        order = [k for k in labels if k in names] + [k for k in names if k not in labels]
+        result["columns"] = [dict(key=k, label=labels.get(k, k), name=names[k]) for k in order]
+    elif columns:  # a pair with labels of its own, e.g. teacher vs test-time registers
+        result["columns"] = [dict(key=k, label=columns.get(k, k), name=m.name)
+                             for k, m in (("teacher", teacher), ("student", student))]
+    if ttr is not None:
+        result["ttr"] = ttr
+    result["figures"] = _pictures(a_t, a_s, images, student, t_thr, out, extra, result.get("columns"))
     lap("pictures")
     result["timings"] = timings
     result["seconds"] = round(time.perf_counter() - start, 1)
@@ -108,12 +139,28 @@ def evaluate(student: Loaded, teacher: Loaded, images_dir, out: Path, options: E
     return result
 
 
-def _pictures(a_t: Analysis, a_s: Analysis, images, student: Loaded, threshold: float, out: Path) -> list[str]:
-    """Teacher above student per pictured image (shared colour scales), and both models' norm histograms."""
-    shared = norm_range(a_t.maps + a_s.maps) if a_t.maps else None  # one colour range: teacher, student, all images
-    figures = [panels(to_rgb(images[i], student.mean, student.std), [("teacher", mt), ("student", ms)],
-                      out / f"compare_{i}.png", shared).name for i, (mt, ms) in enumerate(zip(a_t.maps, a_s.maps))]
-    figures.append(norm_histogram([("teacher", a_t.norms[a_t.artifact_layer]),
-                                   ("student", a_s.norms[a_s.artifact_layer])], out / "norm_histogram.png",
-                                  threshold).name)
+def _measure(ctx: Context, lap=None) -> dict[Metric, Measured]:
+    """Every registered metric on one pair, stage by stage (each stage timed by `lap` when given)."""
+    measured: dict[Metric, Measured] = {}
+    for stage in STAGES:  # each stage timed on its own; the summary keeps the metrics' registration order
+        for m in METRICS:
+            if m.stage == stage and (got := m.measure(ctx)) is not None:
+                measured[m] = got
+        if lap is not None and any(m.stage == stage for m in measured):
+            lap(stage)
+    return measured
+
+
+def _pictures(a_t: Analysis, a_s: Analysis, images, student: Loaded, threshold: float, out: Path,
+              extra: dict[str, Analysis] | None = None, columns: list[dict] | None = None) -> list[str]:
+    """Teacher above student (and any other models, in table order) per pictured image, with shared colour scales,
+    and every model's norm histogram."""
+    analyses = dict(teacher=a_t, student=a_s) | (extra or {})
+    order = [(c["label"], analyses[c["key"]]) for c in columns] if columns else \
+        [("teacher", a_t), ("student", a_s)]
+    shared = norm_range([m for _, a in order for m in a.maps]) if a_t.maps else None  # one colour range for all
+    figures = [panels(to_rgb(images[i], student.mean, student.std), [(label, a.maps[i]) for label, a in order],
+                      out / f"compare_{i}.png", shared).name for i in range(min(len(a.maps) for _, a in order))]
+    figures.append(norm_histogram([(label, a.norms[a.artifact_layer]) for label, a in order],
+                                  out / "norm_histogram.png", threshold).name)
     return figures

@@ -95,3 +95,28 @@ def zeroshot_figure(rgb: np.ndarray, truth: np.ndarray, teacher: np.ndarray, stu
         ax.set_title(title, fontsize=10)
         ax.axis("off")
     return _save(fig, path)
+
+
+def neuron_panels(rows: list[tuple[np.ndarray, np.ndarray | None, np.ndarray]], path: Path, what: str,
+                  layer: int) -> Path:
+    """Where register neurons fire: per image, image | the neurons' summed |activation| over the patch grid | the
+    patch-norm map of the block that decides outliers (pre-norm). `what` names the neurons (or says there are none)."""
+    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 2.9 * len(rows)), squeeze=False)
+    for r, (image, act, norm) in enumerate(rows):
+        ax = axes[r]
+        ax[0].imshow(image)
+        if act is not None:
+            im = ax[1].imshow(act, cmap="magma", vmin=0)
+            fig.colorbar(im, ax=ax[1], fraction=0.046, pad=0.02)
+        else:
+            ax[1].text(0.5, 0.5, "no register neurons", ha="center", va="center", fontsize=9,
+                       transform=ax[1].transAxes)
+        im = ax[2].imshow(norm, cmap="inferno", vmin=0)
+        fig.colorbar(im, ax=ax[2], fraction=0.046, pad=0.02)
+        for a, title in zip(ax, ["image", f"register neurons: {what}", f"patch norm (block {layer}, pre-norm)"]):
+            a.set_xticks([])
+            a.set_yticks([])
+            if r == 0:
+                a.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)

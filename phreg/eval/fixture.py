@@ -20,7 +20,7 @@ Concretely, for a timm ViT at one resolution (all choices seeded):
 
 Everything is a plain weight edit: the result is still a stock timm VisionTransformer, saved as safetensors.
 `python -m phreg.eval.fixture --out artifacts.safetensors` builds the one the tests use (DINOv2-S/14 at 224 px,
-calibrated on the embedded photos).
+calibrated on the embedded photos); `--low-norm` its low-norm variant (`phreg.ttr.fixture`).
 """
 
 from __future__ import annotations
@@ -143,10 +143,18 @@ def main(argv=None) -> None:
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--out", required=True, help="where to write the fixture's safetensors")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--low-norm", action="store_true",
+                    help="the low-norm variant: the same units, refitted to end with low last-block norms "
+                         "(phreg.ttr.fixture.cancel_artifacts; CLIP-style artifacts, for the two-tailed rule)")
     args = ap.parse_args(argv)
     cfg = ModelCfg(name=args.model, checkpoint=args.checkpoint, img_size=args.img_size)
     model = load_teacher(cfg)
-    info = implant_artifacts(model, calibration_images(args.img_size, *normalization(model, cfg)), seed=args.seed)
+    mean, std = normalization(model, cfg)
+    info = implant_artifacts(model, calibration_images(args.img_size, mean, std), seed=args.seed)
+    if args.low_norm:
+        from ..ttr.fixture import cancel_artifacts
+
+        info["low_norm_fit"] = cancel_artifacts(model, calibration_images(args.img_size, mean, std, crops=4), info)
     safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out,
                                 metadata={"phreg_fixture": json.dumps(info)})
     print(json.dumps({k: v for k, v in info.items() if k != "marked_cells"} | {"marked": len(info["marked_cells"])}))

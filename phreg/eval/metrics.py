@@ -64,12 +64,14 @@ STAGES = ("distances and cost", "probe", "zero-shot")
 METRICS: list[Metric] = []
 
 
-def metric(key: str | None = None, stage: str = STAGES[0]):
-    """Register a metric; its rows come after those of the metrics registered before it."""
+def metric(key: str | None = None, stage: str = STAGES[0], after: str | None = None):
+    """Register a metric; its rows come after those of the metrics registered before it (or right after the metric
+    function named `after`)."""
     assert stage in STAGES, stage
 
     def register(fn: Callable[[Context], Measured | None]):
-        METRICS.append(Metric(key, stage, fn))
+        names = [m.measure.__name__ for m in METRICS]
+        METRICS.insert(names.index(after) + 1 if after in names else len(METRICS), Metric(key, stage, fn))
         return fn
     return register
 
@@ -238,3 +240,157 @@ def model_cost(loaded: Loaded, device, batch: int = 8, repeats: int = 3) -> dict
             times.append(time.perf_counter() - t0)
     return dict(params=sum(p.numel() for p in model.parameters()), gflops=counter.get_total_flops() / 1e9,
                 images_per_s=batch / statistics.median(times[1:]), batch=batch)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Artifact measures that hold for every family (issue 18): both tails of the norm distribution at every block, the
+# distance to the denoised targets per token (PH-Reg Fig. 5), where attention goes, how uneven patch norms are.
+
+TAIL_RATIO = 2.0  # a patch token is an outlier beyond 2x or below 1/2 of its image's median norm (`phreg.ttr`'s rule)
+BATCH = 8
+
+
+@torch.no_grad()
+def block_patch_norms(model: torch.nn.Module, images: torch.Tensor, batch: int = BATCH) -> torch.Tensor:
+    """(depth, B, L): the pre-norm patch-token norms at the output of every block, one forward per batch."""
+    from ..backbones import backbone
+
+    family, depth = backbone(model), len(model.blocks)
+    device = next(model.parameters()).device
+    out = []
+    for x in images.split(batch):
+        _, blocks = family.block_outputs(x.to(device), depth)
+        out.append(torch.stack([b[:, family.num_prefix:].float().norm(dim=-1) for b in blocks]).cpu())
+    return torch.cat(out, 1)
+
+
+def tail_fractions(norms: torch.Tensor, ratio: float = TAIL_RATIO) -> list[dict]:
+    """(depth, B, L) norms -> per block {block, high, low, both}: fractions of patch tokens beyond `ratio` x / below
+    1/`ratio` of their image's median (`phreg.ttr.outlier_mask`, both tails)."""
+    from ..ttr import outlier_mask
+
+    rows = []
+    for block, n in enumerate(norms):
+        high, low = outlier_mask(n, ratio, "both")
+        h, lo = high.float().mean().item(), low.float().mean().item()
+        rows.append(dict(block=block, high=h, low=lo, both=h + lo))
+    return rows
+
+
+@metric("norm_tails", after="max_norm_ratio")
+def norm_tails(ctx: Context) -> Measured:
+    """Outliers in both tails of the patch-norm distribution, at every block: high-norm artifacts (DINOv2-L/g, DeiT-III)
+    and low-norm ones (CLIP, OpenCLIP: PH-Reg Fig. 6), and where they appear, not only at the last block. The rule is
+    relative to each image's median, so it needs no per-model constant."""
+    images = ctx.a_t.tta.images
+    per = {role: tail_fractions(block_patch_norms(m.model, images)) for role, m in
+           (("teacher", ctx.teacher), ("student", ctx.student))}
+    worst = {role: max(rows, key=lambda r: r["both"]) for role, rows in per.items()}
+    first = {role: next((r["block"] for r in rows if r["both"] > 0), None) for role, rows in per.items()}
+    last = {role: rows[-1] for role, rows in per.items()}
+    value = dict(ratio=TAIL_RATIO, rule=f"patch-token norm (pre-norm block output) above {TAIL_RATIO:g}x or below "
+                                        f"1/{TAIL_RATIO:g} of its image's median", per_block=per, worst=worst,
+                 first_block=first)
+    wt, ws = worst["teacher"], worst["student"]
+    return Measured(value, [
+        row("outliers_two_tailed", f"outliers, both tails ({TAIL_RATIO:g}x / 1/{TAIL_RATIO:g} median), last block",
+            last["teacher"]["both"], last["student"]["both"], "lower"),
+        row("outliers_low_tail", f"  of which below 1/{TAIL_RATIO:g} (low-norm artifacts)", last["teacher"]["low"],
+            last["student"]["low"], "lower"),
+        row("outliers_worst_block", f"  same, at the block with the most (blocks {wt['block']} / {ws['block']})",
+            wt["both"], ws["both"], "lower")])
+
+
+@torch.no_grad()
+def token_distances(held, model: torch.nn.Module) -> torch.Tensor:
+    """(B, L): 1 - cos between each patch token of `model` (read through the held-out set's head) and its
+    TTA-denoised target."""
+    from ..backbones import patch_tokens
+
+    device = next(model.parameters()).device
+    out = []
+    for x, t in zip(held.images.split(held.batch_size), held.targets.split(held.batch_size)):
+        f = patch_tokens(model, x.to(device), held.head, held.sigma).float().cpu()
+        out.append(1 - torch.nn.functional.cosine_similarity(f, t.float(), dim=-1))
+    return torch.cat(out)
+
+
+QUANTILES = (0.5, 0.9, 0.99)
+
+
+@metric("denoised_distance_tokens", after="denoised_distance")
+def denoised_distance_tokens(ctx: Context) -> Measured:
+    """The distance to the teacher's TTA-denoised features per patch token, as p50 / p90 / p99 (PH-Reg Fig. 5): a
+    mean hides the few tokens an artifact ruins, the tail shows them."""
+    import numpy as np
+
+    d = {role: token_distances(ctx.a_t.tta, m.model) for role, m in (("teacher", ctx.teacher),
+                                                                      ("student", ctx.student))}
+    q = {role: [float(v) for v in np.quantile(t.flatten().numpy(), QUANTILES)] for role, t in d.items()}
+    value = {role: dict(mean=float(t.mean()), **{f"p{round(100 * p)}": v for p, v in zip(QUANTILES, q[role])})
+             for role, t in d.items()} | dict(tokens=int(d["teacher"].numel()))
+    return Measured(value, [row(f"denoised_distance_p{round(100 * p)}",
+                                f"  same, per patch token: p{round(100 * p)}", q["teacher"][i], q["student"][i],
+                                "lower") for i, p in enumerate(QUANTILES)])
+
+
+@torch.no_grad()
+def register_attention_share(model: torch.nn.Module, images: torch.Tensor, batch: int = BATCH) -> dict:
+    """The share of attention that register tokens absorb in the last block (mean over heads and images): from the
+    class token (None without one) and from the patch tokens (mean over patches). 0 for a model without registers."""
+    from ..backbones import backbone
+    from ..fastpath import eager_attention
+
+    family = backbone(model)
+    c, prefix = int(family.has_class_token), family.num_prefix
+    if not family.num_registers:
+        return dict(cls=0.0 if c else None, patches=0.0, registers=0)
+    device = next(model.parameters()).device
+    cls, patches = [], []
+
+    def absorbed(module, args, w):  # w: (B, heads, N, N) softmax weights of the last block
+        to_registers = w[..., c:prefix].float().sum(-1).mean(1)  # (B, N)
+        if c:
+            cls.append(to_registers[:, 0].cpu())
+        patches.append(to_registers[:, prefix:].mean(1).cpu())
+    attention = family.attention(-1)
+    hook = attention.attn_drop.register_forward_hook(absorbed)
+    try:
+        with eager_attention(attention):
+            for x in images.split(batch):
+                model.forward_features(x.to(device))
+    finally:
+        hook.remove()
+    return dict(cls=torch.cat(cls).mean().item() if c else None, patches=torch.cat(patches).mean().item(),
+                registers=family.num_registers)
+
+
+@metric("register_attention", after="norm_tails")
+def register_attention(ctx: Context) -> Measured:
+    """How much of the class token's and the patches' attention the registers absorb (last block): registers that
+    work take the global attention the artifacts took (Darcet et al., 2024). Where attention goes, not a verdict."""
+    images = ctx.a_t.tta.images
+    value = {role: register_attention_share(m.model, images) for role, m in (("teacher", ctx.teacher),
+                                                                             ("student", ctx.student))}
+    rows = [row("register_attention_patches", "attention absorbed by registers, patch tokens (last block)",
+                value["teacher"]["patches"], value["student"]["patches"], None, note="where attention goes")]
+    if value["teacher"]["cls"] is not None or value["student"]["cls"] is not None:
+        rows.insert(0, row("register_attention_cls", "attention absorbed by registers, class token (last block)",
+                           value["teacher"]["cls"], value["student"]["cls"], None, note="where attention goes"))
+    return Measured(value, rows)
+
+
+def norm_variance(norms: torch.Tensor) -> dict:
+    """(B, L) patch norms -> variance, mean, and variance / mean² (scale-free: comparable across families)."""
+    n = norms.float()
+    var, mean = n.var().item(), n.mean().item()
+    return dict(variance=var, mean=mean, relative=var / mean ** 2 if mean else None)
+
+
+@metric("patch_norm_variance", after="register_attention")
+def patch_norm_variance(ctx: Context) -> Measured:
+    """How uneven the patch norms of the last block are (pre-norm): artifacts in either tail raise it."""
+    value = dict(layer=ctx.a_t.artifact_layer, teacher=norm_variance(ctx.a_t.patch_norms),
+                 student=norm_variance(ctx.a_s.patch_norms))
+    return Measured(value, [row("patch_norm_variance", "patch-norm variance / mean², last block",
+                                value["teacher"]["relative"], value["student"]["relative"], "lower")])

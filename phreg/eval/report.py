@@ -7,7 +7,7 @@ import html
 from pathlib import Path
 
 from ..files import write_atomic
-from ..tables import number, winner, zeroshot_iou_rows
+from ..tables import best, cell, columns, number, winner, zeroshot_iou_rows
 from ..training_list import overlap_line
 
 CSS = """
@@ -28,7 +28,17 @@ def _verdict_class(row: dict) -> str:
     return {"student": "good", "teacher": "bad"}.get(winner(row), "")
 
 
-def summary_table(rows: list[dict]) -> str:
+def summary_table(rows: list[dict], cols: list[tuple[str, str]] | None = None) -> str:
+    if cols and len(cols) > 2:  # teacher, test-time registers, student, both: a column each, the best in green
+        out = ["<table><tr><th>metric</th>" + "".join(f"<th>{html.escape(label)}</th>" for _, label in cols)
+               + "<th>better</th></tr>"]
+        for r in rows:
+            top = best(r, [k for k, _ in cols])
+            out.append(f"<tr><td>{html.escape(r['label'])}</td>"
+                       + "".join(f"<td class='{'good' if k in top else ''}'>{_fmt(cell(r, k))}</td>" for k, _ in cols)
+                       + f"<td>{r['better'] or ''}</td></tr>")
+        out.append("</table>")
+        return "\n".join(out)
     out = ["<table><tr><th>metric</th><th>teacher</th><th>student</th><th>better</th></tr>"]
     for r in rows:
         out.append(f"<tr><td>{html.escape(r['label'])}</td><td>{_fmt(r['teacher'])}</td>"
@@ -95,15 +105,64 @@ def write_report(r: dict, path: Path) -> Path:
 <p class="muted">{r['images']} images at {r['img_size']} px, {r['views']} TTA views, seed {r['seed']};
 same images, crops and view plans for both models. phreg {r['phreg_version']}, {r['seconds']} s.{seen}</p>
 <p><b>teacher:</b> {html.escape(t['verdict'])}<br><b>student:</b> {html.escape(s['verdict'])}</p>
-<h2>Summary</h2>{summary_table(r['summary'])}
-<p class="muted">Green: the student is better than its teacher on that row; red: worse.</p>
+<h2>Summary</h2>{summary_table(r['summary'], columns(r))}
+<p class="muted">{_legend(r)}</p>
+{ttr_section(r)}{artifact_section(r)}
 <h2>Where the high norms went ({html.escape(mass['layer'])}, pre-norm)</h2>
 <table><tr><th>model</th><th>tokens</th><th>mean norm</th><th>share of squared norm</th><th>above teacher threshold</th></tr>
 {''.join(mass_rows)}</table>
 {probe}
 {zeroshot}
-<h2>Teacher (top) vs student (bottom), same images</h2>{pictures}
+<h2>{_pictures_heading(r)}</h2>{pictures}
 <h2>Token norms</h2><table><tr><th>model</th><th>layer</th><th>kind</th><th>median</th><th>p99</th><th>max</th></tr>
 {''.join(norms)}</table>
 </body></html>"""
     return write_atomic(path, body)
+
+
+def _legend(r: dict) -> str:
+    if len(columns(r)) > 2:
+        return ("Green: the best of the models on that row. Every model is measured against the same teacher's "
+                "TTA-denoised features and judged by the teacher's own outlier threshold.")
+    return "Green: the student is better than its teacher on that row; red: worse."
+
+
+def ttr_section(r: dict) -> str:
+    """Which register neurons the test-time registers move (from eval.json's `ttr`), when the eval has them."""
+    t = r.get("ttr")
+    if not t:
+        return ""
+    neurons = ", ".join(f"block {b}: {u}" for b, u in t["neurons"].items()) or "none"
+    found = t.get("found") or {}
+    how = (f"found on {found.get('images', '?')} of these images ({found['outliers']['rule']})"
+           if t.get("source") == "found" and found else f"read from {html.escape(str(t.get('source')))}")
+    return (f"<h2>Test-time registers</h2><p>{t['count']} register neurons ({html.escape(neurons)}), {how}; their "
+            "activations move onto one extra, zero-initialised token at inference (Jiang et al., 2025). Stock timm "
+            "alone does not apply this: the model is phreg's, with hooks.</p>")
+
+
+def artifact_section(r: dict) -> str:
+    """Outliers in both tails per block (where they appear), for every model the eval measured."""
+    tails = r.get("norm_tails")
+    if not tails:
+        return ""
+    cols = columns(r)
+    per = {"teacher": tails["per_block"]["teacher"], "student": tails["per_block"]["student"]}
+    for key, other in (r.get("others") or {}).items():
+        if other.get("norm_tails"):
+            per[key] = other["norm_tails"]["per_block"]["student"]
+    cols = [(k, label) for k, label in cols if k in per]
+    head = "".join(f"<th>{html.escape(label)}: high</th><th>low</th>" for _, label in cols)
+    body = "".join(f"<tr><td>{b}</td>" + "".join(f"<td>{_fmt(per[k][b]['high'])}</td><td>{_fmt(per[k][b]['low'])}</td>"
+                                                 for k, _ in cols) + "</tr>"
+                   for b in range(len(per["teacher"])))
+    return (f"<h2>Outliers per block, both tails</h2><p class='muted'>{html.escape(tails['rule'])}: the fraction of "
+            f"patch tokens above (high) and below (low), at the output of every block.</p>"
+            f"<table><tr><th>block</th>{head}</tr>{body}</table>")
+
+
+def _pictures_heading(r: dict) -> str:
+    cols = columns(r)
+    if len(cols) > 2:
+        return "One row per model (" + ", ".join(html.escape(label) for _, label in cols) + "), same images"
+    return "Teacher (top) vs student (bottom), same images"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from ..tables import hardware_dependent, number, winner, zeroshot_iou_rows
+from ..tables import best as best_of, cell, columns, hardware_dependent, number, winner, zeroshot_iou_rows
 from .. import __version__
 from ..run import CONFIG, RECIPE, TEXT_FILE, WEIGHTS
 from ..training_list import overlap_line
@@ -59,6 +59,17 @@ def _cell(text) -> str:
 def eval_table(report: dict) -> str:
     """The eval summary, teacher vs student; the better value of each row in bold, except for hardware-dependent
     rows (images/s), which are shown as measured without a verdict."""
+    cols = columns(report)
+    if len(cols) > 2:  # teacher, test-time registers, student, both: a column each, the best in bold
+        lines = ["| metric | " + " | ".join(_cell(label) for _, label in cols) + " | better |",
+                 "| --- |" + " ---: |" * len(cols) + " --- |"]
+        for row in report["summary"]:
+            better = "hardware-dependent, no verdict" if hardware_dependent(row) else row.get("better")
+            top = best_of(row, [k for k, _ in cols])
+            cells = [f"**{number(cell(row, k))}**" if k in top else number(cell(row, k)) for k, _ in cols]
+            lines.append(f"| {_cell(row.get('label') or row['metric'])} | " + " | ".join(cells)
+                         + f" | {_cell(better or '')} |")
+        return "\n".join(lines)
     lines = ["| metric | teacher | student | better |", "| --- | ---: | ---: | --- |"]
     for row in report["summary"]:
         better = "hardware-dependent, no verdict" if hardware_dependent(row) else row.get("better") or row.get("note")

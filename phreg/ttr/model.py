@@ -22,7 +22,6 @@ small sidecar JSON (`save_test_time_registers`), and load it back with `load_tes
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,16 +153,14 @@ def load_test_time_registers(path: str | Path, checkpoint: str | Path | None = N
     from ..models import find_weights, load_teacher, sha256_file
     from ..recipe import ModelCfg
 
-    path = Path(path)
+    from .use import read_sidecar
+
+    path = Path(path).expanduser()
     path = path / SIDECAR if path.is_dir() else path
-    if not path.is_file():
-        raise UsageError(f"{path}: no test-time-register sidecar there")
-    try:
-        record = json.loads(path.read_text())
-        assert record.get("schema") == SCHEMA, f"schema {record.get('schema')!r}, expected {SCHEMA}"
-        base, neurons = record["base"], {int(b): u for b, u in record["neurons"].items()}
-    except (ValueError, AssertionError, KeyError, AttributeError) as e:
-        raise UsageError(f"{path} is not a test-time-register sidecar: {e}") from None
+    record = read_sidecar(path)
+    if not isinstance(record.get("base"), dict):
+        raise UsageError(f"{path} names no base model (a sidecar written by save_test_time_registers does)")
+    base, neurons = record["base"], record["neurons"]
     weights = base.get("weights") or {}
     if checkpoint is None and weights.get("source") == "file" and (path.parent / weights["file"]).is_file():
         checkpoint = path.parent / weights["file"]
