@@ -112,7 +112,8 @@ def evaluate(student: Loaded, teacher: Loaded, images_dir, out: Path, options: E
             judged_o = a_o.outliers(t_thr if t_thr != float("inf") else None)
             judged_o.pop("mask")
             ctx_o = Context(teacher=teacher, student=loaded, files=files, a_t=a_t, a_s=a_o, s_t=s_t, s_s=s_o,
-                            judged=judged_o, options=replace(o, zeroshot=None), out=out, train=train, val=val)
+                            judged=judged_o, options=replace(o, zeroshot=None), out=out, train=train, val=val,
+                            unseen=seen["unseen"])  # every column on the images its row's label names
             got_o = _measure(ctx_o)
             lap(key)
             result["others"][key] = dict(name=loaded.name, inspect=s_o, verdict=verdict(s_o),
