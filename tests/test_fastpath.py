@@ -99,3 +99,22 @@ def test_the_steps_math_runs_on_meta_so_it_never_reads_back_to_the_host():
     loss.backward()
     found_inf = skip_if_nonfinite(optimizer, torch.nn.utils.clip_grad_norm_(params, 1.0))
     assert found_inf.device.type == "meta" and all(p.grad is not None for p in params)
+
+
+@pytest.mark.slow
+def test_a_compiled_run_never_recompiles_across_epochs_and_a_partial_last_batch(tmp_path, dinov2_file, monkeypatch):
+    """speed.compile=true over 3 epochs of 3 photos at batch 2 (the last batch of each epoch would hold 1) with a
+    held-out photo (the teacher's held-out batch is smaller than a training batch): teacher and student each compile
+    once and never again. Issue 19: the student recompiled at the partial batch (`size mismatch at index 0. expected
+    2, actual 1`), and teacher and student recompiled on grad mode / autocast guards."""
+    import torch._dynamo
+
+    torch._dynamo.reset()  # compiled frames of earlier tests would count as recompiles here
+    torch._dynamo.utils.counters.clear()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    run = distill(tiny(tmp_path, dinov2_file, "speed.compile=true", "data.val_split=0.25", "train.epochs=3",
+                       "train.eval_every=2"), quiet=True)
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "step" in r] == [1, 2, 3]  # one whole batch per epoch: the partial one dropped
+    assert json.loads((run / "summary.json").read_text())["images_seen"] == 6
+    assert torch._dynamo.utils.counters["frames"]["ok"] == 2, dict(torch._dynamo.utils.counters["frames"])
