@@ -184,17 +184,20 @@ def main(argv=None) -> dict:
         if device.type == "cuda" and peak:
             for phase in ("step", "reference"):
                 results[phase]["mfu"] = round(results[phase]["tflops"] / peak, 3)
-    if args.compile:
+    if args.compile:  # phreg's own compiled path: StudentTokens and DenoisedTeacher with speed.compile=true
         recipe_c = load_recipe(args.recipe, [*args.overrides, "speed.compile=true"])
         parts_c = build_parts(recipe_c, device, "bf16" if acc.mixed_precision == "bf16" else "fp32")
-        model_c = torch.compile(parts_c.model)
+        model_c, optimizer_c = acc.prepare(parts_c.student_tokens, parts_c.optimizer)
+
+        def step_c(batch):
+            return train_step(acc, model_c, parts_c.targets, optimizer_c, parts_c.params, batch, cfg)
+
         t0 = time.perf_counter()
-        train_step(acc, model_c, parts_c.teacher, parts_c.optimizer, parts_c.params, batch, cfg)
+        step_c(batch)
+        sync(device)
         compile_s = time.perf_counter() - t0
-        record("step_compiled", lambda: train_step(acc, model_c, parts_c.teacher, parts_c.optimizer, parts_c.params,
-                                                   batch, cfg), first_call_s=round(compile_s, 1))
-        record("student_compiled", lambda: train_step(acc, model_c, parts_c.teacher, parts_c.optimizer,
-                                                      parts_c.params, with_target, cfg))
+        record("step_compiled", lambda: step_c(batch), first_call_s=round(compile_s, 1))
+        record("student_compiled", lambda: step_c(with_target))
     loader = DataLoader(data, b, sampler=EpochSampler(len(data), recipe.seed), collate_fn=collate,
                         num_workers=recipe.data.num_workers, pin_memory=device.type == "cuda")
     t0, n = time.perf_counter(), 0

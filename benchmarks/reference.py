@@ -4,8 +4,9 @@ It follows the structure of the PH-Reg authors' training code: views are built i
 all B x V views go through the teacher in one forward with *eager* attention (softmax(QK^T)V written out) and float32
 weights, features are put back with boolean masks / nonzero() index assignment, NaN checks run on the teacher
 features, the student features and the loss, the optimizer is plain AdamW, and the loss is read with .item() every
-step. No compilation. Given the same images and view plans it computes the same targets as phreg (the benchmark
-checks this before timing anything).
+step. No compilation. The loader's work (views, index maps) happens where the images are, then moves to the models'
+device, as in the authors' loop, so the step runs on any device. Given the same images and view plans it computes the
+same targets as phreg (the benchmark checks this before timing anything).
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ class ReferenceStep:
         self.grid = tuple(teacher.patch_embed.grid_size)
 
     def view(self, image: torch.Tensor, dy: int, dx: int, flip: int) -> torch.Tensor:
-        p, (_, h, w) = self.patch, image.shape
+        """One view, built where the image is (the authors build them in their data loader, on the CPU)."""
+        p, (_, h, w), dev = self.patch, image.shape, image.device
         out = torch.roll(image, shifts=(dy * p, dx * p), dims=(1, 2))
-        rows, cols = torch.arange(h) - dy * p, torch.arange(w) - dx * p
+        rows, cols = torch.arange(h, device=dev) - dy * p, torch.arange(w, device=dev) - dx * p
         inside = ((rows >= 0) & (rows < h))[:, None] & ((cols >= 0) & (cols < w))[None, :]
-        out = torch.where(inside, out, self.fill.view(-1, 1, 1))
+        out = torch.where(inside, out, self.fill.to(dev).view(-1, 1, 1))
         return out.flip(-1) if flip else out
 
     def source_index(self, dy: int, dx: int, flip: int) -> torch.Tensor:
@@ -49,12 +51,23 @@ class ReferenceStep:
         return idx.flip(-1) if flip else idx
 
     @torch.no_grad()
+    def teacher_features(self, images: torch.Tensor, plans: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loader's work (views and index maps, image by image, where the images are), moved to the teacher's
+        device as the authors' loop moves its batch, and the teacher's patch features of all B x V views in one
+        forward: (B*V, gh, gw, D) features and (B*V, 2, gh, gw) source indices, both on the teacher's device."""
+        b, v, (gh, gw) = len(images), plans.shape[1], self.grid
+        device = next(self.teacher.parameters()).device
+        rows = plans.tolist()
+        views = torch.stack([self.view(images[i], *rows[i][k]) for i in range(b) for k in range(v)]).to(device)
+        index = torch.stack([self.source_index(*rows[i][k]) for i in range(b) for k in range(v)]).to(device)
+        feats = self.teacher.forward_features(views)[:, self.teacher.num_prefix_tokens:].reshape(b * v, gh, gw, -1)
+        return feats, index
+
+    @torch.no_grad()
     def targets(self, images: torch.Tensor, plans: torch.Tensor) -> torch.Tensor:
         b, v, (gh, gw) = len(images), plans.shape[1], self.grid
-        views = torch.stack([self.view(images[i], *plans[i, k].tolist()) for i in range(b) for k in range(v)])
-        index = torch.stack([self.source_index(*plans[i, k].tolist()) for i in range(b) for k in range(v)])
-        feats = self.teacher.forward_features(views)[:, self.teacher.num_prefix_tokens:].reshape(b * v, gh, gw, -1)
-        maps, counts = torch.zeros_like(feats), torch.zeros(b * v, gh, gw)
+        feats, index = self.teacher_features(images, plans)
+        maps, counts = torch.zeros_like(feats), torch.zeros(b * v, gh, gw, device=feats.device)
         n, h, w = (index >= 0).all(1).nonzero(as_tuple=True)
         maps[n, index[n, 0, h, w], index[n, 1, h, w]] = feats[n, h, w]
         counts[n, index[n, 0, h, w], index[n, 1, h, w]] = 1
@@ -64,8 +77,9 @@ class ReferenceStep:
         return maps.flatten(1, 2)
 
     def step(self, images: torch.Tensor, plans: torch.Tensor) -> float:
+        """One training step on a loader batch (images and plans where the loader made them, e.g. the CPU)."""
         target = self.targets(images, plans)
-        pred = self.student.forward_features(images)[:, self.student.num_prefix_tokens:]
+        pred = self.student.forward_features(images.to(target.device))[:, self.student.num_prefix_tokens:]
         if torch.isnan(pred).any() or torch.isinf(pred).any():
             raise FloatingPointError("student features")
         loss = (1 - F.cosine_similarity(pred, target, dim=-1).mean()) + self.cfg.mse_weight * F.mse_loss(pred, target)

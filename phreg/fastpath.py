@@ -3,7 +3,8 @@ each is measured by benchmarks/bench_distill.py against a reference-style step.
 
 Measured on 2 CPU cores (DINOv2-S, see README "Performance"): fused SDPA attention is up to 1.9x faster than eager
 at 518 px; bf16 autocast is *slower* than fp32 on a CPU without AMX, so the teacher stays fp32 there; torch.compile
-gains ~10% per step but costs ~40 s per model to compile, so `auto` compiles on GPUs only.
+gains nothing per step there and costs ~40 s per model to compile; on an H100 it was 2.5x slower (issue 19), so
+`auto` does not compile until `benchmarks/gpu_suite.sh` measures it faster.
 """
 
 from __future__ import annotations
@@ -39,7 +40,16 @@ def eager_attention(module: torch.nn.Module):
 
 
 def use_compile(cfg: SpeedCfg, device: torch.device) -> bool:
-    return device.type == "cuda" if cfg.compile == "auto" else bool(cfg.compile)
+    """`speed.compile: auto` is off everywhere until a GPU measures the compiled run faster: on an H100 the compiled
+    step was 2.5x slower than eager (issue 19: recompiles on shared guards and on each epoch's partial batch, since
+    fixed but not yet measured there) and on 2 CPU cores it gains nothing; `benchmarks/gpu_suite.sh` times both."""
+    return False if cfg.compile == "auto" else bool(cfg.compile)
+
+
+def compile_options(cfg: SpeedCfg) -> dict:
+    """torch.compile arguments for teacher and student: one static shape each (`dynamic=False`: every training step has
+    the same shape, see `phreg.distill.session.drop_partial_batch`) and `speed.compile_mode`."""
+    return dict(dynamic=False, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
 
 
 def teacher_precision(cfg: SpeedCfg, device: torch.device, train_precision: str) -> str:

@@ -84,6 +84,8 @@ class CacheCfg:
 class SpeedCfg:
     fused_attn: bool = True
     compile: Union[bool, str] = "auto"
+    compile_mode: str = opt("default", choices=("default", "reduce-overhead", "max-autotune",
+                                                "max-autotune-no-cudagraphs"))
     teacher_precision: str = opt("auto", choices=("auto", "bf16", "fp32"))
     grad_checkpointing: bool = False
     frozen_dtype: str = opt("fp32", choices=("fp32", "bf16"))

@@ -13,7 +13,7 @@ import torch
 from phreg.fastpath import auto_chunk, set_fused_attention, teacher_autocast
 from phreg.backbones import add_registers
 from phreg.distill.unlock import unlock
-from phreg.recipe import SpeedCfg, ViewsCfg
+from phreg.recipe import SpeedCfg, UnlockGroup, ViewsCfg
 from phreg.denoise.targets import DenoisedTeacher
 from phreg.distill.loop import distill
 
@@ -73,3 +73,49 @@ def test_engine_is_correct_with_every_fast_path_switch_on(tmp_path, dinov2_file)
 
     losses = [[json.loads(ln)["loss"] for ln in (r / "metrics.jsonl").read_text().splitlines()] for r in (run, plain)]
     assert abs(losses[0][0] - losses[1][0]) < 0.02 * losses[1][0], losses  # bf16 teacher: targets to ~1e-2
+
+
+def test_the_steps_math_runs_on_meta_so_it_never_reads_back_to_the_host():
+    """Views, teacher, merge, student, loss, backward and the clip + non-finite flag of `train_step`, with every
+    tensor on `meta`: any host read-back (`.item()`, `if tensor`, `.tolist()`) or tensor made on the CPU fails there,
+    as it would cost a GPU-host sync per step. (Issue 19: the views' affine matrices were built on the CPU from the
+    plans and kornia inverted them with a syncing `torch.inverse`.)"""
+    from phreg.backbones import PatchTokens
+    from phreg.distill.loss import distill_loss
+    from phreg.distill.step import skip_if_nonfinite
+
+    teacher = timm.create_model("vit_small_patch14_dinov2", pretrained=False, depth=2, img_size=56).eval()
+    student = add_registers(teacher, 2)
+    params = [p for g in unlock(student, [UnlockGroup(params=["registers", "pos_embed", "last_block"])], 1e-3, 0.0)
+              for p in g["params"]]
+    optimizer = torch.optim.AdamW(params)
+    teacher, student = teacher.to("meta"), student.to("meta")
+    params = [p for p in student.parameters() if p.requires_grad]
+    targets = DenoisedTeacher(teacher, ViewsCfg(num=3, chunk=6), (0.5,) * 3, (0.2,) * 3).to("meta")
+    images = torch.empty(2, 3, 56, 56, device="meta")
+    plans = torch.tensor([[[0, 0, 0], [1, -1, 1], [-1, 0, 0]]] * 2, device="meta")
+    target = targets(images, plans)
+    assert target.device.type == "meta" and target.shape == (2, 16, 384)
+    loss = distill_loss(PatchTokens(student)(images), target)
+    loss.backward()
+    found_inf = skip_if_nonfinite(optimizer, torch.nn.utils.clip_grad_norm_(params, 1.0))
+    assert found_inf.device.type == "meta" and all(p.grad is not None for p in params)
+
+
+@pytest.mark.slow
+def test_a_compiled_run_never_recompiles_across_epochs_and_a_partial_last_batch(tmp_path, dinov2_file, monkeypatch):
+    """speed.compile=true over 3 epochs of 3 photos at batch 2 (the last batch of each epoch would hold 1) with a
+    held-out photo (the teacher's held-out batch is smaller than a training batch): teacher and student each compile
+    once and never again. Issue 19: the student recompiled at the partial batch (`size mismatch at index 0. expected
+    2, actual 1`), and teacher and student recompiled on grad mode / autocast guards."""
+    import torch._dynamo
+
+    torch._dynamo.reset()  # compiled frames of earlier tests would count as recompiles here
+    torch._dynamo.utils.counters.clear()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    run = distill(tiny(tmp_path, dinov2_file, "speed.compile=true", "data.val_split=0.25", "train.epochs=3",
+                       "train.eval_every=2"), quiet=True)
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "step" in r] == [1, 2, 3]  # one whole batch per epoch: the partial one dropped
+    assert json.loads((run / "summary.json").read_text())["images_seen"] == 6
+    assert torch._dynamo.utils.counters["frames"]["ok"] == 2, dict(torch._dynamo.utils.counters["frames"])

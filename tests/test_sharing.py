@@ -132,3 +132,21 @@ def test_memory_estimate_counts_every_mlp_branch(name, hidden):
     chunked = estimate(teacher, student, groups, 8, 4, False, False, chunk=3)  # 32 views, 3 per teacher forward
     whole = estimate(teacher, student, groups, 8, 4, False, False)
     assert whole.total - chunked.total == (32 - 3) * one.teacher_per_view
+
+
+def test_unlocked_tensors_own_dense_row_major_storage():
+    """The student's pos_embed is a slice of the teacher's (class entry folded off); unlocked, it must own exactly its
+    bytes with row-major strides, else DDP warns "Grad strides do not match bucket view strides" and copies every
+    gradient (issue 19: strides [98688, 384, 1] against the bucket's [98304, 384, 1] for a (1, 256, 384) tensor)."""
+    recipe = load_recipe(None, ["model.registers=4"])
+    teacher = timm.create_model(MODEL, pretrained=False, depth=2, img_size=56).eval().requires_grad_(False)
+    student = add_registers(teacher, 4, seed=0)
+    assert student.pos_embed.untyped_storage().data_ptr() == teacher.pos_embed.untyped_storage().data_ptr()
+    groups = unlock(student, recipe.train.unlock, 1e-3, 0.0)
+    named = dict(student.named_parameters())
+    assert "pos_embed" in [n for g in groups for n in g["names"]]
+    for g in groups:
+        for n, p in zip(g["names"], g["params"]):
+            assert p.stride() == torch.empty(p.shape).stride(), n
+            assert p.storage_offset() == 0 and p.untyped_storage().nbytes() == p.numel() * p.element_size(), n
+            assert p is named[n] and p.untyped_storage().data_ptr() != teacher.pos_embed.untyped_storage().data_ptr()

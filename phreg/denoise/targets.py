@@ -21,26 +21,39 @@ def fill_value(fill, mean, std) -> torch.Tensor:
     return (rgb - mean) / std
 
 
+def teacher_forward(tokens: PatchTokens, views: torch.Tensor) -> torch.Tensor:
+    """The teacher's patch tokens of a stack of views. Compiled on its own (`DenoisedTeacher(compile={...})`), so that
+    torch.compile keeps the teacher's graphs apart from the student's: a compiled frame's cache belongs to its code
+    object, and a forward shared with the student recompiled on every switch of grad mode and autocast (issue 19)."""
+    return tokens(views)
+
+
 class DenoisedTeacher(torch.nn.Module):
     """All views of a batch in one forward (split into chunks only to fit memory), then merged.
 
-    `autocast` is the teacher's own precision context (it may differ from the student's); `compile` wraps the
-    teacher's forward in torch.compile. `head` is how the teacher's patch features are read (`phreg.backbones.heads`:
-    final, last_block, naclip with neighbourhood width `sigma`, maskclip).
+    `autocast` is the teacher's own precision context (it may differ from the student's); `head` is how the
+    teacher's patch features are read (`phreg.backbones.heads`: final, last_block, naclip with neighbourhood width
+    `sigma`, maskclip). `compile` (torch.compile's arguments, `phreg.fastpath.compile_options`; None = eager) compiles
+    `teacher_forward` for one static input shape: min(chunk, batch x views)
+    views, the views of one training batch (`batch`); a smaller piece (an epoch's or the cache build's last batch, a
+    held-out batch) is padded with copies of its last view, whose features are dropped. Views are independent samples,
+    so padding changes no result, and the compiled teacher never recompiles for a size change.
     """
 
     def __init__(self, teacher: torch.nn.Module, views: ViewsCfg, mean, std,
-                 autocast=contextlib.nullcontext, compile: bool = False, head: str = "final", sigma: float = 5.0):
+                 autocast=contextlib.nullcontext, compile: dict | None = None, head: str = "final", sigma: float = 5.0,
+                 batch: int = 8):
         super().__init__()
         self.teacher = teacher.eval().requires_grad_(False)
         self.cfg, self.autocast, self.head = views, autocast, head
         family = backbone(teacher)
         self.patch, self.grid = family.patch_size, family.grid
         self.num_patches, self.dim = self.grid[0] * self.grid[1], family.head_dim(head)
-        tokens = PatchTokens(teacher, head, sigma)
-        self.tokens = torch.compile(tokens) if compile else tokens
+        self.tokens = PatchTokens(teacher, head, sigma)
+        self.compiled = compile is not None
+        self._forward = torch.compile(teacher_forward, **compile) if self.compiled else teacher_forward
         self.register_buffer("fill", fill_value(views.fill, mean, std), persistent=False)
-        self._chunk = views.chunk
+        self._chunk, self.batch = views.chunk, batch
 
     def plan_fn(self):
         """A picklable `plan(rng=...)` for the data workers."""
@@ -57,8 +70,17 @@ class DenoisedTeacher(torch.nn.Module):
     @torch.no_grad()
     def views_features(self, images: torch.Tensor, plans: torch.Tensor) -> torch.Tensor:
         views = make_views(images, plans, self.patch, self.fill)
+        chunk = self.chunk(views.device)
+        if self.compiled:
+            chunk = min(chunk, self.batch * self.cfg.num)
         with self.autocast():
-            return torch.cat([self.tokens(v) for v in views.split(self.chunk(views.device))])
+            return torch.cat([self._features(v, chunk) for v in views.split(chunk)])
+
+    def _features(self, views: torch.Tensor, size: int) -> torch.Tensor:
+        n = len(views)
+        if self.compiled and n < size:  # one static shape for the compiled teacher
+            views = torch.cat([views, views[-1:].expand(size - n, *views.shape[1:])])
+        return self._forward(self.tokens, views)[:n]
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, plans: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
-from ..backbones import PatchTokens, add_registers
+from ..backbones import PatchTokens, add_registers, patch_tokens
 from ..denoise.targets import DenoisedTeacher
-from ..fastpath import set_fused_attention, teacher_autocast, use_compile
+from ..fastpath import compile_options, set_fused_attention, teacher_autocast, use_compile
 from ..models import frozen_dtype, load_teacher, normalization
 from ..recipe import Recipe, TrainCfg
 from .loss import distill_loss
@@ -42,22 +42,44 @@ def lr_factor(cfg: TrainCfg, total_steps: int):
 
 
 def make_accelerator(recipe: Recipe, cpu: bool = False, run: Path | None = None) -> Accelerator:
-    """bf16 autocast on GPU (fp32 master weights and loss), fp32 on CPU; torch.compile of the student through
-    Accelerate's dynamo plugin (after DDP wrapping) when speed.compile says so; `train.trackers` through Accelerate's
-    own tracker support, logging under RUN/logs (TensorBoard: RUN/logs/phreg/)."""
+    """bf16 autocast on GPU (fp32 master weights and loss), fp32 on CPU; `train.trackers` through Accelerate's own
+    tracker support, logging under RUN/logs (TensorBoard: RUN/logs/phreg/). torch.compile is not Accelerate's
+    (its dynamo plugin compiles *around* its autocast wrapper, whose closure then guards every call): the student
+    compiles inside (`StudentTokens`), the teacher on its own (`DenoisedTeacher`)."""
     gpu = torch.cuda.is_available() and not cpu
     cpu = cpu or not gpu  # Accelerate only sees `torchrun` processes on a GPU-less machine as MULTI_CPU when told
     precision = recipe.train.precision
     if precision == "auto":
         precision = "bf16" if gpu else "fp32"
-    compile_ = use_compile(recipe.speed, torch.device("cuda" if gpu else "cpu"))
     return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=cpu,
                        gradient_accumulation_steps=recipe.train.grad_accum,
-                       dynamo_backend="inductor" if compile_ else "no",
                        dataloader_config=DataLoaderConfiguration(non_blocking=True),
                        log_with=list(recipe.train.trackers) if run is not None and recipe.train.trackers else None,
                        project_config=ProjectConfiguration(project_dir=str(run), logging_dir=str(run / "logs"))
                        if run is not None else None)
+
+
+def student_forward(tokens: PatchTokens, images: torch.Tensor) -> torch.Tensor:
+    """The student's patch tokens: the code object torch.compile caches the student's graph on (the teacher has its
+    own, `phreg.denoise.targets.teacher_forward`), entered always with grad on and the run's autocast."""
+    return patch_tokens(tokens.model, images, tokens.tap, tokens.sigma)
+
+
+class StudentTokens(PatchTokens):
+    """The student read through its dense head: what the loss sees and what Accelerate wraps (DDP, autocast).
+
+    With `compile` (torch.compile's arguments, `phreg.fastpath.compile_options`; None = eager), its forward runs
+    `student_forward` compiled for one static shape *below* Accelerate's wrappers, so the compiled frame sees a stable
+    grad mode and autocast state (Accelerate's own dynamo plugin compiles around its autocast wrapper). The batch never
+    changes size in training (`phreg.distill.session.drop_partial_batch`), so it never recompiles.
+    """
+
+    def __init__(self, model: torch.nn.Module, tap: str = "final", sigma: float = 5.0, compile: dict | None = None):
+        super().__init__(model, tap, sigma)
+        self._compiled = torch.compile(student_forward, **compile) if compile is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._compiled(self, x) if self._compiled is not None else super().forward(x)
 
 
 @dataclass
@@ -93,12 +115,11 @@ def build_parts(recipe: Recipe, device: torch.device, precision: str = "fp32", f
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                   fused=True)
     reads, ttr = teacher_with_ttr(teacher, m, files or [], mean, std, device)
+    compile_ = compile_options(speed) if use_compile(speed, device) else None
     targets = DenoisedTeacher(reads, recipe.views, mean, std, teacher_autocast(speed, device, precision),
-                              compile=use_compile(speed, device), head=m.teacher_head, sigma=m.naclip_sigma)
-    return Parts(targets.to(device), student, PatchTokens(student, m.student_head, m.naclip_sigma), groups,
-                 optimizer, mean, std, notes, ttr)
-
-
+                              compile=compile_, head=m.teacher_head, sigma=m.naclip_sigma, batch=cfg.batch_size)
+    return Parts(targets.to(device), student, StudentTokens(student, m.student_head, m.naclip_sigma, compile_),
+                 groups, optimizer, mean, std, notes, ttr)
 def teacher_with_ttr(teacher: torch.nn.Module, m, files: list, mean, std, device) -> tuple[torch.nn.Module, dict | None]:
     """The model the targets are read from: the teacher, or with `model.teacher_ttr` the teacher with test-time
     registers (its neurons found on the first training images, or read from a sidecar), so that the targets are

@@ -7,7 +7,9 @@ indices count from the end). A semantic part the model lacks (SigLIP's class tok
 skipped with a note; a raw pattern that matches nothing is an error.
 
 Everything else stays frozen and is *the teacher's own storage* (see `phreg.backbones`), so an unlocked tensor is
-first given storage of its own: training it must never move the teacher.
+first given storage of its own: training it must never move the teacher. That storage is dense and row-major
+(`own_storage`): the student's `pos_embed` is a slice of the teacher's (the class entry folded off), and a clone that
+kept its strides made DDP warn "Grad strides do not match bucket view strides" and copy the gradient every step.
 """
 
 from __future__ import annotations
@@ -19,6 +21,16 @@ import torch
 from ..backbones import SEMANTIC, backbone
 from ..errors import UsageError
 from ..recipe import UnlockGroup
+
+
+def own_storage(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A copy of `t` (in `dtype`) in storage of its own, exactly its size, with row-major strides (also on size-1
+    dimensions, which `clone()` and `is_contiguous()` let keep a view's strides, and which DDP's gradient buckets
+    compare)."""
+    out = torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
+    out.copy_(t)
+    return out
+
 
 def unlock(model: torch.nn.Module, groups: list[UnlockGroup], lr: float, weight_decay: float,
            notes: list[str] | None = None) -> list[dict]:
@@ -51,7 +63,9 @@ def unlock(model: torch.nn.Module, groups: list[UnlockGroup], lr: float, weight_
                         names.append(n)
         for n in names:
             p = named[n]
-            p.data = p.data.to(torch.float32, copy=True)  # own fp32 storage (a master copy of bf16 frozen weights)
+            # own storage (the frozen rest is shared with the teacher), row-major, in fp32: a master copy when the
+            # frozen weights are bf16
+            p.data = own_storage(p.data, torch.float32)
             p.requires_grad_(True)
         wd = weight_decay if group.weight_decay is None else group.weight_decay
         param_groups.append(dict(params=[named[n] for n in names], names=names, lr=lr * group.lr_scale,
