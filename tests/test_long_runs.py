@@ -319,4 +319,3 @@ def test_a_manifest_of_the_wrong_shape_is_damage_not_a_traceback(tmp_path):
 
     (tmp_path / "manifest.json").write_text(json.dumps(dict(format=FORMAT, files={"model.safetensors": "x"})))
     assert damage(tmp_path) == "manifest.json is not a phreg checkpoint manifest"
-
