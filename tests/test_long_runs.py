@@ -8,6 +8,7 @@ import os
 import pickle
 import random
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MODEL
 from test_train import fresh_accelerate_state, tiny, weights  # noqa: F401  (the fixture is autouse)
 
 from phreg.run import checkpoint_dirs, damage
@@ -176,6 +178,52 @@ def test_damaged_and_planted_checkpoints_are_moved_aside_and_the_newest_valid_on
         (folder / "state.json").write_text("{}")
     with pytest.raises(UsageError, match="--resume: no valid checkpoint left in"):
         distill(recipe, resume=True, quiet=True)
+
+
+@pytest.mark.slow
+def test_resume_refuses_changed_or_missing_base_weights_in_one_line_and_ignores_a_touch(tmp_path, dinov2_file, capsys):
+    """A checkpoint holds what trains; the frozen rest is the base weights file, identified by size and sha256. The
+    command line, in process: a touched file (mtime only) resumes; a different file of the same shape at the same
+    path, and then no file, are refused in one line with exit 2 before anything is written (export likewise)."""
+    from phreg.cli import main
+
+    base = tmp_path / "base.safetensors"
+    shutil.copyfile(dinov2_file, base)
+    recipe = save_recipe(tiny(tmp_path, base), tmp_path / "recipe.yaml")
+    run = tmp_path / "run"
+    args = ["distill", str(recipe), f"output_dir={run}", "--quiet"]
+    assert main([*args, "train.max_steps=1"]) == 0
+
+    later = base.stat().st_mtime_ns + 10**9  # the same bytes, touched (a copy, a restore from backup)
+    os.utime(base, ns=(later, later))
+    assert main([*args, "train.max_steps=2", "--resume"]) == 0, capsys.readouterr().err
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+    state = json.loads((checkpoint_dirs(run)[-1] / "state.json").read_text())
+    assert state["base"]["mtime_ns"] == later and state["base"]["bytes"] == base.stat().st_size
+    capsys.readouterr()
+
+    data = bytearray(base.read_bytes())
+    data[-2] ^= 1  # a bit of the last tensor's last number: other weights, same shapes, same size
+    base.write_bytes(bytes(data))
+    assert weights(base).keys() == weights(dinov2_file).keys()
+    saved = [(p.name, (p / "manifest.json").read_bytes()) for p in checkpoint_dirs(run)]
+    export = (run / "export" / "model.safetensors").read_bytes()
+    for argv in ([*args, "train.max_steps=3", "--resume"], [*args, "train.max_steps=3", "--auto-resume"],
+                 ["export", str(run)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Traceback" not in err[0], err
+        assert err[0].startswith("phreg: error:") and f"the base weights of {MODEL} changed since" in err[0], err
+        assert "sha256 was " in err[0], err[0]
+    assert [(p.name, (p / "manifest.json").read_bytes()) for p in checkpoint_dirs(run)] == saved
+    assert (run / "export" / "model.safetensors").read_bytes() == export
+
+    base.unlink()
+    for argv in ([*args, "train.max_steps=3", "--resume"], ["export", str(run)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(base) in err[0] and "Traceback" not in err[0], err
+    assert [(p.name, (p / "manifest.json").read_bytes()) for p in checkpoint_dirs(run)] == saved
 
 
 @pytest.mark.slow

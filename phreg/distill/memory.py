@@ -3,11 +3,15 @@
 The student's frozen tensors are the teacher's own (`phreg.backbones`), so weights count once (in bf16 with
 `speed.frozen_dtype: bf16`); only the unlocked tensors have a second (fp32) copy, a gradient and two AdamW moments.
 On a CPU the estimate is of the process's resident memory, so it also counts what the process held before the model
-was loaded (Python, torch, timm: ~0.9 GB with a CUDA build of torch); on a GPU it is of the allocator's peak. Activations are what autograd keeps per image for the
-student's backward (every block, because gradients flow to the unlocked embeddings below them; one block's input only
-with `speed.grad_checkpointing`) plus the teacher's no-grad working set for the views of one forward chunk. The
-activation figures are estimates (elementwise buffers of a pre-norm ViT block with fused SDPA attention), not
-measurements: `benchmarks/gpu_suite.sh` measures the allocator's peak.
+was loaded (Python, torch, timm: ~0.77 GB with a CUDA build of torch), and a CPU run hands freed activations back to
+the OS (`return_freed_memory`) so that what is resident is what is alive; on a GPU it is of the allocator's peak.
+Activations are what autograd keeps per image for the student's backward (every block, because gradients flow to the
+unlocked embeddings below them; one block's input only with `speed.grad_checkpointing`) plus the teacher's no-grad
+working set for the views of one forward chunk. The activation figures are estimates (elementwise buffers of a
+pre-norm ViT block with fused SDPA attention), not measurements: `benchmarks/gpu_suite.sh` measures the allocator's
+peak. They count the inputs of every linear layer, which torch keeps only where the weight trains: in fp32 on a CPU
+DINOv2-L keeps ~0.28 GB of the 0.46 GB counted, so the estimate of its 1-step run is 12% high (README "Scale");
+bf16 autocast on a GPU keeps other copies, which no GPU has measured here.
 
 `plan(recipe)` builds the model on the `meta` device (no weights, no memory) and estimates a run that has not
 started: `phreg estimate RECIPE` prints it, e.g. for DINOv3 ViT-7B/16 on a machine that has never seen its weights.
@@ -65,6 +69,25 @@ class MemoryEstimate:
                 f"{self.batch} x {self.views} views per forward"
                 + (f"; process before the model {gb(self.runtime)}" if self.runtime else "")
                 + f"; batch {self.batch}: ~{gb(self.total)}")
+
+
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """Have glibc's malloc hand every freed block of `threshold` bytes or more back to the OS at once (`mallopt
+    M_MMAP_THRESHOLD`, mallopt(3)); True where it took effect (Linux with glibc).
+
+    By default glibc raises its mmap threshold to the size of each large block freed (up to 32 MB), so after the
+    first few frees a CPU step's activations (1-5 MB each for ViT-L at 224 px) come from the heap, whose holes
+    between live tensors stay resident: 0.17 GB of a 1-step DINOv2-L run's 2.57 GB peak. A fixed threshold ends
+    that sliding: each such tensor is its own mapping, unmapped when freed, so the peak is what is alive. The cost
+    is a page fault per 4 KB when that memory is used again: not measurable against a ViT-L step on 2 cores
+    (README "Scale"). Called before the model is loaded, so that no heap full of freed blocks is reused first."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    m_mmap_threshold = -3  # <malloc.h>
+    return ctypes.CDLL(None).mallopt(m_mmap_threshold, threshold) == 1
 
 
 def resident_bytes() -> int:

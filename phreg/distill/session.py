@@ -32,7 +32,7 @@ from ..sources import ShardImages, open_sources
 from .cache import META, TargetCache, cache_bytes, cache_key
 from .checkpoints import load_checkpoint, saved_state
 from .disk import check_space
-from .memory import estimate, resident_bytes
+from .memory import estimate, resident_bytes, return_freed_memory
 from .progress import TrainState, tracker_config
 from .resume import Start, planned_steps, trim_metrics
 from .step import Parts, build_parts, lr_factor
@@ -77,6 +77,8 @@ def set_up(recipe: Recipe, acc: Accelerator, run: Path, start: Start, quiet: boo
     if recipe.speed.frozen_dtype == "bf16" and train_precision != "bf16":
         raise UsageError("recipe key speed.frozen_dtype: bf16 frozen weights need bf16 autocast, and this run trains "
                          "in fp32 (a CPU: set train.precision=bf16)")
+    if acc.device.type == "cpu":  # activations live in host memory: freed ones go back to the OS, not into holes
+        return_freed_memory()
     runtime = resident_bytes() if acc.device.type == "cpu" else 0  # what the process holds before the model
     parts = build_parts(recipe, acc.device, train_precision, [] if sources.streaming else sources.train)
     if parts.teacher_ttr is not None:
