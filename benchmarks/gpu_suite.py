@@ -32,7 +32,6 @@ import contextlib
 import copy
 import json
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
