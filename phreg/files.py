@@ -62,23 +62,37 @@ def _umask() -> int:
     return mask
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Write to a temporary file beside `path`, fsync it, then rename over `path`."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path):
+    """A raw binary file that becomes `path` only when the block ends without error: written beside it, fsynced,
+    renamed over it; on any error the temporary file is removed and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a finished file gets the usual mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
+        with os.fdopen(fd, "wb", buffering=0) as f:
+            yield f
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return path
+
+
+def write_all(f, data) -> None:
+    """Write every byte of `data` to a raw (unbuffered) file, which may write less than asked per call."""
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view):]
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write to a temporary file beside `path`, fsync it, then rename over `path`."""
+    with atomic_file(path) as f:
+        write_all(f, data.encode() if isinstance(data, str) else data)
+    return Path(path)
 
 
 def _finite(obj):

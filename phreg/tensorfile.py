@@ -15,15 +15,15 @@ bf16 model is loaded from an fp32 file with one fp32 tensor in flight, never the
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .files import atomic_file, write_all
 
 # safetensors' dtype names, in the order its writer lays tensors out (descending dtype, then name)
 DTYPES = {torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", torch.uint32: "U32",
@@ -80,25 +80,13 @@ def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict
     path = Path(path)
     head, order = header(tensors, metadata, dtypes)
     digest, size = hashlib.sha256(head), len(head)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.fchmod(fd, 0o666 & ~mask)
-        with os.fdopen(fd, "wb", buffering=0) as f:
-            f.write(head)
-            for k in order:
-                for piece in _pieces(tensors[k], (dtypes or {}).get(k, tensors[k].dtype)):
-                    digest.update(piece)
-                    size += len(piece)
-                    while piece:  # a raw file may write less than asked
-                        piece = piece[f.write(piece):]
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as f:
+        write_all(f, head)
+        for k in order:
+            for piece in _pieces(tensors[k], (dtypes or {}).get(k, tensors[k].dtype)):
+                digest.update(piece)
+                size += len(piece)
+                write_all(f, piece)
     return dict(bytes=size, sha256=digest.hexdigest())
 
 

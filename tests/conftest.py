@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
+import safetensors.torch
+import timm
 import torch
 
 # Tests never download: timm / huggingface_hub must fail fast instead of trying the network.
@@ -70,3 +72,15 @@ def photos(camvid) -> torch.Tensor:
     files, _ = scan_images(camvid["val"])
     data = ImageDataset(files[:4], 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), train=False)
     return torch.stack([data[i]["image"] for i in range(len(data))])
+
+
+# A 1-step run at a tiny size (distill arguments), and random weights for families with no weights here.
+def tiny(folder: Path, name: str, weights: Path | None, size: int, *extra: str) -> list[str]:
+    return [f"output_dir={folder}", f"model.name={name}", f"model.img_size={size}", "views.num=2",
+            "data.num_workers=0", "train.batch_size=2", "train.max_steps=1", "data.val_split=0.25",
+            *([f"model.checkpoint={weights}"] if weights else []), *extra]
+
+
+def random_weights(name: str, path: Path) -> Path:
+    safetensors.torch.save_file(timm.create_model(name, pretrained=False).state_dict(), str(path))
+    return path

@@ -18,7 +18,7 @@ import pytest
 import safetensors.torch
 import timm
 import yaml
-from conftest import MODEL
+from conftest import MODEL, random_weights, tiny
 from PIL import Image
 
 from phreg.cli import main
@@ -142,17 +142,6 @@ def test_help_never_breaks_inside_a_word():
 
 
 # --------------------------------------------------------------------------- 2, 9: console, classifier head
-
-def tiny(folder: Path, name: str, weights: Path | None, size: int, *extra: str) -> list[str]:
-    return [f"output_dir={folder}", f"model.name={name}", f"model.img_size={size}", "views.num=2",
-            "data.num_workers=0", "train.batch_size=2", "train.max_steps=1", "data.val_split=0.25",
-            *([f"model.checkpoint={weights}"] if weights else []), *extra]
-
-
-def random_weights(name: str, path: Path) -> Path:
-    safetensors.torch.save_file(timm.create_model(name, pretrained=False).state_dict(), str(path))
-    return path
-
 
 @pytest.mark.slow
 def test_deit3_export_drops_its_head_by_default_and_keeps_it_on_request(tmp_path):

@@ -14,11 +14,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import timm
 import torch
 import yaml
-from conftest import MODEL
+from conftest import MODEL, random_weights, tiny
 from PIL import Image
 
 from phreg.cli import main
@@ -231,17 +230,6 @@ def distill_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "phreg", "distill", str(REPO / "recipes" / "quickstart.yaml"),
                            *args], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
                           timeout=300)
-
-
-def tiny(folder: Path, name: str, weights: Path | None, size: int, *extra: str) -> list[str]:
-    return [f"output_dir={folder}", f"model.name={name}", f"model.img_size={size}", "views.num=2",
-            "data.num_workers=0", "train.batch_size=2", "train.max_steps=1", "data.val_split=0.25",
-            *([f"model.checkpoint={weights}"] if weights else []), *extra]
-
-
-def random_weights(name: str, path: Path) -> Path:
-    safetensors.torch.save_file(timm.create_model(name, pretrained=False).state_dict(), str(path))
-    return path
 
 
 def test_card_for_local_weights_names_the_file_its_hash_and_the_data(tmp_path, dinov2_file):
