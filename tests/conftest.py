@@ -7,8 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-import safetensors.torch
-import timm
 import torch
 
 # Tests never download: timm / huggingface_hub must fail fast instead of trying the network.
@@ -82,5 +80,8 @@ def tiny(folder: Path, name: str, weights: Path | None, size: int, *extra: str) 
 
 
 def random_weights(name: str, path: Path) -> Path:
+    import safetensors.torch  # here, not at collection: huggingface_hub reads HF_HUB_OFFLINE when timm imports it
+    import timm
+
     safetensors.torch.save_file(timm.create_model(name, pretrained=False).state_dict(), str(path))
     return path
