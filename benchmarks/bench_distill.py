@@ -139,6 +139,7 @@ def main(argv=None) -> dict:
     batch = collate([data[(0, i % len(data))] for i in range(cfg.batch_size)])
     model, optimizer = acc.prepare(parts.student_tokens, parts.optimizer)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    images = parts.targets.normalize(batch["pixels"])
     b, views = cfg.batch_size, recipe.views.num
     ref = None if args.no_reference else ReferenceStep(
         parts.targets.teacher, parts.student, [n for g in parts.groups for n in g["names"]],
@@ -154,16 +155,16 @@ def main(argv=None) -> dict:
                               peak_memory_mb=round(peak_memory_mb(device), 1), **extra)
         phases.append(phase)
 
-    with_target = dict(batch, target=parts.targets(batch["image"], batch["plan"]))
-    record("teacher", lambda: parts.targets(batch["image"], batch["plan"]))
+    with_target = dict(batch, target=parts.targets(images, batch["plan"]))
+    record("teacher", lambda: parts.targets(images, batch["plan"]))
     results["teacher"]["views_per_s"] = round(b * views / results["teacher"]["seconds"], 2)
     record("student", lambda: train_step(acc, model, parts.targets, optimizer, parts.params, with_target, cfg))
     step = lambda: train_step(acc, model, parts.targets, optimizer, parts.params, batch, cfg)  # noqa: E731
     if ref is None:
         record("step", step)
     else:
-        x, p = batch["image"].cpu(), batch["plan"].cpu()
-        diff = (ref.targets(x, p) - with_target["target"].float().cpu()).abs().max().item()
+        x, p = images.cpu(), batch["plan"].cpu()  # where the reference's loader makes its batches
+        diff = (ref.targets(x, p) - with_target["target"].float()).abs().max().item()  # both on the models' device
         if acc.mixed_precision == "no" and diff > 1e-3:
             raise SystemExit(f"reference and phreg targets differ by {diff}: not the same work")
         results["targets_max_abs_diff"] = diff
@@ -203,7 +204,7 @@ def main(argv=None) -> dict:
     t0, n = time.perf_counter(), 0
     while n < max(4 * b, 32):
         for item in loader:
-            n += len(item["image"])
+            n += len(item["pixels"])
     results["loader"] = dict(images_per_s=round(n / (time.perf_counter() - t0), 1), workers=recipe.data.num_workers)
 
     if args.end_to_end:
@@ -233,7 +234,7 @@ def end_to_end(args, recipe, parts, ref, files, device) -> dict:
             t0 = time.perf_counter()
             for start in range(0, len(data), b):
                 items = collate([data[(epoch, i)] for i in range(start, min(start + b, len(data)))])
-                ref.step(items["image"], items["plan"])
+                ref.step(data.normalize(items["pixels"]), items["plan"])
             per_epoch.append(round(time.perf_counter() - t0, 1))
         out["reference"] = dict(total_s=round(sum(per_epoch), 1), epoch_s=per_epoch)
     with tempfile.TemporaryDirectory() as tmp:

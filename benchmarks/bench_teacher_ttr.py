@@ -51,7 +51,7 @@ def main() -> None:
     mean, std = normalization(teacher, cfg)
     files, _ = scan_images(args.val)
     data = ImageDataset(files, 224, mean, std, train=False)
-    x = torch.stack([data[i]["image"] for i in range(len(data))])
+    x = data.images()
     found = find_register_neurons(teacher, x[:16])
     refs = {"artifact teacher": teacher}
     if found:

@@ -40,7 +40,7 @@ from phreg.ttr.fixture import cancel_artifacts
 
 def images(files, n, size, mean, std) -> torch.Tensor:
     data = ImageDataset(files[:n], size, mean, std, train=False)
-    return torch.stack([data[i]["image"] for i in range(len(data))])
+    return data.images()
 
 
 @torch.no_grad()

@@ -217,7 +217,7 @@ def sync_check(s: dict, weights: Path, photos: Path, device: torch.device) -> di
     data = ImageDataset(files, s["img_size"], parts.mean, parts.std, train=True, make_plan=parts.targets.plan_fn())
     batch = collate([data[(0, i)] for i in range(s["batch"])])
     batch = {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    cached = dict(batch, target=parts.targets(batch["image"], batch["plan"]))
+    cached = dict(batch, target=parts.targets(parts.targets.normalize(batch["pixels"]), batch["plan"]))
     out = {}
     for name, b in (("fresh_views", batch), ("cached_targets", cached)):
         train_step(acc, model, parts.targets, optimizer, parts.params, b, recipe.train)  # warm-up: lazy inits sync
@@ -267,14 +267,15 @@ def levers(s: dict, weights: Path, photos: Path, device: torch.device, deadline:
                 batch = collate([data[(0, i)] for i in range(s["batch"])])
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 targets = parts.targets
+                images = targets.normalize(batch["pixels"])
                 if name == "teacher_bf16_weights":  # a bf16 copy: costs the teacher's weights again in memory
                     targets.tokens = PatchTokens(copy.deepcopy(targets.teacher).to(torch.bfloat16),
                                                  targets.tokens.tap, targets.tokens.sigma)
                     targets.autocast = contextlib.nullcontext
-                    batch["image"] = batch["image"].to(torch.bfloat16)
+                    images = images.to(torch.bfloat16)
                 if name == "channels_last_views":
-                    batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-                teacher_s = bench_distill.timed(lambda: targets(batch["image"], batch["plan"]), device,
+                    images = images.contiguous(memory_format=torch.channels_last)
+                teacher_s = bench_distill.timed(lambda: targets(images, batch["plan"]), device,
                                                 s["steps"], s["warmup"])
                 row = dict(teacher_views_per_s=round(s["batch"] * s["views"] / teacher_s, 2))
                 if name not in ("teacher_bf16_weights",):

@@ -46,7 +46,7 @@ def ratios(teacher, x, mean, std, views: int, registers: int, seeds=(0, 1, 2)) -
 def load(folder, size, mean, std, limit):
     files, _ = scan_images(folder)
     data = ImageDataset(files[:limit], size, mean, std, train=False)
-    return torch.stack([data[i]["image"] for i in range(len(data))])
+    return data.images()
 
 
 def main():

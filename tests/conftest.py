@@ -69,7 +69,7 @@ def photos(camvid) -> torch.Tensor:
 
     files, _ = scan_images(camvid["val"])
     data = ImageDataset(files[:4], 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), train=False)
-    return torch.stack([data[i]["image"] for i in range(len(data))])
+    return data.images()
 
 
 # A 1-step run at a tiny size (distill arguments), and random weights for families with no weights here.

@@ -9,7 +9,7 @@ from accelerate import Accelerator
 
 from phreg.distill.cache import ARRAY, TargetCache, cache_key
 from phreg.errors import UsageError
-from phreg.data import ImageDataset, scan_images
+from phreg.data import ImageDataset, collate, scan_images
 from phreg.models import load_teacher, normalization
 from phreg.recipe import load_recipe
 from phreg.denoise.targets import DenoisedTeacher
@@ -30,10 +30,11 @@ def test_cached_batches_equal_the_uncached_path(tmp_path, dinov2_file, dtype, to
                                       plans=2, dtype=dtype, batch_size=3, quiet=True)
     cached = ImageDataset(files, 56, mean, std, recipe.seed, make_plan=denoiser.plan_fn())
     cached.cache = cache
-    for epoch, index in [(0, 0), (1, 3), (2, 0), (5, 2)]:  # epoch e uses variant e mod K
-        fresh, hit = data[(epoch % 2, index)], cached[(epoch, index)]
-        assert torch.equal(fresh["image"], hit["image"]) and torch.equal(fresh["plan"], hit["plan"])
-        target = denoiser(fresh["image"][None], fresh["plan"][None])[0]
+    for epoch, indices in [(0, [0, 3]), (1, [3, 1, 2]), (2, [0]), (5, [2, 0])]:  # epoch e uses variant e mod K
+        fresh, hit = collate([data[(epoch % 2, i)] for i in indices]), cached.__getitems__([(epoch, i) for i in indices])
+        assert hit["pixels"].dtype == torch.uint8 and torch.equal(fresh["pixels"], hit["pixels"])
+        assert torch.equal(fresh["plan"], hit["plan"]) and hit["index"].tolist() == indices
+        target = denoiser(denoiser.normalize(fresh["pixels"]), fresh["plan"])
         err = ((hit["target"].float() - target).abs().max() / target.abs().max()).item()
         assert err <= tol, err
     meta = json.loads((tmp_path / "meta.json").read_text())
@@ -54,11 +55,30 @@ def test_cached_batches_equal_the_uncached_path(tmp_path, dinov2_file, dtype, to
     assert cache_key(recipe, files, weights=weights) != first
 
 
-def test_crops_round_trip_exactly():
+def test_a_cached_batch_read_in_a_data_worker_arrives_in_shared_memory(tmp_path, dinov2_file):
+    """Workers read whole batches straight into shared memory (so sending them costs no copy): what the training
+    process receives is the batch the main process would read itself."""
+    from torch.utils.data import DataLoader
+
+    recipe = load_recipe(None, [f"model.name={MODEL}", f"model.checkpoint={dinov2_file}", "model.img_size=28",
+                                "views.num=2", "cache.plans=1"])
+    teacher = load_teacher(recipe.model)
+    mean, std = normalization(teacher, recipe.model)
+    denoiser = DenoisedTeacher(teacher, recipe.views, mean, std)
     files, _ = scan_images(None)
-    data = ImageDataset(files, 56, (0.4, 0.5, 0.6), (0.2, 0.3, 0.25), seed=3)
-    item = data.item(1, 2, keep_crop=True)
-    assert item["crop"].dtype == np.uint8 and torch.equal(data.normalize(item["crop"]), item["image"])
+    data = ImageDataset(files, 28, mean, std, recipe.seed, make_plan=denoiser.plan_fn())
+    data.cache = TargetCache.open_or_build(tmp_path, cache_key(recipe, files), data, denoiser, Accelerator(cpu=True),
+                                           plans=1, batch_size=2, quiet=True, workers=2)
+    keys = [(0, 3), (0, 1)]
+    loader = DataLoader(data, 2, sampler=keys, collate_fn=collate, num_workers=1)
+    (received,) = list(loader)
+    local = data.__getitems__(keys)
+    for name in ("pixels", "plan", "target", "index"):
+        assert torch.equal(received[name], local[name]), name
+    assert not local["target"].is_shared()
+    in_worker = data.cache.batch(keys, shared=True)  # what a worker reads (`get_worker_info()` set)
+    assert in_worker["target"].is_shared() and in_worker["pixels"].is_shared()
+    assert torch.equal(in_worker["target"], local["target"])
 
 
 @pytest.mark.slow
@@ -97,10 +117,10 @@ def test_a_damaged_cache_is_repaired_a_truncated_one_rebuilt_and_damage_during_a
     assert "does not open" in capsys.readouterr().out and path.read_bytes() == good  # rebuilt whole
 
     cache = build()
-    cache[(0, 0)]  # opened and read by a run; then the disk goes bad under it
+    cache.batch([(0, 0)])  # opened and read by a run; then the disk goes bad under it
     with open(path, "r+b") as f:
         f.seek(len(good) - 1000)
         f.write(b"\xff" * 1000)
     with pytest.raises(UsageError, match=f"target cache {path}: entry \\(plan 1, image 3\\) does not match its "
                                          "checksum"):
-        cache[(1, 3)]
+        cache.batch([(1, 3)])

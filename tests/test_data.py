@@ -76,19 +76,21 @@ def test_truncated_file_is_replaced_and_reported(tmp_path):
     data = ImageDataset(usable, 32, MEAN, STD)
     sample = data[(0, 0)]
     assert sample["bad"] == [str(a)]
-    green = (torch.tensor([0.0, 1.0, 0.0]) - 0.5) / 0.25
-    torch.testing.assert_close(sample["image"][:, 0, 0], green)  # the next usable image took its place
+    assert sample["pixels"][:, 0, 0].tolist() == [0, 255, 0]  # the next usable image took its place
     batch = collate([data[(0, 0)], data[(0, 1)]])
-    assert batch["image"].shape == (2, 3, 32, 32) and batch["bad"] == [str(a)]
+    assert batch["pixels"].shape == (2, 3, 32, 32) and batch["pixels"].dtype == torch.uint8
+    assert batch["bad"] == [str(a)]
+    green = (torch.tensor([0.0, 1.0, 0.0]) - 0.5) / 0.25
+    torch.testing.assert_close(data.normalize(batch["pixels"])[0, :, 0, 0], green)
 
 
 def test_crops_are_a_function_of_seed_epoch_index():
     files, _ = scan_images(None)
     data = ImageDataset(files, 112, MEAN, STD, seed=1)
-    a, b, c = data[(0, 2)]["image"], data[(0, 2)]["image"], data[(1, 2)]["image"]
+    a, b, c = data[(0, 2)]["pixels"], data[(0, 2)]["pixels"], data[(1, 2)]["pixels"]
     assert torch.equal(a, b) and not torch.equal(a, c)
     center = ImageDataset(files, 112, MEAN, STD, train=False)
-    assert torch.equal(center[(0, 2)]["image"], center[(5, 2)]["image"])
+    assert torch.equal(center[(0, 2)]["pixels"], center[(5, 2)]["pixels"])
     assert a.shape == (3, 112, 112)
 
 

@@ -126,10 +126,10 @@ def test_webdataset_resume_replays_the_same_stream(tmp_path, camvid):
     loader = prepare_data_loader(DataLoader(data, 2, collate_fn=collate, num_workers=2), num_processes=1,
                                  process_index=0)
     loader.set_epoch(1)
-    full = [(b["index"].tolist(), b["image"].sum().item()) for b in loader]
+    full = [(b["index"].tolist(), b["pixels"].sum().item()) for b in loader]
     skipped = Accelerator(cpu=True).skip_first_batches(loader, 2)
     skipped.set_epoch(1)
-    assert len(full) == 4 and [(b["index"].tolist(), b["image"].sum().item()) for b in skipped] == full[2:]
+    assert len(full) == 4 and [(b["index"].tolist(), b["pixels"].sum().item()) for b in skipped] == full[2:]
 
 
 def test_webdataset_val_split_holds_out_by_key_alike_on_every_rank_worker_and_order(tmp_path, camvid):

@@ -56,7 +56,7 @@ def frames(camvid) -> dict[str, torch.Tensor]:
     for split, n in (("train", 16), ("val", 15)):
         files, _ = scan_images(camvid[split])
         data = ImageDataset(files[:n], 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), train=False)
-        out[split] = torch.stack([data[i]["image"] for i in range(len(data))])
+        out[split] = data.images()
     return out
 
 

@@ -37,8 +37,7 @@ class HeldOut:
         files = files[:limit] if limit else files
         mean, std = normalization(denoiser.teacher, recipe.model)
         data = ImageDataset(files, recipe.model.img_size, mean, std, recipe.seed, recipe.data.resize, train=False)
-        images = torch.stack([data[i]["image"] for i in range(len(data))])
-        return cls.from_images(images, denoiser, recipe.seed, device, recipe.model.student_head, batch_size,
+        return cls.from_images(data.images(), denoiser, recipe.seed, device, recipe.model.student_head, batch_size,
                                recipe.model.naclip_sigma)
 
     @classmethod

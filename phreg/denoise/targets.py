@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 
+from ..data import Normalize
 from ..fastpath import auto_chunk
 from ..backbones import PatchTokens, backbone
 from ..recipe import ViewsCfg
-from .views import make_views, merge_views, sample_plan
+from .views import make_views, merge_views, plan_sampler
 
 
 def fill_value(fill, mean, std) -> torch.Tensor:
@@ -53,13 +53,12 @@ class DenoisedTeacher(torch.nn.Module):
         self.compiled = compile is not None
         self._forward = torch.compile(teacher_forward, **compile) if self.compiled else teacher_forward
         self.register_buffer("fill", fill_value(views.fill, mean, std), persistent=False)
+        self.normalize = Normalize(mean, std)  # uint8 pixels -> the model's input (teacher and student alike)
         self._chunk, self.batch = views.chunk, batch
 
     def plan_fn(self):
         """A picklable `plan(rng=...)` for the data workers."""
-        c = self.cfg
-        return functools.partial(sample_plan, grid=self.grid, num_views=c.num, max_shift=c.max_shift, flip_p=c.flip,
-                                 candidates=c.candidates)
+        return plan_sampler(self.grid, self.cfg)
 
     def chunk(self, device: torch.device) -> int:
         if not self._chunk:

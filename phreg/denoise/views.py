@@ -9,6 +9,8 @@ flipped), if that is inside the grid. Averaging the views there cancels whatever
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -31,6 +33,12 @@ def sample_plan(grid: tuple[int, int], num_views: int, max_shift: float, flip_p:
     flips[0] = 0
     plan = np.concatenate([np.stack(chosen).astype(np.int64), flips[:, None]], 1)
     return torch.from_numpy(plan)
+
+
+def plan_sampler(grid: tuple[int, int], views) -> functools.partial:
+    """A picklable `plan(rng=...)` for the data workers: `sample_plan` with the recipe's `views` settings."""
+    return functools.partial(sample_plan, grid=grid, num_views=views.num, max_shift=views.max_shift, flip_p=views.flip,
+                             candidates=views.candidates)
 
 
 def make_views(images: torch.Tensor, plans: torch.Tensor, patch: int, fill: torch.Tensor) -> torch.Tensor:

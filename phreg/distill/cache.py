@@ -2,8 +2,9 @@
 
 With `cache.enabled`, each image gets K variants (crop + view plan drawn for key (seed, k, index)); their targets are
 computed once into a memory-mapped float16 `.npy` of shape (K, N, L, D), next to the uint8 crops and plans, and epoch
-e trains on variant e mod K without decoding a single image. Normalizing the stored uint8 crop gives exactly the
-tensor the uncached path computes.
+e trains on variant e mod K without decoding a single image: the stored uint8 crop is the one the uncached path would
+cut, normalized on the device like it. A batch is read whole, one gather per array (`TargetCache.batch`), by the
+loader's data workers. The build overlaps decoding (data workers), the teacher (the device) and the writes (a thread).
 The folder carries a key over everything the targets depend on; a folder with another key is rebuilt, a complete one is
 reused (across `--resume` and across runs that point `cache.dir` at it).
 
@@ -24,6 +25,8 @@ import os
 import shutil
 import time
 import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +110,19 @@ class CacheDamaged(Exception):
     """The cache's files cannot be read as the arrays its metadata describes (truncated, replaced, missing)."""
 
 
+TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
+                np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16}
+
+
+def empty(shape: tuple, dtype: np.dtype, shared: bool) -> torch.Tensor:
+    """An uninitialized tensor; `shared`: in shared memory (in a data worker: the batch then reaches the training
+    process as a file descriptor, not as a copy)."""
+    if not shared:
+        return torch.empty(shape, dtype=TORCH_DTYPES[dtype])
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * dtype.itemsize)
+    return torch.tensor([], dtype=TORCH_DTYPES[dtype]).set_(storage).view(shape)
+
+
 class TargetCache:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -136,26 +152,38 @@ class TargetCache:
             out.append(a)
         return out
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
-        """(target (L, D), uint8 crop (S, S, 3), plan (V, 3)) of variant k of image `index`."""
+    def batch(self, keys: list[tuple[int, int]], shared: bool = False) -> dict:
+        """The batch of `keys` (epoch, image index), one epoch per batch (variant epoch mod K): each array is read
+        with one gather straight into the batch's memory (`shared`: shared memory), and each entry checked against
+        its checksum while that stays cheap. dict(pixels (B, 3, S, S) uint8, plan (B, V, 3), index, bad, target
+        (B, L, D))."""
         if self._arrays is None:
             try:
                 self._arrays = self.open_arrays()
             except CacheDamaged as e:
                 raise UsageError(f"target cache damaged while in use: {e}; delete {self.folder} or run again to "
                                  f"rebuild it") from None
-        k, index = key
-        target, crop, plan = (np.array(a[k, index]) for a in self._arrays[:3])
+        k = keys[0][0] % self.plans
+        index = np.fromiter((i for _, i in keys), np.int64, len(keys))
+        out = []
+        for a in self._arrays[:3]:
+            t = empty((len(index), *a.shape[2:]), a.dtype, shared)
+            np.take(a[k], index, axis=0, out=t.numpy())
+            out.append(t)
+        target, crop, plan = out
         if self.check_reads:
-            self._check(k, index, target, crop, plan)
-        return torch.from_numpy(target), crop, torch.from_numpy(plan.astype(np.int64))
+            self._check(k, index, target.numpy(), crop.numpy(), plan.numpy())
+        return dict(pixels=crop.permute(0, 3, 1, 2), plan=plan.long(), index=torch.from_numpy(index), bad=[],
+                    target=target)
 
-    def _check(self, k: int, index: int, target, crop, plan) -> None:
+    def _check(self, k: int, index: np.ndarray, target, crop, plan) -> None:
         began = time.perf_counter()
-        if entry_crc(target, crop, plan) != int(self._arrays[3][k, index]):
-            raise UsageError(f"target cache {self.folder / ARRAY}: entry (plan {k}, image {index}) does not match "
-                             f"its checksum (damaged during the run); run again to recompute it, or delete "
-                             f"{self.folder}")
+        sums = self._arrays[3][k]
+        for j, i in enumerate(index):
+            if entry_crc(target[j], crop[j], plan[j]) != int(sums[i]):
+                raise UsageError(f"target cache {self.folder / ARRAY}: entry (plan {k}, image {i}) does not match "
+                                 f"its checksum (damaged during the run); run again to recompute it, or delete "
+                                 f"{self.folder}")
         now = time.perf_counter()
         self._checked_s += now - began
         self._first_read = self._first_read or began
@@ -169,27 +197,18 @@ class TargetCache:
         return [(k, i) for k in range(self.plans) for i in range(self.meta["images"])
                 if entry_crc(targets[k, i], crops[k, i], plans[k, i]) != int(sums[k, i])]
 
-    def repair(self, bad: list[tuple[int, int]], dataset, denoiser, acc, batch_size: int = 8) -> None:
+    def repair(self, bad: list[tuple[int, int]], dataset, denoiser, acc, batch_size: int = 8,
+               workers: int = 0) -> None:
         """Recompute the entries `bad` in place (the same crop, plan and target the build computed: all are drawn
         from (seed, variant, image))."""
-        targets, crops, plans, sums = (np.load(self.folder / name, mmap_mode="r+")
-                                       for name in (ARRAY, CROPS, PLANS, CHECKSUMS))
-        for start in range(0, len(bad), batch_size):
-            keys = bad[start:start + batch_size]
-            items = [dataset.item(*key, keep_crop=True) for key in keys]
-            x = torch.stack([s["image"] for s in items]).to(acc.device)
-            plan = torch.stack([s["plan"] for s in items]).to(acc.device)
-            t = denoiser(x, plan).to("cpu", torch.float32).numpy()
-            for (k, i), ti, item in zip(keys, t, items):
-                targets[k, i], crops[k, i], plans[k, i] = ti, item["crop"], item["plan"].numpy()
-                sums[k, i] = entry_crc(targets[k, i], crops[k, i], plans[k, i])
-        for array in (targets, crops, plans, sums):
-            array.flush()
+        arrays = [np.load(self.folder / name, mmap_mode="r+") for name in (ARRAY, CROPS, PLANS, CHECKSUMS)]
+        compute_entries(bad, dataset, denoiser, acc, arrays, batch_size, workers)
 
     @classmethod
     def open_or_build(cls, folder: Path, key: str, dataset, denoiser, acc, plans: int, dtype: str = "float16",
-                      batch_size: int = 8, quiet: bool = False) -> "TargetCache":
-        """Reuse `folder` if it holds a complete cache with `key`, else compute it (sharded over processes)."""
+                      batch_size: int = 8, quiet: bool = False, workers: int = 0) -> "TargetCache":
+        """Reuse `folder` if it holds a complete cache with `key`, else compute it (sharded over processes).
+        `workers`: data workers that decode and crop while the teacher runs."""
         folder = Path(folder)
         meta = folder / META
         if meta.is_file() and json.loads(meta.read_text()).get("key") == key:
@@ -204,7 +223,7 @@ class TargetCache:
                     say(f"phreg: warning: target cache {folder / ARRAY}: {len(bad)} of {cache.plans * len(dataset)} "
                         f"entries do not match their checksums (a damaged disk or copy); recomputing them")
                     if acc.is_main_process:
-                        cache.repair(bad, dataset, denoiser, acc, batch_size)
+                        cache.repair(bad, dataset, denoiser, acc, batch_size, workers)
                 acc.wait_for_everyone()
                 return cls(folder)
         n = len(dataset)
@@ -225,7 +244,7 @@ class TargetCache:
                         _allocate(tmp[name])
             acc.wait_for_everyone()
             return cls._build(folder, key, dataset, denoiser, acc, plans, specs, tmp, shape, dtype, batch_size,
-                              quiet)
+                              quiet, workers)
         except BaseException:
             if acc.is_main_process:  # a cache that was not finished is only in the way (and may fill the disk)
                 for path in tmp.values():
@@ -233,26 +252,15 @@ class TargetCache:
             raise
 
     @classmethod
-    def _build(cls, folder, key, dataset, denoiser, acc, plans, specs, tmp, shape, dtype, batch_size, quiet):
+    def _build(cls, folder, key, dataset, denoiser, acc, plans, specs, tmp, shape, dtype, batch_size, quiet,
+               workers):
         meta, n = folder / META, len(dataset)
-        out, crops, plan_out, sums = (np.load(tmp[name], mmap_mode="r+") for name in (ARRAY, CROPS, PLANS, CHECKSUMS))
+        out = [np.load(tmp[name], mmap_mode="r+") for name in (ARRAY, CROPS, PLANS, CHECKSUMS)]
         keys = [(k, i) for k in range(plans) for i in range(n)][acc.process_index::acc.num_processes]
         bar = tqdm(total=len(keys), disable=quiet or not acc.is_local_main_process, desc="teacher targets")
-        bad: set[str] = set()
-        for start in range(0, len(keys), batch_size):
-            items = [dataset.item(*key, keep_crop=True) for key in keys[start:start + batch_size]]
-            x = torch.stack([s["image"] for s in items]).to(acc.device)
-            plan = torch.stack([s["plan"] for s in items]).to(acc.device)
-            t = denoiser(x, plan).to("cpu", torch.float32).numpy()
-            for (k, i), ti, item in zip(keys[start:start + batch_size], t, items):
-                out[k, i], crops[k, i], plan_out[k, i] = ti, item["crop"], item["plan"].numpy()
-                sums[k, i] = entry_crc(out[k, i], crops[k, i], plan_out[k, i])
-                bad.update(item["bad"])
-            bar.update(len(items))
+        bad = compute_entries(keys, dataset, denoiser, acc, out, batch_size, workers, bar)
         bar.close()
-        for array in (out, crops, plan_out, sums):
-            array.flush()
-        del out, crops, plan_out, sums
+        del out
         bad = set(gather_object(sorted(bad)))  # every process's undecodable files
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -266,6 +274,60 @@ class TargetCache:
                                   undecodable_files=sorted(bad)))
         acc.wait_for_everyone()
         return cls(folder)
+
+
+def compute_entries(keys: list[tuple[int, int]], dataset, denoiser, acc, arrays: list, batch_size: int,
+                    workers: int = 0, bar=None) -> set[str]:
+    """Teacher targets of the (variant, image) `keys` into the memory maps `arrays` (targets, crops, plans,
+    checksums), with their crops, plans and checksums. Three stages overlap: data workers decode and crop the next
+    batches, the device runs the teacher on this one, and a writer thread stores the previous one (on a GPU its copy
+    to the host runs behind the next forward). Returns the files that failed to decode."""
+    from torch.utils.data import DataLoader
+
+    from ..data import collate
+
+    cuda = acc.device.type == "cuda"
+    loader = DataLoader(dataset, batch_size, sampler=keys, collate_fn=collate, num_workers=workers, pin_memory=cuda)
+    dtype = TORCH_DTYPES[arrays[0].dtype]
+    bad: set[str] = set()
+    with ThreadPoolExecutor(1, thread_name_prefix="phreg-cache-writer") as writer:
+        pending: deque = deque()
+        for start, batch in zip(range(0, len(keys), batch_size), loader):
+            pixels, plan = (batch[name].to(acc.device, non_blocking=True) for name in ("pixels", "plan"))
+            target = denoiser(denoiser.normalize(pixels), plan).to(dtype)
+            host, ready = _to_host(target)
+            if len(pending) == 2:  # at most two batches in flight: bounded memory, and a write error surfaces here
+                pending.popleft().result()
+            pending.append(writer.submit(_store, arrays, keys[start:start + len(host)], host, ready, batch))
+            bad.update(batch["bad"])
+            if bar is not None:
+                bar.update(len(host))
+        while pending:
+            pending.popleft().result()
+    for array in arrays:
+        array.flush()
+    return bad
+
+
+def _to_host(t: torch.Tensor):
+    """Start copying `t` to pinned host memory; returns it and a function that waits until the copy is done."""
+    if t.device.type != "cuda":
+        return t, lambda: None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done.synchronize
+
+
+def _store(arrays: list, keys: list[tuple[int, int]], target: torch.Tensor, ready, batch: dict) -> None:
+    """The writer thread: one batch's entries and their checksums into the memory maps."""
+    ready()
+    targets, crops, plans, sums = arrays
+    pixels, plan = batch["pixels"].permute(0, 2, 3, 1).numpy(), batch["plan"].numpy()
+    for j, (k, i) in enumerate(keys):
+        targets[k, i], crops[k, i], plans[k, i] = target[j].numpy(), pixels[j], plan[j]
+        sums[k, i] = entry_crc(targets[k, i], crops[k, i], plans[k, i])
 
 
 def _allocate(path: Path) -> None:

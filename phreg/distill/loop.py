@@ -86,7 +86,7 @@ def _train(recipe: Recipe, s: Session, quiet: bool) -> tuple[dict | None, float]
             batches.set_epoch(epoch)  # Accelerate's loaders re-set the sampler's epoch from their own counter
             for batch in batches:
                 loss, found_inf = train_step(acc, s.student_tokens, s.parts.targets, s.optimizer, params, batch, cfg)
-                progress.add(loss, len(batch["image"]) * acc.num_processes, found_inf)
+                progress.add(loss, len(batch["pixels"]) * acc.num_processes, found_inf)
                 s.bad.update(batch["bad"])
                 if found_inf is None:  # accumulating gradients
                     continue

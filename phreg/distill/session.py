@@ -91,7 +91,7 @@ def set_up(recipe: Recipe, acc: Accelerator, run: Path, start: Start, quiet: boo
     say(estimate(parts.targets.teacher, parts.student, parts.groups, recipe.views.num, recipe.train.batch_size,
                  acc.mixed_precision == "bf16", recipe.speed.grad_checkpointing,
                  parts.targets.chunk(acc.device), runtime).line())
-    data = training_images(recipe, acc, parts, sources)
+    data = training_images(recipe, acc, sources, parts.targets.plan_fn(), parts.mean, parts.std)
     space, cache_s = fill_cache(recipe, acc, run, parts, data, sources.train, train_precision, quiet)
     student_tokens, optimizer, loader = prepare(recipe, acc, parts, data, sources.streaming)
     steps_per_epoch = math.ceil(len(loader) / recipe.train.grad_accum)
@@ -146,15 +146,16 @@ def base_weights(recipe: Recipe, checkpoint: Path | None, flag: str) -> dict:
     return now
 
 
-def training_images(recipe: Recipe, acc: Accelerator, parts: Parts, sources):
-    """The training set: seeded crops and view plans per image and epoch (folders, datasets), or a shard stream."""
-    m, plan = recipe.model, parts.targets.plan_fn()
+def training_images(recipe: Recipe, acc: Accelerator, sources, make_plan, mean, std):
+    """The training set: seeded crops and view plans (`make_plan(rng=...)`) per image and epoch (folders, datasets),
+    or a shard stream."""
+    m = recipe.model
     if sources.streaming:
-        return ShardImages(sources.train, sources.shard_counts, m.img_size, parts.mean, parts.std, recipe.seed,
-                           recipe.data.resize, plan, acc.process_index, acc.num_processes, recipe.data.num_workers,
+        return ShardImages(sources.train, sources.shard_counts, m.img_size, mean, std, recipe.seed, recipe.data.resize,
+                           make_plan, acc.process_index, acc.num_processes, recipe.data.num_workers,
                            recipe.train.batch_size, held=sources.held)
-    return ImageDataset(sources.train, m.img_size, parts.mean, parts.std, recipe.seed, recipe.data.resize, train=True,
-                        make_plan=plan)
+    return ImageDataset(sources.train, m.img_size, mean, std, recipe.seed, recipe.data.resize, train=True,
+                        make_plan=make_plan)
 
 
 def fill_cache(recipe: Recipe, acc: Accelerator, run: Path, parts: Parts, data, files: list,
@@ -168,27 +169,33 @@ def fill_cache(recipe: Recipe, acc: Accelerator, run: Path, parts: Parts, data, 
     began = time.perf_counter()
     if folder:
         data.cache = TargetCache.open_or_build(folder, key, data, parts.targets, acc, recipe.cache.plans,
-                                               recipe.cache.dtype, recipe.train.batch_size, quiet)
+                                               recipe.cache.dtype, recipe.train.batch_size, quiet,
+                                               recipe.data.num_workers)
     return space, time.perf_counter() - began
 
 
 def prepare(recipe: Recipe, acc: Accelerator, parts: Parts, data, streaming: bool):
     """The loader, and the student and optimizer as Accelerate wraps them."""
-    cfg, pin = recipe.train, acc.device.type == "cuda"
+    student_tokens, optimizer = acc.prepare(parts.student_tokens, parts.optimizer)
+    return student_tokens, optimizer, training_loader(recipe, acc, data, streaming)
+
+
+def training_loader(recipe: Recipe, acc: Accelerator, data, streaming: bool = False):
+    """The batches the step receives, as Accelerate hands them over: on the device, each process its own share.
+
+    Data workers decode and crop (uint8; the device normalizes), or read whole batches from the target cache; on a GPU
+    batches are pinned and copied without blocking. `benchmarks/bench_loader.py` times exactly this loader."""
+    cfg, pin, workers = recipe.train, acc.device.type == "cuda", recipe.data.num_workers
     if streaming:
         # Each process already reads only its own shards: Accelerate must not split the stream again, only place
         # batches on the device. Workers restart each epoch so that they see the new epoch's shard order.
-        loader = DataLoader(data, cfg.batch_size, collate_fn=collate, num_workers=recipe.data.num_workers,
-                            pin_memory=pin)
-        loader = prepare_data_loader(loader, acc.device, num_processes=1, process_index=0, put_on_device=True,
-                                     non_blocking=True)
-        student_tokens, optimizer = acc.prepare(parts.student_tokens, parts.optimizer)
-        return student_tokens, optimizer, loader
-    workers = 0 if data.cache else recipe.data.num_workers  # cached batches are memory-map reads: no decoding
+        loader = DataLoader(data, cfg.batch_size, collate_fn=collate, num_workers=workers, pin_memory=pin)
+        return prepare_data_loader(loader, acc.device, num_processes=1, process_index=0, put_on_device=True,
+                                   non_blocking=True)
     loader = DataLoader(data, cfg.batch_size, sampler=EpochSampler(len(data), recipe.seed), collate_fn=collate,
                         num_workers=workers, persistent_workers=workers > 0, pin_memory=pin,
                         drop_last=drop_partial_batch(len(data), cfg.batch_size, acc.num_processes))
-    return acc.prepare(parts.student_tokens, parts.optimizer, loader)
+    return acc.prepare_data_loader(loader)
 
 
 def drop_partial_batch(images: int, batch_size: int, processes: int) -> bool:

@@ -132,8 +132,7 @@ def teacher_with_ttr(teacher: torch.nn.Module, m, files: list, mean, std, device
     from ..ttr import add_test_time_registers
 
     def images() -> torch.Tensor:
-        data = ImageDataset(files[:FIND_IMAGES], m.img_size, mean, std, train=False)
-        return torch.stack([data[i]["image"] for i in range(len(data))]).to(device)
+        return ImageDataset(files[:FIND_IMAGES], m.img_size, mean, std, train=False).images().to(device)
     neurons = neurons_for(m.teacher_ttr, teacher, images if files else None)
     record = neurons_record(neurons, m.teacher_ttr)
     if not record["count"]:  # a clean teacher: nothing to move, so the targets are the plain teacher's
@@ -151,12 +150,14 @@ def skip_if_nonfinite(optimizer, grad_norm: torch.Tensor) -> torch.Tensor:
 
 def train_step(acc: Accelerator, student_tokens, targets: DenoisedTeacher, optimizer, params, batch: dict,
                cfg: TrainCfg) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One micro-batch: targets (cached, or the teacher's views), student forward, loss, backward; on the last
-    micro-batch of a step, clip and update. Returns the loss and, on update steps, the non-finite flag (on device)."""
+    """One micro-batch: uint8 pixels normalized on the device, targets (cached, or the teacher's views), student
+    forward, loss, backward; on the last micro-batch of a step, clip and update. Returns the loss and, on update steps,
+    the non-finite flag (on device)."""
     found_inf = None
     with acc.accumulate(student_tokens):
-        target = batch["target"] if "target" in batch else targets(batch["image"], batch["plan"])
-        loss = distill_loss(student_tokens(batch["image"]), target, cfg.mse_weight)
+        images = targets.normalize(batch["pixels"])
+        target = batch["target"] if "target" in batch else targets(images, batch["plan"])
+        loss = distill_loss(student_tokens(images), target, cfg.mse_weight)
         acc.backward(loss)
         if acc.sync_gradients:
             found_inf = skip_if_nonfinite(optimizer, acc.clip_grad_norm_(params, cfg.grad_clip or float("inf")))

@@ -39,7 +39,7 @@ def calibration_images(img_size: int, mean, std, crops: int = 8, seed: int = 0) 
     """Random crops of the embedded photos (deterministic): (4 * crops, 3, S, S)."""
     files, _ = scan_images(embedded_photos())
     data = ImageDataset(files, img_size, mean, std, seed=seed, resize=int(img_size * 1.5), train=True)
-    return torch.stack([data[(e, i)]["image"] for e in range(crops) for i in range(len(files))])
+    return data.images([(e, i) for e in range(crops) for i in range(len(files))])
 
 
 def patch_flatness(images: torch.Tensor, patch: int) -> torch.Tensor:

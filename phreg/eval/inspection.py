@@ -23,7 +23,7 @@ def load_images(root, loaded: Loaded, limit: int = 0) -> tuple[list[Path], torch
     files, _ = scan_images(root)
     files = files[:limit] if limit else files
     data = ImageDataset(files, loaded.img_size, loaded.mean, loaded.std, train=False)
-    return files, torch.stack([data[i]["image"] for i in range(len(data))])
+    return files, data.images()
 
 
 def verdict(summary: dict) -> str:
