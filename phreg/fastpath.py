@@ -1,10 +1,9 @@
 """The switches that make a step fast, in one place. Each is a recipe key under `speed:` (and `views.chunk`), and
 each is measured by benchmarks/bench_distill.py against a reference-style step.
 
-Measured on 2 CPU cores (DINOv2-S, see README "Performance"): fused SDPA attention is up to 1.9x faster than eager
-at 518 px; bf16 autocast is *slower* than fp32 on a CPU without AMX, so the teacher stays fp32 there; torch.compile
-gains nothing per step there and costs ~40 s per model to compile; on an H100 it was 2.5x slower (issue 19), so
-`auto` does not compile until `benchmarks/gpu_suite.sh` measures it faster.
+Measured (benchmarks/RESULTS.md): fused SDPA attention is up to 1.9x faster than eager at 518 px on 2 CPU cores;
+bf16 autocast is *slower* than fp32 on a CPU without AMX, so the teacher stays fp32 there; torch.compile pays on a
+GPU (1.24x end to end on an H200) and gains nothing on a CPU, so `auto` compiles on a GPU only.
 """
 
 from __future__ import annotations
@@ -40,10 +39,10 @@ def eager_attention(module: torch.nn.Module):
 
 
 def use_compile(cfg: SpeedCfg, device: torch.device) -> bool:
-    """`speed.compile: auto` is off everywhere until a GPU measures the compiled run faster: on an H100 the compiled
-    step was 2.5x slower than eager (issue 19: recompiles on shared guards and on each epoch's partial batch, since
-    fixed but not yet measured there) and on 2 CPU cores it gains nothing; `benchmarks/gpu_suite.sh` times both."""
-    return False if cfg.compile == "auto" else bool(cfg.compile)
+    """`speed.compile: auto` compiles on a GPU, where the compiled run is faster (H200, DINOv2-B at the paper's
+    setting: 94.1 vs 76.2 images/s end to end, see benchmarks/RESULTS.md), and not on a CPU, where it gains nothing
+    per step and costs ~40 s per model to compile."""
+    return device.type == "cuda" if cfg.compile == "auto" else bool(cfg.compile)
 
 
 def compile_options(cfg: SpeedCfg) -> dict:
