@@ -30,7 +30,7 @@ def _distill(args) -> int:
     check_distill(recipe, resuming=args.resume or args.auto_resume)  # before torch is even imported
     from .distill.loop import distill
     from .distill.preempt import Interrupted, Preempted
-    from .run import latest_checkpoint
+    from .run import cache_build_unfinished, cache_folder, latest_checkpoint
 
     main_process = int(os.environ.get("RANK", 0)) == 0  # one line per launch, not one per process
     again = _resume_command(args)
@@ -39,14 +39,18 @@ def _distill(args) -> int:
                       verbose=args.verbose)
     except (Preempted, Interrupted) as e:
         if main_process:
-            print(f"phreg: preempted at step {e.step} by {e.signame}, checkpoint {e.checkpoint}; resume with: {again}",
-                  file=sys.stderr)
+            what = f"by {e.signame} while building the target cache, keeping {e.kept}" if e.kept else \
+                f"at step {e.step} by {e.signame}, checkpoint {e.checkpoint}"
+            print(f"phreg: preempted {what}; resume with: {again}", file=sys.stderr)
         return EXIT_INTERRUPTED if e.signame == "SIGINT" else EXIT_PREEMPTED
     except KeyboardInterrupt:  # a second Ctrl-C: no new checkpoint
-        last = latest_checkpoint(Path(recipe.output_dir))
+        run = Path(recipe.output_dir)
+        last = latest_checkpoint(run)
+        building = cache_build_unfinished(cache_folder(recipe, run))
         if main_process:
-            print("phreg: interrupted" + (f"; the last checkpoint is {last}; resume with: {again}" if last else ""),
-                  file=sys.stderr)
+            print("phreg: interrupted" + (f"; the last checkpoint is {last}; resume with: {again}" if last else
+                                          f"; the target cache's finished entries are kept; resume with: {again}"
+                                          if building else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
     if main_process:
         print(f"done: {run / 'export'}")

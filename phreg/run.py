@@ -5,6 +5,7 @@
     RUN/checkpoints/step_N/    verified checkpoints (`phreg.distill.checkpoints` writes and loads them)
     RUN/summary.json           what the run did, written when it finishes (the model card is made of it)
     RUN/export/                the student in timm's Hugging Face layout (`phreg.hub.export`)
+    RUN/target_cache/          teacher targets, when cache.enabled (`phreg.distill.cache`; or cache.dir)
     RUN/eval/                  `phreg eval`'s report, when there is one
 
 Torch-free on purpose: a command can check a run folder (is it one, which checkpoint is the newest valid one, did it
@@ -28,6 +29,7 @@ RECIPE, METRICS, SUMMARY = "recipe.yaml", "metrics.jsonl", "summary.json"
 CHECKPOINTS, EXPORT, EVAL = "checkpoints", "export", "eval"
 WEIGHTS, CONFIG = "model.safetensors", "config.json"  # the export: timm's Hugging Face layout
 TEXT_FILE = "open_clip_text.safetensors"  # CLIP runs: the text tower, shipped beside the image tower
+CACHE, CACHE_META = "target_cache", "meta.json"  # RUN/target_cache/ unless cache.dir names another folder
 
 # A checkpoint folder: RUN/checkpoints/step_N/ with these files, the manifest written last.
 MODEL, OPTIMIZER, STATE, MANIFEST = "model.safetensors", "optimizer.safetensors", "state.json", "manifest.json"
@@ -172,3 +174,20 @@ def finished(run: str | Path) -> bool:
         return False
     newest = latest_checkpoint(run)
     return newest is None or checkpoint_step(newest) == step
+
+
+# ---------------------------------------------------------------------------------------------------- target cache
+
+def cache_folder(recipe, run: str | Path) -> Path:
+    """Where a run's target cache lives: `cache.dir`, else RUN/target_cache."""
+    return Path(recipe.cache.dir).expanduser() if recipe.cache.dir else Path(run) / CACHE
+
+
+def cache_build_unfinished(folder: str | Path) -> bool:
+    """A target cache whose build stopped in the middle of a variant (a stop signal, Ctrl-C, a crash): what
+    `--resume` continues when the run has no checkpoint yet."""
+    try:
+        meta = json.loads((Path(folder) / CACHE_META).read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(set(meta.get("started", [])) - set(meta.get("complete", [])))

@@ -124,3 +124,72 @@ def test_a_damaged_cache_is_repaired_a_truncated_one_rebuilt_and_damage_during_a
     with pytest.raises(UsageError, match=f"target cache {path}: entry \\(plan 1, image 3\\) does not match its "
                                          "checksum"):
         cache.batch([(1, 3)])
+
+
+class StopAfter:
+    """A stop request that arrives once `batches` batches of teacher targets were computed."""
+
+    def __init__(self, denoiser, batches: int):
+        self.denoiser, self.left, self.requested = denoiser, batches, None
+        self.calls = 0
+
+    def __call__(self, images, plans):
+        self.calls += len(images)
+        self.left -= 1
+        if self.left == 0:
+            self.requested = "SIGTERM"
+        return self.denoiser(images, plans)
+
+    def __getattr__(self, name):  # the rest of DenoisedTeacher's surface
+        return getattr(self.denoiser, name)
+
+
+def test_a_stopped_build_keeps_its_entries_and_the_next_run_computes_only_the_rest(tmp_path, dinov2_file):
+    from phreg.distill.preempt import Preempted
+
+    recipe = load_recipe(None, [f"model.name={MODEL}", f"model.checkpoint={dinov2_file}", "model.img_size=28",
+                                "views.num=2", "cache.plans=2"])
+    teacher = load_teacher(recipe.model)
+    mean, std = normalization(teacher, recipe.model)
+    denoiser = DenoisedTeacher(teacher, recipe.views, mean, std)
+    files, _ = scan_images(None)
+    key, acc = cache_key(recipe, files), Accelerator(cpu=True)
+    data = ImageDataset(files, 28, mean, std, recipe.seed, make_plan=denoiser.plan_fn())
+    TargetCache.open_or_build(tmp_path / "straight", key, data, denoiser, acc, plans=2, batch_size=2, quiet=True)
+
+    stopping = StopAfter(denoiser, 3)  # 3 batches of 2: variant 0 whole, half of variant 1
+    with pytest.raises(Preempted) as e:
+        TargetCache.open_or_build(tmp_path / "c", key, data, stopping, acc, plans=2, batch_size=2, quiet=True,
+                                  stop=stopping)
+    assert e.value.signame == "SIGTERM" and e.value.kept == f"6 of 8 teacher targets in {tmp_path / 'c'}"
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    assert meta["started"] == [0, 1] and meta["complete"] == [0]
+    from phreg.run import cache_build_unfinished
+
+    assert cache_build_unfinished(tmp_path / "c") and not cache_build_unfinished(tmp_path / "straight")
+
+    counting = StopAfter(denoiser, -1)  # never stops; counts the images it computes
+    TargetCache.open_or_build(tmp_path / "c", key, data, counting, acc, plans=2, batch_size=2, quiet=True)
+    assert counting.calls == 2  # only the two entries the stopped build had not written
+    for name in ("targets.npy", "crops.npy", "plans.npy", "checksums.npy"):
+        assert (tmp_path / "c" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+    assert json.loads((tmp_path / "c" / "meta.json").read_text())["complete"] == [0, 1]
+
+
+def test_a_run_computes_only_the_plans_its_epochs_train_on(tmp_path, dinov2_file, capsys):
+    recipe = load_recipe(None, [f"model.name={MODEL}", f"model.checkpoint={dinov2_file}", "model.img_size=28",
+                                "views.num=2", "cache.plans=4"])
+    teacher = load_teacher(recipe.model)
+    mean, std = normalization(teacher, recipe.model)
+    denoiser = DenoisedTeacher(teacher, recipe.views, mean, std)
+    files, _ = scan_images(None)
+    key, acc = cache_key(recipe, files), Accelerator(cpu=True)
+    data = ImageDataset(files, 28, mean, std, recipe.seed, make_plan=denoiser.plan_fn())
+    counting = StopAfter(denoiser, -1)
+    TargetCache.open_or_build(tmp_path, key, data, counting, acc, plans=4, batch_size=2, variants=[0, 1])
+    out = capsys.readouterr().out
+    assert "computing the 2 of its 4 plans this run trains on" in out, out
+    assert counting.calls == 2 * 4 and json.loads((tmp_path / "meta.json").read_text())["complete"] == [0, 1]
+    counting.calls = 0
+    cache = TargetCache.open_or_build(tmp_path, key, data, counting, acc, plans=4, batch_size=2)  # a longer run
+    assert counting.calls == 2 * 4 and cache.complete == {0, 1, 2, 3}

@@ -54,6 +54,13 @@ LAUNCH = textwrap.dedent("""
         import shutil, collections
         usage = collections.namedtuple("usage", "total used free")
         shutil.disk_usage = lambda p: usage(10**9, 10**9 - 50 * 10**6, 50 * 10**6)
+    if hook in ("sigterm_in_cache_build", "sigint_in_cache_build"):  # the stop comes while targets are computed
+        import phreg.distill.cache as cache
+        real_store = cache._store
+        def store(*a, **k):
+            real_store(*a, **k)
+            os.kill(os.getpid(), signal.SIGTERM if hook.startswith("sigterm") else signal.SIGINT)
+        cache._store = store
     from phreg.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
@@ -462,3 +469,31 @@ def test_two_processes_never_write_one_run_folder(tmp_path, dinov2_file):
     assert holder(run) is None
     with hold(run, "phreg distill"):  # free again: the next writer takes it
         pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_stop_while_the_target_cache_is_built_keeps_it_and_resume_continues_it(tmp_path, dinov2_file, signame):
+    """A cluster's SIGTERM (exit 75) or Ctrl-C (exit 130) while the teacher targets are computed: the finished ones
+    are kept, the line gives the command that continues, and that command computes only what is missing and trains
+    to the same weights as a run that was never stopped."""
+    recipe = save_recipe(tiny(tmp_path, dinov2_file, "train.max_steps=4", "cache.enabled=true", "cache.plans=2"),
+                         tmp_path / "recipe.yaml")
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    assert phreg("distill", recipe, f"output_dir={straight}", "--quiet").returncode == 0
+    stopped = phreg("distill", recipe, f"output_dir={run}", hook=f"{signame.lower()}_in_cache_build")
+    assert stopped.returncode == (75 if signame == "SIGTERM" else 130), stopped.stderr
+    line = one_line(stopped.stderr)
+    assert line.startswith(f"phreg: preempted by {signame} while building the target cache, keeping ") and \
+        line.endswith(f"resume with: phreg distill {recipe} output_dir={run} --resume"), line
+    kept = int(line.split("keeping ")[1].split()[0])
+    assert 1 <= kept < 8 and not checkpoint_dirs(run)
+    again = shlex.split(line.split("resume with: ")[1])[1:]
+    resumed = phreg(*again)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"continuing its build: {kept} of 8 entries are there" in resumed.stdout, resumed.stdout
+    a, b = weights(straight / "export/model.safetensors"), weights(run / "export/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    nothing = phreg("distill", recipe, f"output_dir={tmp_path / 'new'}", "--resume")
+    assert nothing.returncode == 2 and one_line(nothing.stderr).endswith(
+        "(and no target cache build to continue); run the same command without --resume to start")

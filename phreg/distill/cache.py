@@ -5,8 +5,13 @@ computed once into a memory-mapped float16 `.npy` of shape (K, N, L, D), next to
 e trains on variant e mod K without decoding a single image: the stored uint8 crop is the one the uncached path would
 cut, normalized on the device like it. A batch is read whole, one gather per array (`TargetCache.batch`), by the
 loader's data workers. The build overlaps decoding (data workers), the teacher (the device) and the writes (a thread).
-The folder carries a key over everything the targets depend on; a folder with another key is rebuilt, a complete one is
-reused (across `--resume` and across runs that point `cache.dir` at it).
+The folder carries a key over everything the targets depend on; a folder with another key is rebuilt, one with this
+key is reused (across `--resume` and across runs that point `cache.dir` at it).
+
+A build can be stopped and continued: meta.json records which variants were started and which are complete, and the
+checksums say which entries of a started one are written. A stop signal or Ctrl-C finishes the batch in hand and
+stops (exit 75 / 130, with the command that continues); the next run computes only what is missing. A run computes
+only the variants its epochs will train on (a 10-step run needs one or two of K), a longer run the rest.
 
 A shared cache is not trusted blindly: every (variant, image) entry has a CRC32 over its target, crop and plan bytes
 (`checksums.npy`). A run that opens the cache checks the files' sizes and headers and every entry's checksum once
@@ -37,9 +42,10 @@ from tqdm.auto import tqdm
 from ..errors import UsageError
 from ..files import write_json, writing
 from ..recipe import Recipe
+from ..run import CACHE_META
 from ..sources import fingerprint
 
-ARRAY, CROPS, PLANS, META = "targets.npy", "crops.npy", "plans.npy", "meta.json"
+ARRAY, CROPS, PLANS, META = "targets.npy", "crops.npy", "plans.npy", CACHE_META
 CHECKSUMS = "checksums.npy"  # (plans, images) uint32: CRC32 of each entry's target, crop and plan bytes
 CHECK_SHARE = 0.02  # per-read checks stay on while they cost less than this share of the time between reads
 
@@ -191,102 +197,155 @@ class TargetCache:
         if reads > 5.0 and self._checked_s > CHECK_SHARE * reads:  # measured: too dear for this disk / model
             self.check_reads = False
 
-    def damaged_entries(self) -> list[tuple[int, int]]:
-        """Every (variant, image) whose bytes do not match its checksum: one pass over the files."""
+    def entries_to_compute(self, variants: list[int]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """(damaged, missing) entries of `variants`: in variants the build finished, those whose bytes no longer match
+        their checksums; in variants it started but did not finish (a stopped build), those not written yet (their
+        checksums say which); every entry of a variant never started. One pass over what is read."""
         targets, crops, plans, sums = self.open_arrays()
-        return [(k, i) for k in range(self.plans) for i in range(self.meta["images"])
-                if entry_crc(targets[k, i], crops[k, i], plans[k, i]) != int(sums[k, i])]
+        n, damaged, missing = self.meta["images"], [], []
+        for k in variants:
+            if k not in self.started:
+                missing += [(k, i) for i in range(n)]
+                continue
+            bad = [(k, i) for i in range(n) if entry_crc(targets[k, i], crops[k, i], plans[k, i]) != int(sums[k, i])]
+            (damaged if k in self.complete else missing).extend(bad)
+        return damaged, missing
 
-    def repair(self, bad: list[tuple[int, int]], dataset, denoiser, acc, batch_size: int = 8,
-               workers: int = 0) -> None:
-        """Recompute the entries `bad` in place (the same crop, plan and target the build computed: all are drawn
-        from (seed, variant, image))."""
-        arrays = [np.load(self.folder / name, mmap_mode="r+") for name in (ARRAY, CROPS, PLANS, CHECKSUMS)]
-        compute_entries(bad, dataset, denoiser, acc, arrays, batch_size, workers)
+    @property
+    def started(self) -> set[int]:
+        return set(self.meta.get("started", range(self.plans)))  # a cache written whole has no such list
+
+    @property
+    def complete(self) -> set[int]:
+        return set(self.meta.get("complete", range(self.plans)))
+
+    def mark(self, acc, started: list[int] = (), complete: list[int] = ()) -> None:
+        """Record variants as started / complete in meta.json (the main process writes, every process reads)."""
+        self.meta["started"] = sorted(self.started | set(started))
+        self.meta["complete"] = sorted(self.complete | set(complete))
+        if acc.is_main_process:
+            write_json(self.folder / META, self.meta)
+        acc.wait_for_everyone()
 
     @classmethod
     def open_or_build(cls, folder: Path, key: str, dataset, denoiser, acc, plans: int, dtype: str = "float16",
-                      batch_size: int = 8, quiet: bool = False, workers: int = 0) -> "TargetCache":
-        """Reuse `folder` if it holds a complete cache with `key`, else compute it (sharded over processes).
-        `workers`: data workers that decode and crop while the teacher runs."""
-        folder = Path(folder)
-        meta = folder / META
-        if meta.is_file() and json.loads(meta.read_text()).get("key") == key:
-            say = (lambda *a: None) if quiet else acc.print
-            cache = cls(folder)
-            try:
-                bad = cache.damaged_entries()  # every process alike: they agree on what happens next
-            except CacheDamaged as e:
-                say(f"phreg: warning: target cache {e}; rebuilding it")
-            else:
-                if bad:
-                    say(f"phreg: warning: target cache {folder / ARRAY}: {len(bad)} of {cache.plans * len(dataset)} "
-                        f"entries do not match their checksums (a damaged disk or copy); recomputing them")
-                    if acc.is_main_process:
-                        cache.repair(bad, dataset, denoiser, acc, batch_size, workers)
-                acc.wait_for_everyone()
-                return cls(folder)
-        n = len(dataset)
-        specs = arrays(n, plans, denoiser.num_patches, denoiser.dim, dtype, dataset.size, denoiser.cfg.num)
-        line = check_fits(folder, cache_bytes(n, plans, denoiser.num_patches, denoiser.dim, dtype, dataset.size,
-                                              denoiser.cfg.num), n, plans, denoiser.num_patches, denoiser.dim, dtype)
-        if not quiet:
-            acc.print(line)
-        dtype, shape = specs[ARRAY]
-        tmp = {name: folder / f".{name}.tmp" for name in specs}
-        try:
-            if acc.is_main_process:
-                with writing("the target cache", folder):
-                    folder.mkdir(parents=True, exist_ok=True)
-                    meta.unlink(missing_ok=True)
-                    for name, (dt, sh) in specs.items():
-                        np.lib.format.open_memmap(tmp[name], mode="w+", dtype=dt, shape=sh).flush()
-                        _allocate(tmp[name])
-            acc.wait_for_everyone()
-            return cls._build(folder, key, dataset, denoiser, acc, plans, specs, tmp, shape, dtype, batch_size,
-                              quiet, workers)
-        except BaseException:
-            if acc.is_main_process:  # a cache that was not finished is only in the way (and may fill the disk)
-                for path in tmp.values():
-                    path.unlink(missing_ok=True)
-            raise
+                      batch_size: int = 8, quiet: bool = False, workers: int = 0, variants: list[int] | None = None,
+                      stop=None) -> "TargetCache":
+        """The cache in `folder` for `key`, with every entry of `variants` (default: all) computed: a complete cache is
+        reused, a stopped build continued, damaged entries recomputed, anything else (another key, an unreadable
+        cache) built anew. Sharded over processes; `workers`: data workers that decode and crop while the teacher
+        runs. `stop` (`StopRequests`): on a stop signal the batch in hand is finished and written, and the build
+        raises `Preempted` (Ctrl-C: `Interrupted`); what was written is kept for the next run."""
+        say = (lambda *a: None) if quiet else acc.print
+        variants = list(range(plans)) if variants is None else sorted(variants)
+        cache = cls.reopen(folder, key, say)
+        if cache is None:
+            cache = cls.allocate(folder, key, len(dataset), plans, denoiser, dataset.size, dtype, acc, quiet)
+        damaged, missing = cache.entries_to_compute(variants)  # every process alike: they agree on what follows
+        if damaged:
+            say(f"phreg: warning: target cache {cache.folder / ARRAY}: {len(damaged)} of {plans * len(dataset)} "
+                f"entries do not match their checksums (a damaged disk or copy); recomputing them")
+        if missing and len(variants) < plans and not set(variants) <= cache.started:
+            say(f"target cache: computing the {len(variants)} of its {plans} plans this run trains on (the others when "
+                f"a longer run needs them)")
+        started = [k for k in variants if k in cache.started and k not in cache.complete]
+        if started and missing:
+            need = len(variants) * len(dataset)
+            say(f"target cache {cache.folder}: continuing its build: {need - len(missing) - len(damaged)} of {need} "
+                f"entries are there")
+        cache.compute(damaged + missing, variants, dataset, denoiser, acc, batch_size, workers, quiet, stop)
+        return cls(cache.folder)
 
     @classmethod
-    def _build(cls, folder, key, dataset, denoiser, acc, plans, specs, tmp, shape, dtype, batch_size, quiet,
-               workers):
-        meta, n = folder / META, len(dataset)
-        out = [np.load(tmp[name], mmap_mode="r+") for name in (ARRAY, CROPS, PLANS, CHECKSUMS)]
-        keys = [(k, i) for k in range(plans) for i in range(n)][acc.process_index::acc.num_processes]
-        bar = tqdm(total=len(keys), disable=quiet or not acc.is_local_main_process, desc="teacher targets")
-        bad = compute_entries(keys, dataset, denoiser, acc, out, batch_size, workers, bar)
-        bar.close()
-        del out
-        bad = set(gather_object(sorted(bad)))  # every process's undecodable files
-        acc.wait_for_everyone()
+    def reopen(cls, folder: Path, key: str, say) -> "TargetCache | None":
+        """The cache in `folder` if it is one for `key` whose files open as its metadata says (complete or not)."""
+        meta = Path(folder) / META
+        if not meta.is_file() or json.loads(meta.read_text()).get("key") != key:
+            return None
+        cache = cls(folder)
+        try:
+            cache.open_arrays()
+        except CacheDamaged as e:
+            say(f"phreg: warning: target cache {e}; rebuilding it")
+            return None
+        return cache
+
+    @classmethod
+    def allocate(cls, folder: Path, key: str, images: int, plans: int, denoiser, img_size: int, dtype: str, acc,
+                 quiet: bool) -> "TargetCache":
+        """Empty arrays of the cache's full size on disk (reserved now: a full disk is an error here, not a SIGBUS
+        in the middle of the build) and meta.json with no variant started."""
+        folder = Path(folder)
+        specs = arrays(images, plans, denoiser.num_patches, denoiser.dim, dtype, img_size, denoiser.cfg.num)
+        size = cache_bytes(images, plans, denoiser.num_patches, denoiser.dim, dtype, img_size, denoiser.cfg.num)
+        line = check_fits(folder, size, images, plans, denoiser.num_patches, denoiser.dim, dtype)
+        if not quiet:
+            acc.print(line)
+        target_dtype, shape = specs[ARRAY]
         if acc.is_main_process:
-            for name in specs:
-                os.replace(tmp[name], folder / name)
-            tmp.clear()
-            per_image = sum(int(np.prod(sh[2:])) * np.dtype(dt).itemsize for dt, sh in specs.values())  # + 4 B crc
-            write_json(meta, dict(key=key, plans=plans, images=n, shape=list(shape), dtype=dtype.name,
-                                  bytes_per_image_plan=per_image,
-                                  target_bytes_per_image_plan=int(np.prod(shape[2:])) * dtype.itemsize,
-                                  undecodable_files=sorted(bad)))
+            with writing("the target cache", folder):
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / META).unlink(missing_ok=True)  # the arrays are not this cache's until meta.json says so
+                for name, (dt, sh) in specs.items():
+                    np.lib.format.open_memmap(folder / name, mode="w+", dtype=dt, shape=sh).flush()
+                    _allocate(folder / name)
+                per_image = sum(int(np.prod(sh[2:])) * np.dtype(dt).itemsize for dt, sh in specs.values())  # + crc
+                write_json(folder / META, dict(key=key, plans=plans, images=images, shape=list(shape),
+                                               dtype=target_dtype.name, bytes_per_image_plan=per_image,
+                                               target_bytes_per_image_plan=int(np.prod(shape[2:]))
+                                               * target_dtype.itemsize, started=[], complete=[],
+                                               undecodable_files=[]))
         acc.wait_for_everyone()
         return cls(folder)
 
+    def compute(self, todo: list[tuple[int, int]], variants: list[int], dataset, denoiser, acc, batch_size: int,
+                workers: int, quiet: bool, stop=None) -> None:
+        """Compute the entries `todo`, variant by variant (each process its share), marking each variant of
+        `variants` complete once every process has written its part."""
+        arrays_ = [np.load(self.folder / name, mmap_mode="r+") for name in (ARRAY, CROPS, PLANS, CHECKSUMS)]
+        total = len(todo[acc.process_index::acc.num_processes])
+        bar = tqdm(total=total, disable=quiet or not acc.is_local_main_process or not total, desc="teacher targets")
+        undecodable = set(self.meta.get("undecodable_files", []))
+        for k in variants:
+            keys = [key for key in todo if key[0] == k][acc.process_index::acc.num_processes]
+            if k not in self.started:
+                self.mark(acc, started=[k])
+            undecodable |= compute_entries(keys, dataset, denoiser, acc, arrays_, batch_size, workers, bar, stop)
+            signame = next((s for s in gather_object([stop.requested if stop else None]) if s), None)
+            undecodable = set(gather_object(sorted(undecodable)))  # every process's undecodable files
+            self.meta["undecodable_files"] = sorted(undecodable)
+            if signame:
+                bar.close()
+                self.mark(acc)
+                from .preempt import stopped
+
+                raise stopped(0, None, signame, kept=self.progress(variants))
+            self.mark(acc, complete=[k])
+        bar.close()
+
+    def progress(self, variants: list[int]) -> str:
+        """What a stopped build keeps, in words."""
+        targets, crops, plans, sums = self.open_arrays()
+        n = self.meta["images"]
+        done = sum(entry_crc(targets[k, i], crops[k, i], plans[k, i]) == int(sums[k, i])
+                   for k in variants if k in self.started for i in range(n))
+        return f"{done} of {len(variants) * n} teacher targets in {self.folder}"
+
 
 def compute_entries(keys: list[tuple[int, int]], dataset, denoiser, acc, arrays: list, batch_size: int,
-                    workers: int = 0, bar=None) -> set[str]:
+                    workers: int = 0, bar=None, stop=None) -> set[str]:
     """Teacher targets of the (variant, image) `keys` into the memory maps `arrays` (targets, crops, plans,
     checksums), with their crops, plans and checksums. Three stages overlap: data workers decode and crop the next
     batches, the device runs the teacher on this one, and a writer thread stores the previous one (on a GPU its copy
-    to the host runs behind the next forward). Returns the files that failed to decode."""
+    to the host runs behind the next forward). A stop request (`stop.requested`) ends it after the batch in hand.
+    Returns the files that failed to decode."""
     from torch.utils.data import DataLoader
 
     from ..data import collate
 
     cuda = acc.device.type == "cuda"
+    if not keys:
+        return set()
     loader = DataLoader(dataset, batch_size, sampler=keys, collate_fn=collate, num_workers=workers, pin_memory=cuda)
     dtype = TORCH_DTYPES[arrays[0].dtype]
     bad: set[str] = set()
@@ -302,6 +361,8 @@ def compute_entries(keys: list[tuple[int, int]], dataset, denoiser, acc, arrays:
             bad.update(batch["bad"])
             if bar is not None:
                 bar.update(len(host))
+            if stop is not None and stop.requested:
+                break
         while pending:
             pending.popleft().result()
     for array in arrays:

@@ -24,11 +24,12 @@ import torch.distributed as dist
 
 
 class Preempted(Exception):
-    """Training stopped on a signal after writing a checkpoint; the CLI prints how to resume."""
+    """Training stopped on a signal after writing a checkpoint (or the target cache's build stopped, keeping what it
+    computed: `kept` says what); the CLI prints how to resume."""
 
-    def __init__(self, step: int, checkpoint, signame: str):
+    def __init__(self, step: int, checkpoint, signame: str, kept: str | None = None):
         super().__init__(f"preempted at step {step} by {signame}")
-        self.step, self.checkpoint, self.signame = step, checkpoint, signame
+        self.step, self.checkpoint, self.signame, self.kept = step, checkpoint, signame, kept
 
 
 class Interrupted(KeyboardInterrupt):
@@ -36,14 +37,15 @@ class Interrupted(KeyboardInterrupt):
     in-process (pytest, a notebook, a script) stops as Ctrl-C means, instead of recording an error and going on;
     the CLI reads the same attributes as `Preempted`'s for its resume hint and exits 130."""
 
-    def __init__(self, step: int, checkpoint, signame: str = "SIGINT"):
+    def __init__(self, step: int, checkpoint, signame: str = "SIGINT", kept: str | None = None):
         super().__init__(f"interrupted at step {step} by {signame}; checkpoint {checkpoint}")
-        self.step, self.checkpoint, self.signame = step, checkpoint, signame
+        self.step, self.checkpoint, self.signame, self.kept = step, checkpoint, signame, kept
 
 
-def stopped(step: int, checkpoint, signame: str) -> BaseException:
-    """What a stop request raises once its checkpoint is written: `Interrupted` for Ctrl-C, else `Preempted`."""
-    return (Interrupted if signame == "SIGINT" else Preempted)(step, checkpoint, signame)
+def stopped(step: int, checkpoint, signame: str, kept: str | None = None) -> BaseException:
+    """What a stop request raises once its checkpoint (or what a stopped cache build `kept`) is written: `Interrupted`
+    for Ctrl-C, else `Preempted`."""
+    return (Interrupted if signame == "SIGINT" else Preempted)(step, checkpoint, signame, kept)
 
 
 def say_above_bars(line: str) -> None:
@@ -65,8 +67,10 @@ class StopRequests:
 
     poll() -> (stop, save_due): stop after this step / write a timed checkpoint now."""
 
-    def __init__(self, acc, signals: list[str], save_every_minutes: float, say=None):
-        self.acc, self.say = acc, say or say_above_bars
+    def __init__(self, acc, signals: list[str], save_every_minutes: float, say=None,
+                 stopping: str = "stopping after this step with a checkpoint",
+                 quitting: str = "Ctrl-C again to quit without one"):
+        self.acc, self.say, self.stopping, self.quitting = acc, say or say_above_bars, stopping, quitting
         self.signals = [signal.SIGINT, *(signal_number(s) for s in signals)]
         self.every_s = save_every_minutes * 60
         self.requested: str | None = None  # name of the first signal received (by any process, once agreed)
@@ -101,8 +105,8 @@ class StopRequests:
         if self.requested is None:
             self.requested, self.signum = name, signum
             if self.acc.is_local_main_process:
-                extra = "; Ctrl-C again to quit without one" if signum == signal.SIGINT else ""
-                self.say(f"phreg: {name}: stopping after this step with a checkpoint{extra}")
+                extra = f"; {self.quitting}" if signum == signal.SIGINT else ""
+                self.say(f"phreg: {name}: {self.stopping}{extra}")
         elif signum == signal.SIGINT and not self.saving:
             raise KeyboardInterrupt  # the second Ctrl-C: the user means it; the last checkpoint stays valid
 

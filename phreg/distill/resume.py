@@ -17,7 +17,8 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..recipe import Recipe, TrainCfg, load_recipe, to_dict
-from ..run import RECIPE, checkpoint_step, finished, latest_checkpoint, newest_valid, used_folder
+from ..run import (RECIPE, cache_build_unfinished, cache_folder, checkpoint_step, finished, latest_checkpoint,
+                   newest_valid, used_folder)
 from .progress import flat
 
 # Keys a resumed run may change: where and how often it reports and checkpoints (they do not change the weights),
@@ -57,11 +58,14 @@ class Start:
     def __init__(self, run: Path, recipe: Recipe, resume: bool, auto_resume: bool):
         self.flag = "--auto-resume" if auto_resume and not resume else "--resume"
         found = latest_checkpoint(run)
+        if resume and found is None and cache_build_unfinished(cache_folder(recipe, run)):
+            resume = False  # stopped while building the target cache: a fresh start continues the build
         self.resume = resume or (auto_resume and found is not None)
         self.old: Recipe | None = None
         self.done = False
         if self.resume and found is None:
-            raise UsageError(f"--resume: no checkpoint in {run / 'checkpoints'}")
+            raise UsageError(f"--resume: no checkpoint in {run / 'checkpoints'} (and no target cache build to "
+                             f"continue); run the same command without --resume to start")
         if not self.resume and found is not None:
             from ..preflight import check_architecture
 

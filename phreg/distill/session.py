@@ -27,12 +27,13 @@ from ..files import write_atomic, writing
 from ..folders import embedded_photos, kind
 from ..models import base_change, find_weights
 from ..recipe import Recipe, save_recipe
-from ..run import METRICS, RECIPE, TEXT_FILE, checkpoint_dirs
+from ..run import METRICS, RECIPE, TEXT_FILE, cache_folder, checkpoint_dirs, checkpoint_step
 from ..sources import ShardImages, open_sources
 from .cache import META, TargetCache, cache_bytes, cache_key
 from .checkpoints import load_checkpoint, saved_state
 from .disk import check_space
 from .memory import estimate, resident_bytes, return_freed_memory
+from .preempt import StopRequests
 from .progress import TrainState, tracker_config
 from .resume import Start, planned_steps, trim_metrics
 from .step import Parts, build_parts, lr_factor
@@ -92,10 +93,12 @@ def set_up(recipe: Recipe, acc: Accelerator, run: Path, start: Start, quiet: boo
                  acc.mixed_precision == "bf16", recipe.speed.grad_checkpointing,
                  parts.targets.chunk(acc.device), runtime).line())
     data = training_images(recipe, acc, sources, parts.targets.plan_fn(), parts.mean, parts.std)
-    space, cache_s = fill_cache(recipe, acc, run, parts, data, sources.train, train_precision, quiet)
     student_tokens, optimizer, loader = prepare(recipe, acc, parts, data, sources.streaming)
     steps_per_epoch = math.ceil(len(loader) / recipe.train.grad_accum)
     total = planned_steps(recipe.train, steps_per_epoch)
+    first = checkpoint_step(checkpoint) // steps_per_epoch if checkpoint else 0
+    epochs = range(first, math.ceil(total / steps_per_epoch))
+    space, cache_s = fill_cache(recipe, acc, run, parts, data, sources.train, train_precision, quiet, epochs)
     state = TrainState()
     heldout = HeldOut.from_files(sources.val, parts.targets, recipe, acc.device, recipe.data.val_limit) \
         if sources.val else None
@@ -159,18 +162,24 @@ def training_images(recipe: Recipe, acc: Accelerator, sources, make_plan, mean, 
 
 
 def fill_cache(recipe: Recipe, acc: Accelerator, run: Path, parts: Parts, data, files: list,
-               train_precision: str, quiet: bool) -> tuple[str, float]:
-    """Check the disk for everything the run will write, then open or build the target cache when enabled.
-    Returns the disk line and the seconds spent on the cache."""
-    folder = (Path(recipe.cache.dir) if recipe.cache.dir else run / "target_cache") if recipe.cache.enabled else None
+               train_precision: str, quiet: bool, epochs: range) -> tuple[str, float]:
+    """Check the disk for everything the run will write, then open the target cache when enabled, computing the
+    variants that `epochs` train on (epoch e: variant e mod cache.plans) that it does not hold yet. A stop signal or
+    Ctrl-C stops the build after the batch in hand, keeping what is computed. Returns the disk line and the seconds
+    spent on the cache."""
+    folder = cache_folder(recipe, run) if recipe.cache.enabled else None
     key = cache_key(recipe, files, teacher_precision(recipe.speed, acc.device, train_precision),
                     find_weights(recipe.model).file) if folder else None
     space = check_space(disk_needs(recipe, parts, data, run, folder, key))
     began = time.perf_counter()
     if folder:
-        data.cache = TargetCache.open_or_build(folder, key, data, parts.targets, acc, recipe.cache.plans,
-                                               recipe.cache.dtype, recipe.train.batch_size, quiet,
-                                               recipe.data.num_workers)
+        c = recipe.cache
+        variants = sorted({e % c.plans for e in epochs[:c.plans]})
+        with StopRequests(acc, recipe.train.stop_signals, 0, stopping="stopping after this batch of teacher "
+                          "targets (the finished ones are kept)", quitting="Ctrl-C again to quit at once") as stop:
+            data.cache = TargetCache.open_or_build(folder, key, data, parts.targets, acc, c.plans, c.dtype,
+                                                   recipe.train.batch_size, quiet, recipe.data.num_workers, variants,
+                                                   stop)
     return space, time.perf_counter() - began
 
 
