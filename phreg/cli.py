@@ -330,7 +330,7 @@ def _export_to(args) -> int:
         return 0
     from .hub.export import export_run
 
-    out = export_run(args.run, args.out)
+    out = export_run(args.run, args.out, args.dtype)
     print(f"exported {out} in {time.perf_counter() - began:.1f}s")
     return 0
 
@@ -487,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timm (default): timm's Hub layout; transformers: a folder AutoModel.from_pretrained loads as "
                         "Dinov2WithRegistersModel, with its image-processor config (DINOv2 family; needs "
                         "pip install 'phreg[transformers]'); both: DIR and DIR-transformers")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="the weights' dtype (default: the recipe's export.dtype; auto: speed.frozen_dtype, fp32 or "
+                        "bf16); fp16 is refused for values beyond its range")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("push", formatter_class=HelpFormatter, help="upload a finished run to the Hugging Face Hub (model card included)",
