@@ -320,10 +320,11 @@ def _export_to(args) -> int:
 
         if args.format == "both":  # DIR (timm) and DIR-transformers
             timm_out = Path(args.out) if args.out else Path(args.run) / "export"
-            out, check = export_run_transformers(args.run, timm_out.with_name(timm_out.name + SUFFIX), timm_out)
+            out, check = export_run_transformers(args.run, timm_out.with_name(timm_out.name + SUFFIX), timm_out,
+                                                 dtype=args.dtype)
             print(f"exported {timm_out} (timm)")
         else:
-            out, check = export_run_transformers(args.run, args.out)
+            out, check = export_run_transformers(args.run, args.out, dtype=args.dtype)
         print(f"exported {out} in {time.perf_counter() - began:.1f}s: transformers {ARCHITECTURE}, "
               f"{check['registers']} registers; last_hidden_state = timm forward_features to max |diff| "
               f"{check['max_diff']:.1e} at {check['img_size']} px")

@@ -72,6 +72,16 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")  # float32, bfloat16, float16
 
 
+def stored_dtype(metadata: dict[str, str]) -> torch.dtype:
+    """The dtype an export's header says its weights are stored in (float32 for exports that predate the key)."""
+    import torch
+
+    name = metadata.get("dtype", "float32")
+    if name not in TORCH_NAMES.values():
+        raise UsageError(f"an export's header names the weights' dtype {name!r}; expected one of "
+                         f"{', '.join(TORCH_NAMES.values())}")
+    return getattr(torch, name)
+
 
 def export_metadata(recipe, steps: int) -> dict[str, str]:
     """What the weights' header says about where they came from (str -> str, as safetensors wants)."""
