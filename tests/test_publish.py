@@ -202,6 +202,16 @@ def test_export_dtype_fp16_within_range_and_refused_beyond_it(run, tmp_path):
     assert load_file(out / "model.safetensors")["blocks.3.mlp.fc1.weight"][7, 5].item() == -2.0 ** 17
 
 
+def test_push_uploads_the_export_in_its_dtype_and_the_card_says_it(run, tmp_path):
+    copy = light_copy(run, tmp_path / "run")
+    assert main(["export", str(run), "--out", str(copy / "export"), "--dtype", "bf16"]) == 0
+    out = dry(copy, tmp_path / "hub")
+    assert (out / "model.safetensors").read_bytes() == (copy / "export" / "model.safetensors").read_bytes()
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert "| weights stored in | bfloat16 (timm copies them exactly into its float32 model; " \
+           "`model.to(torch.bfloat16)` keeps them in bfloat16) |" in card(out)[1]
+
+
 def test_model_card_front_matter_and_body(run, tmp_path):
     front, body = card(dry(run, tmp_path / "hub"))
     assert front["library_name"] == "timm" and front["pipeline_tag"] == "image-feature-extraction"
@@ -211,7 +221,7 @@ def test_model_card_front_matter_and_body(run, tmp_path):
     assert "timm.create_model(\"hf-hub:alice/dinov2-small-reg4\", pretrained=True)" in body
     assert "forward_features" in body and "model.num_prefix_tokens" in body
     for fact in ("| resolution | 56 x 56 px", "| registers | 4 ", "| views per image | 2 ", "| steps | 2 ",
-                 "| wall time |", "| hardware | CPU"):
+                 "| wall time |", "| hardware | CPU", "| weights stored in | float32 |"):
         assert fact in body, fact
     assert "## Evaluation" not in body and "eval.png" not in body
 

@@ -286,6 +286,30 @@ def test_cli_export_format_both(run, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "exp-transformers").iterdir()) == sorted(FILES)
 
 
+@pytest.mark.slow
+def test_cli_export_both_as_bf16_and_push_keeps_the_exports_dtype(run, tmp_path, capsys):
+    """`--dtype bf16 --format both`: both folders hold bf16 weights, the transformers ones the timm ones' values; a
+    push of that export converts it to transformers in bf16 too (push uploads what export wrote)."""
+    out = tmp_path / "exp"
+    assert main(["export", str(run), "--format", "both", "--dtype", "bf16", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert re.search(r"to max \|diff\| 0\.0e\+00 at 56 px", said), said
+    dtypes = {}
+    for folder in (out, tmp_path / "exp-transformers"):
+        with safetensors.safe_open(str(folder / "model.safetensors"), "pt") as f:
+            dtypes[folder.name] = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"exp": {"BF16"}, "exp-transformers": {"BF16"}}
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("recipe.yaml", "summary.json"):
+        (copy / name).write_bytes((run / name).read_bytes())
+    os.symlink(out, copy / "export")
+    hub = tmp_path / "hub"
+    assert main(["push", str(copy), "--repo-id", "alice/bf16", "--dry-run", str(hub), "--format", "transformers"]) == 0
+    assert (hub / "model.safetensors").read_bytes() == (tmp_path / "exp-transformers" / "model.safetensors").read_bytes()
+    assert "both computing in float32 from the stored bfloat16 weights" in (hub / "README.md").read_text()
+
+
 def test_cli_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, monkeypatch):
     clip = tmp_path / "cliprun"
     save_recipe(load_recipe(None, ["model.name=vit_base_patch16_clip_224.openai", f"output_dir={clip}"]),
