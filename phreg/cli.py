@@ -324,17 +324,18 @@ def _export_to(args) -> int:
 
         if args.format == "both":  # DIR (timm) and DIR-transformers
             timm_out = Path(args.out) if args.out else Path(args.run) / "export"
-            out, check = export_run_transformers(args.run, timm_out.with_name(timm_out.name + SUFFIX), timm_out)
+            out, check = export_run_transformers(args.run, timm_out.with_name(timm_out.name + SUFFIX), timm_out,
+                                                 dtype=args.dtype)
             print(f"exported {timm_out} (timm)")
         else:
-            out, check = export_run_transformers(args.run, args.out)
+            out, check = export_run_transformers(args.run, args.out, dtype=args.dtype)
         print(f"exported {out} in {time.perf_counter() - began:.1f}s: transformers {ARCHITECTURE}, "
               f"{check['registers']} registers; last_hidden_state = timm forward_features to max |diff| "
               f"{check['max_diff']:.1e} at {check['img_size']} px")
         return 0
     from .hub.export import export_run
 
-    out = export_run(args.run, args.out)
+    out = export_run(args.run, args.out, args.dtype)
     print(f"exported {out} in {time.perf_counter() - began:.1f}s")
     return 0
 
@@ -491,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timm (default): timm's Hub layout; transformers: a folder AutoModel.from_pretrained loads as "
                         "Dinov2WithRegistersModel, with its image-processor config (DINOv2 family; needs "
                         "pip install 'phreg[transformers]'); both: DIR and DIR-transformers")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="the weights' dtype (default: the recipe's export.dtype; auto: speed.frozen_dtype, fp32 or "
+                        "bf16); fp16 is refused for values beyond its range")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("push", formatter_class=HelpFormatter, help="upload a finished run to the Hugging Face Hub (model card included)",

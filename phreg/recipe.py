@@ -137,6 +137,7 @@ class TrainCfg:
 @dataclass
 class ExportCfg:
     head: str = opt("drop", choices=("drop", "keep"))  # drop: num_classes=0, a feature extractor (what phreg trains)
+    dtype: str = opt("auto", choices=("auto", "fp32", "bf16", "fp16"))  # auto: speed.frozen_dtype (hub/export.py)
 
 
 @dataclass

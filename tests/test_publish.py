@@ -22,7 +22,10 @@ from PIL import Image
 
 from phreg.cli import main
 from phreg.data import embedded_photos
+from phreg.errors import UsageError
+from phreg.hub.export import read_metadata
 from phreg.recipe import load_recipe
+from phreg.tensorfile import load_file, read_header
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "hf_phregTestSecret0123456789abcdefXYZ"
@@ -112,6 +115,103 @@ def test_dry_run_is_the_export_plus_recipe_and_card_and_loads_in_timm(run, tmp_p
     assert sorted(p.name for p in out.iterdir()) == UPLOAD
 
 
+# ------------------------------------------------------------------------------------------------ the weights' dtype
+
+def stored(path: Path) -> set[str]:
+    """The dtypes of the tensors in a safetensors file, as its header says them."""
+    head, _ = read_header(path)
+    head.pop("__metadata__", None)
+    return {spec["dtype"] for spec in head.values()}
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_export_dtype_bf16_overrides_the_recipe_and_loads_in_stock_timm(run, tmp_path):
+    """The run's recipe says auto (fp32 frozen weights: fp32, its export); `--dtype bf16` writes every tensor as BF16,
+    the header and config.json say bfloat16, the file is half the size and the same bytes on every re-export. Stock
+    timm loads it into float32 holding exactly the fp32 export's values rounded to bf16, and computes the fp32
+    features to a relative error under 2 x bf16's epsilon (2^-6; measured 4.8e-3 on this DINOv2-S at 56 px);
+    `model.to(torch.bfloat16)` holds the file's tensors bit for bit."""
+    out = tmp_path / "bf16"
+    assert main(["export", str(run), "--out", str(out), "--dtype", "bf16"]) == 0
+    first = tree(out)
+    assert main(["export", str(run), "--out", str(out), "--dtype", "bf16"]) == 0
+    assert tree(out) == first
+    weights, fp32 = out / "model.safetensors", run / "export" / "model.safetensors"
+    assert stored(weights) == {"BF16"} and stored(fp32) == {"F32"}
+    assert read_metadata(weights)["dtype"] == "bfloat16" and read_metadata(fp32)["dtype"] == "float32"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((run / "export" / "config.json").read_text())["dtype"] == "float32"
+    assert 0.49 < weights.stat().st_size / fp32.stat().st_size < 0.51
+    full = timm.create_model(f"local-dir:{run / 'export'}", pretrained=True).eval()
+    half = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    for (k, a), b in zip(full.state_dict().items(), half.state_dict().values()):
+        assert b.dtype == torch.float32 and torch.equal(a.to(torch.bfloat16).float(), b), k
+    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        error = relative_error(half.forward_features(x), full.forward_features(x))
+    assert 0 < error < 2 * torch.finfo(torch.bfloat16).eps, error
+    on_disk = load_file(weights)
+    assert all(torch.equal(t, on_disk[k]) for k, t in half.to(torch.bfloat16).state_dict().items())
+
+
+@pytest.mark.parametrize("frozen,want", [("fp32", "F32"), ("bf16", "BF16")])
+def test_distill_exports_in_the_dtype_of_its_frozen_weights(tmp_path, frozen, want):
+    """`export.dtype: auto` at the end of a run: the dtype `speed.frozen_dtype` held the frozen weights in (a random
+    2-block DINOv2-S at 28 px, one step; bf16 frozen weights train under bf16 autocast, here on the CPU)."""
+    from test_memory import reduced_depth_dir
+
+    folder = reduced_depth_dir(tmp_path / "vits_depth2", MODEL, depth=2)
+    run = tmp_path / "run"
+    distill_quietly(tiny(run, f"local-dir:{folder}", None, 28, f"speed.frozen_dtype={frozen}",
+                         f"train.precision={frozen}", "model.registers=4", "data.val_split=0"))
+    weights = run / "export" / "model.safetensors"
+    assert stored(weights) == {want}
+    name = {"F32": "float32", "BF16": "bfloat16"}[want]
+    assert read_metadata(weights)["dtype"] == name == json.loads((run / "export" / "config.json").read_text())["dtype"]
+    assert timm.create_model(f"local-dir:{run / 'export'}", pretrained=True).num_reg_tokens == 4
+
+
+def test_export_dtype_fp16_within_range_and_refused_beyond_it(run, tmp_path):
+    """fp16 holds this student (relative error under 2 x fp16's epsilon, 2^-9; measured 6.9e-4). A value beyond
+    fp16's 65504 is refused in one line naming the tensor, before anything is written: the earlier export stays as it
+    was, no temporary folder is left (the CLI prints it, exit 2)."""
+    from phreg.hub.export import export_student
+
+    out, mean, std = tmp_path / "fp16", (0.5,) * 3, (0.5,) * 3
+    student = timm.create_model(f"local-dir:{run / 'export'}", pretrained=True).eval()
+    export_student(student, out, mean, std, {}, dtype=torch.float16)
+    assert stored(out / "model.safetensors") == {"F16"} and read_metadata(out / "model.safetensors")["dtype"] == \
+        "float16"
+    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        error = relative_error(features(out, x), student.forward_features(x))
+    assert 0 < error < 2 * torch.finfo(torch.float16).eps, error
+    before = tree(tmp_path)
+    with torch.no_grad():
+        student.blocks[3].mlp.fc1.weight[7, 5] = -2.0 ** 17
+    with pytest.raises(UsageError) as e:
+        export_student(student, out, mean, std, {}, dtype=torch.float16)
+    said = str(e.value)
+    assert said.startswith("blocks.3.mlp.fc1.weight holds 131072, beyond float16's largest value 65504") and \
+        "export as bf16 or fp32" in said and "\n" not in said, said
+    assert tree(tmp_path) == before
+    export_student(student, out, mean, std, {}, dtype=torch.bfloat16)  # bf16 has fp32's range
+    assert load_file(out / "model.safetensors")["blocks.3.mlp.fc1.weight"][7, 5].item() == -2.0 ** 17
+
+
+def test_push_uploads_the_export_in_its_dtype_and_the_card_says_it(run, tmp_path):
+    copy = light_copy(run, tmp_path / "run")
+    assert main(["export", str(run), "--out", str(copy / "export"), "--dtype", "bf16"]) == 0
+    out = dry(copy, tmp_path / "hub")
+    assert (out / "model.safetensors").read_bytes() == (copy / "export" / "model.safetensors").read_bytes()
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert "| weights stored in | bfloat16 (timm copies them exactly into its float32 model; " \
+           "`model.to(torch.bfloat16)` keeps them in bfloat16) |" in card(out)[1]
+
+
 def test_model_card_front_matter_and_body(run, tmp_path):
     front, body = card(dry(run, tmp_path / "hub"))
     assert front["library_name"] == "timm" and front["pipeline_tag"] == "image-feature-extraction"
@@ -121,7 +221,7 @@ def test_model_card_front_matter_and_body(run, tmp_path):
     assert "timm.create_model(\"hf-hub:alice/dinov2-small-reg4\", pretrained=True)" in body
     assert "forward_features" in body and "model.num_prefix_tokens" in body
     for fact in ("| resolution | 56 x 56 px", "| registers | 4 ", "| views per image | 2 ", "| steps | 2 ",
-                 "| wall time |", "| hardware | CPU"):
+                 "| wall time |", "| hardware | CPU", "| weights stored in | float32 |"):
         assert fact in body, fact
     assert "## Evaluation" not in body and "eval.png" not in body
 

@@ -61,6 +61,7 @@ def test_overrides_are_typed_yaml():
     ("train.lerning_rate=3", "unknown recipe key train.lerning_rate (did you mean train.lr?)"),
     ("data.rot=x", "unknown recipe key data.rot (did you mean data.root?)"),
     ("export.head=none", "recipe key export.head: expected one of drop, keep"),
+    ("export.dtype=fp8", "recipe key export.dtype: expected one of auto, fp32, bf16, fp16"),
     ("modle.name=x", "unknown recipe key modle"),
     ("train.lr=fast", "recipe key train.lr: expected a number, got 'fast'"),
     ("train.epochs=1.5", "recipe key train.epochs: expected an integer"),
@@ -109,6 +110,24 @@ def test_hash_ignores_output_dir_only():
     assert recipe_hash(a) == recipe_hash(b)
     assert recipe_hash(a) != recipe_hash(load_recipe(None, ["seed=1"]))
     assert dataclasses.asdict(Recipe()) == to_dict(load_recipe(None))
+
+
+def test_export_dtype_auto_is_the_frozen_weights_dtype():
+    """auto: bf16 for the one recipe that holds its frozen weights in bf16 (DINOv3 ViT-7B), fp32 for every other;
+    `--dtype` (the `choice`) wins over the recipe."""
+    import torch
+
+    from phreg.hub.export import export_dtype
+
+    auto = {p.stem: export_dtype(load_recipe(p)) for p in RECIPES}
+    assert {k for k, v in auto.items() if v == torch.bfloat16} == {"dinov3_vit7b16"}
+    assert set(auto.values()) == {torch.float32, torch.bfloat16}
+    bf16 = ["speed.frozen_dtype=bf16", "train.precision=bf16"]
+    assert export_dtype(load_recipe(None, bf16)) == torch.bfloat16
+    assert export_dtype(load_recipe(None, [*bf16, "export.dtype=fp32"])) == torch.float32
+    assert export_dtype(load_recipe(None, ["export.dtype=fp16"])) == torch.float16
+    assert export_dtype(load_recipe(None, ["export.dtype=fp16"]), "bf16") == torch.bfloat16
+    assert export_dtype(load_recipe(None, bf16), "auto") == torch.bfloat16
 
 
 def test_clip_recipes_read_naclip_targets_and_train_the_maskclip_output():

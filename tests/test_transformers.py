@@ -140,9 +140,36 @@ def test_random_reduced_depth_shapes_are_exact(name, size, registers, tmp_path):
         assert max_difference(model, hf(tmp_path / "hf"), x) > 1e-2
 
 
-def test_an_export_that_does_not_match_timm_is_not_written(tmp_path, monkeypatch):
+def test_bf16_weights_convert_exactly_and_compute_the_fp32_student_to_bf16_rounding(tmp_path):
+    """A bf16 timm export converts to bf16 transformers weights holding the same values: the self-check (float32 on
+    both sides) keeps float32's tolerance, config.json's torch_dtype says bfloat16, and transformers' features are the
+    fp32 student's to a relative error under 2 x bf16's epsilon (2^-6)."""
+    teacher = randomized(timm.create_model("vit_small_patch14_dinov2", pretrained=False, depth=2, img_size=28))
+    student = add_registers(teacher, 4).eval()
+    export_student(student, tmp_path / "timm", MEAN, STD, {}, dtype=torch.bfloat16)
+    model = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    check = export_transformers(model, tmp_path / "hf", dtype=torch.bfloat16)
+    assert check["max_diff"] < TOLERANCE and check["dtype"] == "bfloat16"
+    weights = tmp_path / "hf" / "model.safetensors"
+    with safetensors.safe_open(str(weights), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"} and f.metadata()["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    loaded = AutoModel.from_pretrained(str(tmp_path / "hf"), torch_dtype=torch.float32).eval()
+    x = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+    assert max_difference(model, loaded, x) < TOLERANCE
+    with torch.no_grad():
+        want, got = student.forward_features(x), loaded(pixel_values=x).last_hidden_state
+    assert 0 < ((got - want).norm() / want.norm()).item() < 2 * torch.finfo(torch.bfloat16).eps
+    # from the fp32 student itself: the same bytes, and the self-check compares it rounded as stored
+    direct = export_transformers(student, tmp_path / "hf2", dtype=torch.bfloat16)
+    assert direct["max_diff"] < TOLERANCE and (tmp_path / "hf2" / "model.safetensors").read_bytes() == \
+        weights.read_bytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_an_export_that_does_not_match_timm_is_not_written(tmp_path, monkeypatch, dtype):
     """The self-check: a conversion gone wrong (here: the LayerScale of block 1 swapped) stops with one line and
-    leaves no folder behind."""
+    leaves no folder behind, bf16 weights included."""
     import phreg.hub.transformers as hub_transformers
     from phreg.errors import Aborted
 
@@ -158,7 +185,7 @@ def test_an_export_that_does_not_match_timm_is_not_written(tmp_path, monkeypatch
 
     monkeypatch.setattr(hub_transformers, "convert_state", wrong)
     with pytest.raises(Aborted, match=r"differs from the timm student by .* at 28 px; nothing written"):
-        export_transformers(model, tmp_path / "hf")
+        export_transformers(model, tmp_path / "hf", dtype=dtype)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["timm"]
 
 
@@ -257,6 +284,30 @@ def test_cli_export_format_both(run, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "exp-transformers"]
     assert tree(out) == tree(run / "export")  # the finished run's export, rebuilt byte for byte
     assert sorted(p.name for p in (tmp_path / "exp-transformers").iterdir()) == sorted(FILES)
+
+
+@pytest.mark.slow
+def test_cli_export_both_as_bf16_and_push_keeps_the_exports_dtype(run, tmp_path, capsys):
+    """`--dtype bf16 --format both`: both folders hold bf16 weights, the transformers ones the timm ones' values; a
+    push of that export converts it to transformers in bf16 too (push uploads what export wrote)."""
+    out = tmp_path / "exp"
+    assert main(["export", str(run), "--format", "both", "--dtype", "bf16", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert re.search(r"to max \|diff\| 0\.0e\+00 at 56 px", said), said
+    dtypes = {}
+    for folder in (out, tmp_path / "exp-transformers"):
+        with safetensors.safe_open(str(folder / "model.safetensors"), "pt") as f:
+            dtypes[folder.name] = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"exp": {"BF16"}, "exp-transformers": {"BF16"}}
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("recipe.yaml", "summary.json"):
+        (copy / name).write_bytes((run / name).read_bytes())
+    os.symlink(out, copy / "export")
+    hub = tmp_path / "hub"
+    assert main(["push", str(copy), "--repo-id", "alice/bf16", "--dry-run", str(hub), "--format", "transformers"]) == 0
+    assert (hub / "model.safetensors").read_bytes() == (tmp_path / "exp-transformers" / "model.safetensors").read_bytes()
+    assert "both computing in float32 from the stored bfloat16 weights" in (hub / "README.md").read_text()
 
 
 def test_cli_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, monkeypatch):

@@ -23,7 +23,7 @@ from ..backbones import backbone
 from ..errors import Aborted, UsageError  # noqa: F401  (Aborted: raised here, imported from here by callers)
 from ..files import write_json, writing
 from ..folders import data_record
-from ..hub.export import export_metadata, export_student
+from ..hub.export import export_dtype, export_metadata, export_student
 from ..lock import hold
 from ..models import find_weights
 from ..recipe import Recipe, TrainCfg, recipe_hash, to_dict
@@ -157,7 +157,7 @@ def _finish(recipe: Recipe, s: Session, scored: dict | None, wall: float, began:
         export_s = time.perf_counter()
         export_student(parts.student, run / EXPORT, mean=parts.mean, std=parts.std,
                        metadata=export_metadata(recipe, s.state.step), text_tower=run / TEXT_FILE,
-                       local_weights=find_weights(recipe.model).local(recipe.model.name))
+                       local_weights=find_weights(recipe.model).local(recipe.model.name), dtype=export_dtype(recipe))
         export_s = time.perf_counter() - export_s
         timings = dict(total_s=round(time.perf_counter() - began, 1), cache_s=round(s.cache_s, 1),
                        train_s=round(wall, 1), export_s=round(export_s, 1))

@@ -212,6 +212,7 @@ def model_card(run: Run, repo_id: str, transformers: dict | None = None, timm: b
         f", {regs['present']} already in the teacher: {regs['total']} in total" if regs["present"] else "")
     train_text, held_text = data_lines(summary.get("data"), summary)
     head = run.metadata.get("head") or ("drop" if run.config.get("num_classes") == 0 else "keep")
+    dtype = run.metadata.get("dtype", "float32")  # exports that predate the key are float32
     rows = [
         ("teacher weights", weights_text),
         *([("license", f"not set: the weights are not the Hub checkpoint (timm lists `{license}` for that one); "
@@ -226,6 +227,8 @@ def model_card(run: Run, repo_id: str, transformers: dict | None = None, timm: b
         ("steps", f"{steps} ({summary['images_seen']} images seen)" if "images_seen" in summary else str(steps)),
         ("classifier head", "dropped (`num_classes=0`: the model returns features)" if head == "drop"
          else "the teacher's, kept as it was (not trained)"),
+        ("weights stored in", dtype if dtype == "float32" else
+         f"{dtype} (timm copies them exactly into its float32 model; `model.to(torch.{dtype})` keeps them in {dtype})"),
         ("wall time", _wall_time(summary)),
         ("hardware", _hardware(summary.get("hardware"))),
         ("phreg", f"{run.metadata.get('phreg_version', __version__)}, recipe hash "
@@ -376,7 +379,10 @@ with torch.no_grad():
 patches = tokens[:, 1 + model.config.num_register_tokens:]  # (1, {g['patches']}, {g['width']})
 ```""",
         f"`last_hidden_state` equals timm's `forward_features` to float32 rounding: max |diff| {_diff(t['max_diff'])} "
-        f"on random {size} px inputs, measured with transformers {t['transformers']} when this upload was made. "
+        f"on random {size} px inputs, measured with transformers {t['transformers']} when this upload was made"
+        + ("" if t.get("dtype", "float32") == "float32" else
+           f", both computing in float32 from the stored {t['dtype']} weights (transformers 5 keeps {t['dtype']} "
+           f"unless given `dtype=torch.float32`)") + ". "
         f"At other sizes (multiples of "
         f"{g['patch']} px) both libraries resample the patch position embeddings alike (bicubic, antialiased).",
     ]

@@ -2,8 +2,14 @@
 
 `timm.create_model('local-dir:RUN/export', pretrained=True)` rebuilds the student, registers included, without phreg.
 The folder is written whole or not at all (see `files.atomic_dir`); the weights go to disk straight from the student's
-tensors (`phreg.tensorfile`: float32, converted in bounded chunks where they are not, no copy of the state dict), with
-sorted header metadata, so the same student always exports to the same bytes.
+tensors (`phreg.tensorfile`: in the export's dtype, converted in bounded chunks where they are not, no copy of the
+state dict), with sorted header metadata, so the same student and dtype always export to the same bytes.
+
+The dtype (`export.dtype`, `phreg export --dtype`): fp32, bf16 or fp16 for every floating tensor; `auto` is the dtype
+the run held its frozen weights in (`speed.frozen_dtype`), so a bf16 run ships bf16 and every other run fp32. The
+safetensors header and config.json name it (`dtype`: `float32`, `bfloat16`, `float16`; a top-level key of config.json,
+which timm does not read). timm builds the model in float32 and copies the weights into it (exact from bf16 and fp16);
+`model.to(torch.bfloat16)` keeps them in half the memory.
 """
 
 from __future__ import annotations
@@ -24,7 +30,57 @@ from ..run import (CONFIG, EXPORT, MODEL, RECIPE, TEXT_FILE, WEIGHTS, checkpoint
                    MANIFEST, STATE, require_run)
 
 if TYPE_CHECKING:  # torch and timm are imported where they are used: `phreg export RUN` checks RUN first
+    import torch
     from timm.models.vision_transformer import VisionTransformer
+
+TORCH_NAMES = dict(fp32="float32", bf16="bfloat16", fp16="float16")  # as torch, the header and config.json say them
+
+
+def export_dtype(recipe, choice: str | None = None) -> torch.dtype:
+    """The dtype a run's export is written in: `choice` (`--dtype`), else the recipe's `export.dtype`; `auto` is the
+    dtype its frozen weights were held in (`speed.frozen_dtype`: fp32 or bf16)."""
+    import torch
+
+    name = choice or recipe.export.dtype
+    name = recipe.speed.frozen_dtype if name == "auto" else name
+    return getattr(torch, TORCH_NAMES[name])
+
+
+def export_bytes(student, dtype: torch.dtype) -> int:
+    """The size of the export's weights (model.safetensors less its header of a few KB) when written in `dtype`:
+    what to reserve on disk for it."""
+    return sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+               for t in student.state_dict().values())
+
+
+def check_range(tensors: dict, dtype: torch.dtype) -> None:
+    """Refuse (one line, exit 2) a dtype whose range does not hold every value: fp16 stops at 65504 and would write
+    inf; the file is never written with a value changed to inf."""
+    import torch
+
+    top = torch.finfo(dtype).max
+    for name, t in tensors.items():
+        if t.is_floating_point() and torch.finfo(t.dtype).max > top and t.numel():
+            low, high = t.detach().aminmax()
+            peak = max(-low.item(), high.item())
+            if peak > top:
+                raise UsageError(f"{name} holds {peak:.6g}, beyond {dtype_name(dtype)}'s largest value {top:.6g}: "
+                                 f"it would be written as inf; export as bf16 or fp32 (--dtype, export.dtype)")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")  # float32, bfloat16, float16
+
+
+def stored_dtype(metadata: dict[str, str]) -> torch.dtype:
+    """The dtype an export's header says its weights are stored in (float32 for exports that predate the key)."""
+    import torch
+
+    name = metadata.get("dtype", "float32")
+    if name not in TORCH_NAMES.values():
+        raise UsageError(f"an export's header names the weights' dtype {name!r}; expected one of "
+                         f"{', '.join(TORCH_NAMES.values())}")
+    return getattr(torch, name)
 
 
 def export_metadata(recipe, steps: int) -> dict[str, str]:
@@ -59,30 +115,34 @@ def without_origin(config: dict) -> dict:
 
 
 def export_student(student: VisionTransformer, out: str | Path, mean, std, metadata: dict[str, str],
-                   text_tower: Path | None = None, local_weights: bool = False) -> Path:
+                   text_tower: Path | None = None, local_weights: bool = False,
+                   dtype: torch.dtype | None = None) -> Path:
     """Write the export folder atomically; `metadata` (str -> str) goes into the safetensors header; its `head`
-    (keep / drop) says whether the classifier goes with it. A CLIP run's text tower (`open_clip_text.safetensors`,
-    when the file exists) is linked beside the image tower. `local_weights`: the teacher came from a local file, so
-    config.json does not repeat the Hub checkpoint's tag and license (`without_origin`)."""
+    (keep / drop) says whether the classifier goes with it. `dtype` (default float32): every floating tensor is
+    written in it; a value out of its range is refused before anything is written (`check_range`). A CLIP run's text
+    tower (`open_clip_text.safetensors`, when the file exists) is linked beside the image tower. `local_weights`: the
+    teacher came from a local file, so config.json does not repeat the Hub checkpoint's tag and license
+    (`without_origin`)."""
     import torch
     from timm.models._hub import save_config_for_hf
 
     from ..tensorfile import save_file
 
-    out = Path(out)
+    out, dtype = Path(out), dtype or torch.float32
     student = with_head(student, metadata.get("head", "drop"))
+    tensors = student.state_dict(keep_vars=False)
+    check_range(tensors, dtype)
     with writing("the export", out), atomic_dir(out) as tmp:
         if text_tower is not None and Path(text_tower).is_file():
             try:  # the run's own file, never modified: a hard link saves a copy of ~250 MB
                 os.link(text_tower, tmp / Path(text_tower).name)
             except OSError:
                 shutil.copyfile(text_tower, tmp / Path(text_tower).name)
-        tensors = student.state_dict(keep_vars=False)
         # written by Python, not by safetensors' Rust writer: a full disk is then an OSError with its errno
-        save_file(tensors, tmp / WEIGHTS, {"format": "pt", **metadata},
-                  dtypes={k: torch.float32 for k, v in tensors.items() if v.is_floating_point()})
-        save_config_for_hf(student, tmp / CONFIG,
-                           model_config=dict(pretrained_cfg=dict(mean=tuple(mean), std=tuple(std))))
+        save_file(tensors, tmp / WEIGHTS, {"format": "pt", **metadata, "dtype": dtype_name(dtype)},
+                  dtypes={k: dtype for k, v in tensors.items() if v.is_floating_point()})
+        save_config_for_hf(student, tmp / CONFIG, model_config=dict(  # dtype: top level, where timm reads no key
+            pretrained_cfg=dict(mean=tuple(mean), std=tuple(std)), dtype=dtype_name(dtype)))
         if local_weights:
             config = json.loads((tmp / CONFIG).read_text())
             (tmp / CONFIG).write_text(json.dumps(without_origin(config), indent=2))
@@ -94,8 +154,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def export_run(run: str | Path, out: str | Path | None = None) -> Path:
-    """(Re)build a run's export from its latest checkpoint, as `distill` would have written it at that step.
+def export_run(run: str | Path, out: str | Path | None = None, dtype: str | None = None) -> Path:
+    """(Re)build a run's export from its latest checkpoint, as `distill` would have written it at that step; `dtype`
+    (auto, fp32, bf16, fp16; default: the recipe's `export.dtype`) as `export_dtype` resolves it.
 
     A checkpoint holds what trains; the student's frozen rest is the base model's weights, so they are loaded as for
     the run (and must be the same file: the checkpoint records their identity). A checkpoint of the first format
@@ -118,7 +179,8 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
 
     steps = checkpoint_step(checkpoint)
     return export_student(student, out, mean, std, export_metadata(recipe, steps), text_tower=run / TEXT_FILE,
-                          local_weights=find_weights(recipe.model).local(recipe.model.name))
+                          local_weights=find_weights(recipe.model).local(recipe.model.name),
+                          dtype=export_dtype(recipe, dtype))
 
 
 def _from_base(recipe, checkpoint: Path):

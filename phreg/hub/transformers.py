@@ -15,13 +15,16 @@ timm's student and transformers' DINOv2-with-registers differ in how they lay ou
 * LayerScale `gamma` is `lambda1`; the final `norm` is `layernorm`; both libraries use exact GELU and eps 1e-6.
 
 The weights are written with the names of the `facebook/dinov2-with-registers-*` checkpoints, which every
-transformers since 4.48 loads (5.x converts them on load). The export checks itself: the folder is loaded back with
-`AutoModel` and `last_hidden_state` is compared with timm's `forward_features` before it is moved into place.
+transformers since 4.48 loads (5.x converts them on load), in the timm export's dtype (config.json's `torch_dtype`
+says which). The export checks itself: the folder is loaded back with `AutoModel` and `last_hidden_state` is compared
+with timm's `forward_features` before it is moved into place, both in float32 from the weights as stored, so the
+conversion is checked exactly whatever the dtype (rounding to bf16 is the timm export's too, not the conversion's).
 transformers is an optional extra (`pip install 'phreg[transformers]'`), imported only here.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -148,8 +151,10 @@ def mlp_ratio(model) -> int | None:
     return None
 
 
-def hf_config(model) -> dict:
-    """config.json of `Dinov2WithRegistersModel` for a timm student that `refusal` accepts."""
+def hf_config(model, dtype=None) -> dict:
+    """config.json of `Dinov2WithRegistersModel` for a timm student that `refusal` accepts, its weights stored in
+    `dtype` (default float32)."""
+    import torch
     from timm.layers import GluMlp
 
     pe = model.patch_embed
@@ -162,6 +167,7 @@ def hf_config(model) -> dict:
         patch_size=pe.patch_size[0], num_channels=pe.proj.in_channels, num_register_tokens=int(model.num_reg_tokens),
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0, initializer_range=0.02,
         apply_layernorm=True, reshape_hidden_states=True,
+        torch_dtype=str(dtype or torch.float32).removeprefix("torch."),  # 5.x reads it as `dtype`
     )
 
 
@@ -238,14 +244,20 @@ def max_difference(timm_model, hf_model, x) -> float:
     return (a - b).abs().max().item() if a.shape == b.shape else math.inf
 
 
-def write_transformers(student, folder: str | Path, metadata: dict[str, str] | None = None) -> dict:
-    """Write the transformers files for a timm student into `folder`, load them back with `AutoModel`, and compare
-    with the student on a seeded N(0, 1) batch at its size. Returns what was measured (`max_diff`, `registers`,
-    `img_size`); a difference over `TOLERANCE` stops with one line (exit 1). `metadata` (str -> str) goes into the
-    safetensors header, as in the timm export. Atomicity is the caller's (`export_transformers`, staging)."""
+def write_transformers(student, folder: str | Path, metadata: dict[str, str] | None = None, dtype=None) -> dict:
+    """Write the transformers files for a timm student into `folder`, its floating tensors in `dtype` (default
+    float32), load them back with `AutoModel`, and compare with the student on a seeded N(0, 1) batch at its size.
+    Returns what was measured (`max_diff`, `registers`, `img_size`); a difference over `TOLERANCE` stops with one line
+    (exit 1). `metadata` (str -> str) goes into the safetensors header, as in the timm export. Atomicity is the
+    caller's (`export_transformers`, staging).
+
+    The tolerance is float32's for every dtype: both models compute in float32 from the same stored values (the
+    transformers folder loaded as float32; the timm student with its weights rounded to `dtype`, which a student loaded
+    from a timm export of that dtype already is), so any difference is the conversion's, never the rounding's."""
     import torch
     from timm.data import resolve_data_config
 
+    from .export import check_range, dtype_name
     from ..tensorfile import save_file
 
     transformers = require_transformers()
@@ -256,14 +268,18 @@ def write_transformers(student, folder: str | Path, metadata: dict[str, str] | N
     folder.mkdir(parents=True, exist_ok=True)
     size = student.patch_embed.img_size[0]
     data = dict(resolve_data_config({}, model=student), input_size=(3, size, size))
+    dtype = dtype or torch.float32
     tensors = convert_state(student.state_dict(), len(student.blocks))
-    save_file(tensors, folder / WEIGHTS, {"format": "pt", **(metadata or {})})  # metadata sorted: reproducible
-    (folder / CONFIG).write_text(json.dumps(hf_config(student), indent=2) + "\n")
+    check_range(tensors, dtype)
+    save_file(tensors, folder / WEIGHTS, {"format": "pt", **(metadata or {}), "dtype": dtype_name(dtype)},
+              dtypes={k: dtype for k in tensors})  # metadata sorted: reproducible
+    del tensors
+    (folder / CONFIG).write_text(json.dumps(hf_config(student, dtype), indent=2) + "\n")
     (folder / PROCESSOR).write_text(json.dumps(processor_config(data), indent=2) + "\n")
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # a local folder: its "Loading weights" bar says nothing
-    try:
-        loaded = transformers.AutoModel.from_pretrained(str(folder)).eval()
+    try:  # float32 whatever the file holds (5.x would otherwise keep the file's dtype)
+        loaded = transformers.AutoModel.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()
@@ -271,53 +287,57 @@ def write_transformers(student, folder: str | Path, metadata: dict[str, str] | N
         raise Aborted(f"transformers {transformers.__version__} loads the export as {type(loaded).__name__}, "
                       f"not {ARCHITECTURE}")
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    diff = max_difference(student.eval(), loaded, x)
+    stored = student if dtype == torch.float32 else copy.deepcopy(student).to(dtype).float()
+    diff = max_difference(stored.eval(), loaded, x)
     if not diff <= TOLERANCE:  # a transformers that computes differently: refuse rather than ship it
         raise Aborted(f"transformers {transformers.__version__}'s {ARCHITECTURE} differs from the timm student by "
                       f"{diff:.3g} (> {TOLERANCE:g}) at {size} px; nothing written")
     return dict(max_diff=diff, registers=int(student.num_reg_tokens), img_size=size,
-                transformers=transformers.__version__)
+                transformers=transformers.__version__, dtype=dtype_name(dtype))
 
 
 def export_transformers(student, out: str | Path, metadata: dict[str, str] | None = None,
-                        name: str | None = None, run: str | Path = "RUN") -> dict:
-    """The transformers folder `out` (`FILES`) for a timm student, written whole or not at all."""
+                        name: str | None = None, run: str | Path = "RUN", dtype=None) -> dict:
+    """The transformers folder `out` (`FILES`) for a timm student, written whole or not at all, its weights in `dtype`
+    (default float32)."""
     out = Path(out)
     if not replaceable(out, set(FILES)):
         raise UsageError(f"refusing to replace {out}: it exists and is not a transformers export; choose a new folder")
     require_transformers()
     check_exportable(student, name or student.pretrained_cfg.get("architecture", "the model"), run)
     with writing("the transformers export", out), atomic_dir(out) as tmp:
-        return write_transformers(student, tmp, metadata)
+        return write_transformers(student, tmp, metadata, dtype)
 
 
 def _from_timm_export(export: Path):
-    """A timm export folder -> (the student, its safetensors metadata)."""
+    """A timm export folder -> (the student, its safetensors metadata, the dtype its weights are stored in)."""
     import timm
 
     from .export import WEIGHTS as TIMM_WEIGHTS
-    from .export import read_metadata
+    from .export import read_metadata, stored_dtype
 
     student = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
-    return student, {k: v for k, v in read_metadata(export / TIMM_WEIGHTS).items() if k != "format"}
+    metadata = {k: v for k, v in read_metadata(export / TIMM_WEIGHTS).items() if k != "format"}
+    return student, metadata, stored_dtype(metadata)
 
 
 def stage_transformers(export: str | Path, folder: str | Path, run: str | Path = "RUN") -> dict:
     """`phreg push --format transformers|both`: a run's finished timm export, converted into `folder` (the upload's
-    staging folder or its `transformers/`): the transformers weights are the published timm weights."""
+    staging folder or its `transformers/`): the transformers weights are the published timm weights, in their dtype."""
     import timm
 
     require_transformers()
     export = Path(export)
     meta = timm.create_model(f"local-dir:{export}", pretrained=False, device="meta")
     check_exportable(meta, meta.pretrained_cfg.get("architecture", str(export)), run)
-    student, metadata = _from_timm_export(export)
-    return write_transformers(student, folder, metadata)
+    student, metadata, dtype = _from_timm_export(export)
+    return write_transformers(student, folder, metadata, dtype)
 
 
-def export_run_transformers(run: str | Path, out: str | Path | None = None,
-                            timm_out: str | Path | None = None) -> tuple[Path, dict]:
-    """`phreg export RUN --format transformers`: the newest checkpoint -> `out` (default RUN/export-transformers).
+def export_run_transformers(run: str | Path, out: str | Path | None = None, timm_out: str | Path | None = None,
+                            dtype: str | None = None) -> tuple[Path, dict]:
+    """`phreg export RUN --format transformers [--dtype D]`: the newest checkpoint -> `out` (default
+    RUN/export-transformers), its weights in the dtype of the timm export (`dtype`, default the recipe's export.dtype).
 
     Through the timm export of that checkpoint, written by `hub.export.export_run` to `timm_out` (`--format both`)
     or else to a temporary folder beside `out`, removed after: the transformers folder is the conversion of exactly
@@ -335,12 +355,12 @@ def export_run_transformers(run: str | Path, out: str | Path | None = None,
     name = load_recipe(run / RECIPE).model.name
     check_exportable(build_model(name, pretrained=False, device="meta"), name, run)  # the teacher's layout is the student's
     if timm_out is not None:
-        student, metadata = _from_timm_export(export_run(run, timm_out))
-        return out, export_transformers(student, out, metadata, name, run)
+        student, metadata, stored = _from_timm_export(export_run(run, timm_out, dtype))
+        return out, export_transformers(student, out, metadata, name, run, stored)
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".timm", dir=out.parent))
     try:
-        student, metadata = _from_timm_export(export_run(run, scratch / "export"))
-        return out, export_transformers(student, out, metadata, name, run)
+        student, metadata, stored = _from_timm_export(export_run(run, scratch / "export", dtype))
+        return out, export_transformers(student, out, metadata, name, run, stored)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
