@@ -21,10 +21,10 @@ from ..run import (RECIPE, cache_build_unfinished, cache_folder, checkpoint_step
                    newest_valid, used_folder)
 from .progress import flat
 
-# Keys a resumed run may change: where and how often it reports and checkpoints (they do not change the weights),
-# and, to extend a run, how long it trains.
+# Keys a resumed run may change: where and how often it reports and checkpoints and the dtype it exports in (they do
+# not change the weights), and, to extend a run, how long it trains.
 BOOKKEEPING = {"output_dir", "data.num_workers", "train.log_every", "train.eval_every", "train.save_every",
-               "train.save_every_minutes", "train.keep_last", "train.trackers", "train.stop_signals"}
+               "train.save_every_minutes", "train.keep_last", "train.trackers", "train.stop_signals", "export.dtype"}
 LENGTH = {"train.epochs", "train.max_steps"}
 
 

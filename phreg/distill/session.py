@@ -25,6 +25,7 @@ from ..fastpath import teacher_precision
 from .. import training_list
 from ..files import write_atomic, writing
 from ..folders import embedded_photos, kind
+from ..hub.export import export_bytes, export_dtype
 from ..models import base_change, find_weights
 from ..recipe import Recipe, save_recipe
 from ..run import METRICS, RECIPE, TEXT_FILE, cache_folder, checkpoint_dirs, checkpoint_step
@@ -238,7 +239,7 @@ def disk_needs(recipe: Recipe, parts: Parts, data: ImageDataset, run: Path, cach
                key: str | None) -> list[tuple[Path, int, str]]:
     """What the run will still write: keep_last + 1 checkpoints at the peak (the new one lands before the oldest
     goes; each holds what trains), the target cache unless it is already complete, and the export."""
-    weights = sum(t.numel() * 4 for t in parts.student.state_dict().values())  # float32 in the export
+    weights = export_bytes(parts.student, export_dtype(recipe))
     trained = sum(p.numel() * p.element_size() * 3 for p in parts.params)  # a checkpoint: them + AdamW's 2 moments
     checkpoint = trained + (64 << 10)
     count = max(1, recipe.train.keep_last + 1 - len(checkpoint_dirs(run)))
