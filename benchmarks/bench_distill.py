@@ -37,9 +37,10 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).parent))
 from reference import ReferenceStep  # noqa: E402
 
-from phreg.data import EpochSampler, ImageDataset, collate, scan_images  # noqa: E402
+from phreg.data.images import EpochSampler, ImageDataset, collate  # noqa: E402
+from phreg.data.scan import scan_images
 from phreg.errors import UsageError  # noqa: E402
-from phreg.recipe import load_recipe  # noqa: E402
+from phreg.config.recipe import load_recipe  # noqa: E402
 from phreg.distill.loop import distill  # noqa: E402
 from phreg.distill.step import build_parts, make_accelerator, train_step  # noqa: E402
 

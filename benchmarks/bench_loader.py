@@ -26,13 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from phreg.data import Normalize, embedded_photos, scan_images
-from phreg.denoise.views import plan_sampler
-from phreg.distill.cache import TargetCache
+from phreg.config.recipe import load_recipe
+from phreg.data.images import Normalize
+from phreg.data.scan import embedded_photos, scan_images
+from phreg.data.sources import open_sources
 from phreg.distill.session import training_images, training_loader
 from phreg.distill.step import make_accelerator
-from phreg.recipe import load_recipe
-from phreg.sources import open_sources
+from phreg.targets.cache import TargetCache
+from phreg.targets.views import plan_sampler
 
 
 def make_photos(folder: Path, count: int, short: int) -> Path:

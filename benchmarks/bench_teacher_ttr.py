@@ -20,14 +20,17 @@ import json
 import numpy as np
 import torch
 
-from phreg.data import ImageDataset, scan_images
-from phreg.denoise.heldout import HeldOut
-from phreg.denoise.targets import DenoisedTeacher
+from phreg.config.recipe import ModelCfg, ViewsCfg
+from phreg.data.images import ImageDataset
+from phreg.data.scan import scan_images
 from phreg.eval.metrics import block_patch_norms, tail_fractions, token_distances
 from phreg.eval.tokens import outlier_threshold
-from phreg.models import load_spec, load_teacher, normalization
-from phreg.recipe import ModelCfg, ViewsCfg
-from phreg.ttr import add_test_time_registers, find_register_neurons
+from phreg.models.loading import load_teacher, normalization
+from phreg.models.specs import load_spec
+from phreg.targets.heldout import HeldOut
+from phreg.targets.teacher import DenoisedTeacher
+from phreg.ttr.model import add_test_time_registers
+from phreg.ttr.neurons import find_register_neurons
 
 
 def scores(held: HeldOut, model) -> dict:

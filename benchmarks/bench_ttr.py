@@ -3,8 +3,8 @@
     python benchmarks/bench_ttr.py --weights DINOv2_S.safetensors --camvid CAMVID_SUBSET [--json FILE]
     python benchmarks/bench_ttr.py --weights DINOv2_S.safetensors --images TRAIN_DIR --val VAL_DIR [--json FILE]
 
-DINOv2-S/14 at 224 px with artifacts implanted by `phreg.eval.fixture` (ground truth: the units it overwrote), and
-its low-norm variant (`phreg.ttr.fixture.cancel_artifacts`). The register neurons are found on `--images` (16 by
+DINOv2-S/14 at 224 px with artifacts implanted by `phreg.eval.implant` (ground truth: the units it overwrote), and
+its low-norm variant (`phreg.eval.implant.cancel_artifacts`). The register neurons are found on `--images` (16 by
 default); outliers, CLS cosines and timings are measured on `--val`. `--camvid` takes both from the CamVid subset
 of ../shared/assets (its manifest's train and val frames). Reports:
   precision / recall   the finder's neurons against the implanted units (high-norm and low-norm fixture)
@@ -29,13 +29,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from phreg.data import ImageDataset, scan_images
-from phreg.eval.fixture import calibration_images, implant_artifacts
+from phreg.config.recipe import ModelCfg
+from phreg.data.images import ImageDataset
+from phreg.data.scan import scan_images
+from phreg.eval.implant import calibration_images, cancel_artifacts, implant_artifacts
 from phreg.eval.tokens import outlier_threshold
-from phreg.models import load_teacher, normalization
-from phreg.recipe import ModelCfg
-from phreg.ttr import add_test_time_registers, find_register_neurons, outlier_mask
-from phreg.ttr.fixture import cancel_artifacts
+from phreg.models.loading import load_teacher, normalization
+from phreg.ttr.model import add_test_time_registers
+from phreg.ttr.neurons import find_register_neurons, outlier_mask
 
 
 def images(files, n, size, mean, std) -> torch.Tensor:

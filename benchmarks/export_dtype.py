@@ -21,11 +21,11 @@ import timm
 import torch
 
 from phreg.backbones import add_registers
-from phreg.files import human
+from phreg.config.recipe import ModelCfg
+from phreg.files.atomic import human
+from phreg.files.tensorfile import save_file
 from phreg.hub.export import export_student
-from phreg.models import load_teacher
-from phreg.recipe import ModelCfg
-from phreg.tensorfile import save_file
+from phreg.models.loading import load_teacher
 
 DTYPES = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)
 

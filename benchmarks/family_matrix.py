@@ -66,7 +66,7 @@ def measure(args, work: Path) -> list[tuple]:
     """Distill each model for two steps on random weights; one row per model (its files deleted once measured)."""
     rows = []
     if args.recipes:
-        from phreg.recipe import load_recipe
+        from phreg.config.recipe import load_recipe
 
         runs = [(r, load_recipe(r).model.name) for r in args.recipes.split(",")]
     else:
@@ -93,7 +93,7 @@ def measure(args, work: Path) -> list[tuple]:
         student = timm.create_model(f"local-dir:{run / 'export'}", pretrained=True).eval()
         ok = type(student) is type(base) and student.num_prefix_tokens == base.num_prefix_tokens + 16
         assert ok, f"{name}: export is a {type(student).__name__} with {student.num_prefix_tokens} prefix tokens"
-        from phreg.recipe import load_recipe
+        from phreg.config.recipe import load_recipe
 
         per_step = step_seconds(run, load_recipe(run / "recipe.yaml").train.batch_size)
         rows.append((f"{name} ({Path(recipe).stem})", type(base).__name__, base.num_prefix_tokens,

@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_distill  # noqa: E402
 
-from phreg.files import write_json  # noqa: E402
+from phreg.files.atomic import write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "dinov2_vitb14.yaml")
@@ -105,7 +105,7 @@ def make_photos(folder: Path, count: int, short: int) -> Path:
     import numpy as np
     from PIL import Image, ImageOps
 
-    from phreg.folders import embedded_photos, scan_images
+    from phreg.data.scan import embedded_photos, scan_images
 
     folder.mkdir(parents=True, exist_ok=True)
     sources = [Image.open(p).convert("RGB") for p in scan_images(embedded_photos())[0]]
@@ -204,9 +204,10 @@ def sync_check(s: dict, weights: Path, photos: Path, device: torch.device) -> di
     if device.type != "cuda":
         return dict(skipped="no CUDA device: set_sync_debug_mode needs one (tests/test_fastpath.py runs the "
                             "step's math on meta instead)")
-    from phreg.data import ImageDataset, collate, scan_images
+    from phreg.config.recipe import load_recipe
+    from phreg.data.images import ImageDataset, collate
+    from phreg.data.scan import scan_images
     from phreg.distill.step import build_parts, make_accelerator, train_step
-    from phreg.recipe import load_recipe
 
     fresh_accelerate()
     recipe = load_recipe(RECIPE, overrides(s, s["base"], weights, f"data.root={photos}", "speed.compile=false"))
@@ -238,9 +239,10 @@ def sync_check(s: dict, weights: Path, photos: Path, device: torch.device) -> di
 def levers(s: dict, weights: Path, photos: Path, device: torch.device, deadline: float) -> dict:
     """Each switch on and off, eager unless it is a compile mode: teacher alone (views/s) and the fresh-view step."""
     from phreg.backbones import PatchTokens
-    from phreg.data import ImageDataset, collate, scan_images
+    from phreg.config.recipe import load_recipe
+    from phreg.data.images import ImageDataset, collate
+    from phreg.data.scan import scan_images
     from phreg.distill.step import build_parts, make_accelerator, train_step
-    from phreg.recipe import load_recipe
 
     settings = {"baseline": [], "fused_attn=false": ["speed.fused_attn=false"],
                 "teacher_precision=fp32": ["speed.teacher_precision=fp32"],
@@ -311,9 +313,10 @@ def projection(d: dict, plans: int = 1) -> dict:
 
 def memory(s: dict, tmp: Path, device: torch.device, deadline: float) -> dict:
     """Allocator peak (MB) of two steps (AdamW moments included) of ViT-L/14 and ViT-g/14, fresh views."""
-    from phreg.data import ImageDataset, collate, scan_images
+    from phreg.config.recipe import load_recipe
+    from phreg.data.images import ImageDataset, collate
+    from phreg.data.scan import scan_images
     from phreg.distill.step import build_parts, make_accelerator, train_step
-    from phreg.recipe import load_recipe
 
     out = {}
     for key in ("large", "giant"):

@@ -21,10 +21,11 @@ from pathlib import Path
 
 from accelerate.state import AcceleratorState, GradientState
 
-from phreg.data import ImageDataset, collate, scan_images
+from phreg.config.recipe import load_recipe
+from phreg.data.images import ImageDataset, collate
+from phreg.data.scan import scan_images
 from phreg.distill.loop import distill
 from phreg.distill.step import build_parts, make_accelerator, train_step
-from phreg.recipe import load_recipe
 
 
 def main(argv=None) -> dict:

@@ -23,10 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from phreg.backbones import add_registers, backbone, patch_tokens  # noqa: E402
-from phreg.data import ImageDataset, scan_images  # noqa: E402
-from phreg.denoise.heldout import cosine_distance  # noqa: E402
-from phreg.denoise.targets import DenoisedTeacher  # noqa: E402
-from phreg.recipe import ViewsCfg  # noqa: E402
+from phreg.data.images import ImageDataset  # noqa: E402
+from phreg.data.scan import scan_images
+from phreg.targets.heldout import cosine_distance  # noqa: E402
+from phreg.targets.teacher import DenoisedTeacher  # noqa: E402
+from phreg.config.recipe import ViewsCfg  # noqa: E402
 
 
 def ratios(teacher, x, mean, std, views: int, registers: int, seeds=(0, 1, 2)) -> dict[str, float]:
@@ -62,8 +63,8 @@ def main():
     torch.set_num_threads(2)
     rows = []
     if args.dinov2:
-        from phreg.models import load_teacher
-        from phreg.recipe import ModelCfg
+        from phreg.models.loading import load_teacher
+        from phreg.config.recipe import ModelCfg
 
         t = load_teacher(ModelCfg(name="vit_small_patch14_dinov2", checkpoint=args.dinov2, img_size=args.size))
         mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
     mark("imports")
     from phreg.backbones import PatchTokens
     from phreg.cli import main as phreg
-    from phreg.denoise.targets import DenoisedTeacher
+    from phreg.targets.teacher import DenoisedTeacher
 
     step = importlib.import_module("phreg.distill.step")
     loop = importlib.import_module("phreg.distill.loop")

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from phreg.backbones import add_registers  # noqa: E402
-from phreg.data import embedded_photos  # noqa: E402
+from phreg.data.scan import embedded_photos  # noqa: E402
 from phreg.hub.export import export_student  # noqa: E402
 from phreg.hub.transformers import export_transformers, max_difference  # noqa: E402
 
@@ -88,8 +88,8 @@ def main() -> None:
     print("| model | input | max abs diff | max abs token |\n| --- | --- | ---: | ---: |")
     cases = []
     if args.dinov2:
-        from phreg.models import load_teacher
-        from phreg.recipe import ModelCfg
+        from phreg.models.loading import load_teacher
+        from phreg.config.recipe import ModelCfg
 
         s = load_teacher(ModelCfg(name="vit_small_patch14_dinov2", checkpoint=str(args.dinov2), img_size=224))
         cases.append(("DINOv2-S/14 real, +16 reg", s, 16, [(224, 224), (112, 112), (224, 336), (518, 518)]))

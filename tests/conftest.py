@@ -56,8 +56,8 @@ def camvid(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def teacher224(dinov2_file):
-    from phreg.models import load_teacher
-    from phreg.recipe import ModelCfg
+    from phreg.config.recipe import ModelCfg
+    from phreg.models.loading import load_teacher
 
     return load_teacher(ModelCfg(name=MODEL, checkpoint=str(dinov2_file), img_size=224))
 
@@ -65,7 +65,8 @@ def teacher224(dinov2_file):
 @pytest.fixture(scope="session")
 def photos(camvid) -> torch.Tensor:
     """Four real CamVid frames, 224 px center crops in ImageNet normalization: (4, 3, 224, 224)."""
-    from phreg.data import ImageDataset, scan_images
+    from phreg.data.images import ImageDataset
+    from phreg.data.scan import scan_images
 
     files, _ = scan_images(camvid["val"])
     data = ImageDataset(files[:4], 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), train=False)

@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 
 from phreg.backbones import add_registers, backbone, patch_tokens
-from phreg.denoise.heldout import cosine_distance
-from phreg.denoise.targets import DenoisedTeacher
+from phreg.config.recipe import UnlockGroup, ViewsCfg, paper_unlock
 from phreg.distill.loss import distill_loss
 from phreg.distill.unlock import unlock, unlocked_table
 from phreg.errors import UsageError
 from phreg.hub.export import export_student
-from phreg.recipe import UnlockGroup, ViewsCfg, paper_unlock
+from phreg.targets.heldout import cosine_distance
+from phreg.targets.teacher import DenoisedTeacher
 
 # name, image size, (class token, registers before, absolute pos-embed, RoPE)
 FAMILIES = {
@@ -187,7 +187,7 @@ def test_inspect_and_eval_run_for_any_prefix(key, tmp_path):
     4 registers under RoPE, attention read through the same hook."""
     from phreg.eval.evaluate import EvalOptions, evaluate
     from phreg.eval.inspection import inspect_model, text_summary
-    from phreg.models import load_spec
+    from phreg.models.specs import load_spec
 
     teacher = reduced(key)
     export_student(add_registers(teacher, 0), tmp_path / "teacher", MEAN, STD, {})

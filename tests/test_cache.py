@@ -7,12 +7,13 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from phreg.distill.cache import ARRAY, TargetCache, cache_key
+from phreg.config.recipe import load_recipe
+from phreg.data.images import ImageDataset, collate
+from phreg.data.scan import scan_images
 from phreg.errors import UsageError
-from phreg.data import ImageDataset, collate, scan_images
-from phreg.models import load_teacher, normalization
-from phreg.recipe import load_recipe
-from phreg.denoise.targets import DenoisedTeacher
+from phreg.models.loading import load_teacher, normalization
+from phreg.targets.cache import ARRAY, TargetCache, cache_key
+from phreg.targets.teacher import DenoisedTeacher
 
 from conftest import MODEL
 
@@ -145,7 +146,7 @@ class StopAfter:
 
 
 def test_a_stopped_build_keeps_its_entries_and_the_next_run_computes_only_the_rest(tmp_path, dinov2_file):
-    from phreg.distill.preempt import Preempted
+    from phreg.errors import Preempted
 
     recipe = load_recipe(None, [f"model.name={MODEL}", f"model.checkpoint={dinov2_file}", "model.img_size=28",
                                 "views.num=2", "cache.plans=2"])
@@ -164,7 +165,7 @@ def test_a_stopped_build_keeps_its_entries_and_the_next_run_computes_only_the_re
     assert e.value.signame == "SIGTERM" and e.value.kept == f"6 of 8 teacher targets in {tmp_path / 'c'}"
     meta = json.loads((tmp_path / "c" / "meta.json").read_text())
     assert meta["started"] == [0, 1] and meta["complete"] == [0]
-    from phreg.run import cache_build_unfinished
+    from phreg.run.folder import cache_build_unfinished
 
     assert cache_build_unfinished(tmp_path / "c") and not cache_build_unfinished(tmp_path / "straight")
 

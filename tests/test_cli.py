@@ -100,9 +100,9 @@ def test_help_and_version():
 
 
 def test_a_used_output_dir_is_refused_before_any_model_loads(tmp_path):
+    from phreg.commands.distill import check as check_distill
+    from phreg.config.recipe import load_recipe
     from phreg.errors import UsageError
-    from phreg.preflight import check_distill
-    from phreg.recipe import load_recipe
 
     (tmp_path / "run" / "checkpoints" / "step_00000002").mkdir(parents=True)
     recipe = load_recipe(RECIPES / "quickstart.yaml", [f"output_dir={tmp_path / 'run'}"])
@@ -132,9 +132,9 @@ def fake_run(run: Path, step: int, finished: bool) -> Path:
 def test_a_used_output_dir_does_not_hide_the_recipe_s_own_mistake(tmp_path, override, message):
     """With output_dir holding a run, a bad img_size or a misspelt model name gets its own error, not "pass --resume"
     (which would fail again on the same mistake)."""
+    from phreg.commands.distill import check as check_distill
+    from phreg.config.recipe import load_recipe
     from phreg.errors import UsageError
-    from phreg.preflight import check_distill
-    from phreg.recipe import load_recipe
 
     fake_run(tmp_path / "run", 2, finished=False)
     recipe = load_recipe(RECIPES / "quickstart.yaml", [f"output_dir={tmp_path / 'run'}", override])
@@ -144,10 +144,10 @@ def test_a_used_output_dir_does_not_hide_the_recipe_s_own_mistake(tmp_path, over
 
 
 def test_a_finished_run_is_said_to_be_finished_not_told_to_resume(tmp_path):
+    from phreg.commands.distill import check as check_distill
+    from phreg.config.recipe import load_recipe
     from phreg.distill.resume import Start
     from phreg.errors import UsageError
-    from phreg.preflight import check_distill
-    from phreg.recipe import load_recipe
 
     run = fake_run(tmp_path / "run", 7, finished=True)
     recipe = load_recipe(RECIPES / "quickstart.yaml", [f"output_dir={run}"])
@@ -159,16 +159,10 @@ def test_a_finished_run_is_said_to_be_finished_not_told_to_resume(tmp_path):
                                 "output_dir")
 
 
-# Messages still written twice, in files that other parts of issue 17 own (distill/, eval/, clip/, hub/, cli.py).
-KNOWN_TWICE = {"--classes needs --masks (ground-truth label maps) to score zero-shot segmentation",
-               "zero-shot window: crop", "is not a multiple of the patch size",
-               "recipe key train.unlock", "--views must be >= 1", "is not a phreg run folder (no recipe.yaml",
-               "rebuild it with `phreg export", "it exists and is not a transformers export; choose a new folder"}
-
-
 def test_each_usage_message_is_written_once():
-    """A check lives in one place (mostly `phreg/preflight.py`) and everything that needs it calls it: the text of
-    every `UsageError(...)` in the package (its literal pieces of 20+ characters) appears in one call only."""
+    """A check lives in one place (the domain it guards: `models/names.py`, `data/split.py`, `eval/inputs.py`, ...)
+    and everything that needs it calls it: the text of every `UsageError(...)` in the package (its literal pieces of
+    20+ characters) appears in one call only."""
     import ast
     from collections import defaultdict
 
@@ -182,6 +176,6 @@ def test_each_usage_message_is_written_once():
                     text = piece.value.strip(" :;,.()") if literal else ""
                     if len(text) >= 20:
                         where[text].append(f"{file.relative_to(package)}:{node.lineno}")
-    twice = {text: lines for text, lines in where.items() if len(lines) > 1 and text not in KNOWN_TWICE}
+    twice = {text: lines for text, lines in where.items() if len(lines) > 1}
     assert not twice, twice
     assert len(where) > 100  # the walk does find the package's messages

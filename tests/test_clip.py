@@ -12,12 +12,13 @@ from PIL import Image
 
 import phreg
 from phreg.cli import main
-from phreg.clip.text import TEXT_FILE, load_saved, load_text_tower
-from phreg.clip.zeroshot import Segmenter, read_classes, windows
+from phreg.clip.segmenter import Segmenter, read_classes, windows
+from phreg.clip.text import load_saved, load_text_tower
+from phreg.config.recipe import ModelCfg
 from phreg.errors import UsageError
 from phreg.eval.segmentation import confusion, scores
-from phreg.models import load_teacher
-from phreg.recipe import ModelCfg
+from phreg.models.loading import load_teacher
+from phreg.run.folder import TEXT_FILE
 
 from conftest import CAMVID, need
 

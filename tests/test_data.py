@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from phreg.data import EpochSampler, ImageDataset, collate, embedded_photos, load_rgb, scan_images
+from phreg.data.images import EpochSampler, ImageDataset, collate, load_rgb
+from phreg.data.scan import embedded_photos, scan_images
 from phreg.errors import UsageError
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

@@ -10,12 +10,13 @@ import safetensors.torch
 import timm
 import torch
 
-from phreg.fastpath import auto_chunk, set_fused_attention, teacher_autocast
 from phreg.backbones import add_registers
-from phreg.distill.unlock import unlock
-from phreg.recipe import SpeedCfg, UnlockGroup, ViewsCfg
-from phreg.denoise.targets import DenoisedTeacher
+from phreg.backbones.attention import set_fused_attention
+from phreg.config.recipe import SpeedCfg, UnlockGroup, ViewsCfg
 from phreg.distill.loop import distill
+from phreg.distill.speed import teacher_autocast
+from phreg.distill.unlock import unlock
+from phreg.targets.teacher import DenoisedTeacher, auto_chunk
 
 from test_train import initial_student, tiny, weights
 

@@ -34,7 +34,7 @@ def test_reference_step_runs_where_its_models_are():
     from reference import ReferenceStep
 
     from phreg.backbones import add_registers
-    from phreg.recipe import load_recipe
+    from phreg.config.recipe import load_recipe
 
     teacher = timm.create_model("vit_small_patch14_dinov2", pretrained=False, depth=2, img_size=56).eval()
     student = add_registers(teacher, 2)

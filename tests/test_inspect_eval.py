@@ -11,11 +11,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from phreg.eval.fixture import calibration_images, implant_artifacts
-from phreg.eval.inspection import inspect_model
-from phreg.models import load_spec, load_teacher, normalization
-from phreg.recipe import ModelCfg, load_recipe
+from phreg.config.recipe import ModelCfg, load_recipe
 from phreg.distill.loop import distill
+from phreg.eval.implant import calibration_images, implant_artifacts
+from phreg.eval.inspection import inspect_model
+from phreg.models.loading import load_teacher, normalization
+from phreg.models.specs import load_spec
 
 from conftest import MODEL
 
@@ -24,7 +25,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 @pytest.fixture(scope="session")
 def artifact_checkpoint(tmp_path_factory, dinov2_file) -> Path:
-    """DINOv2-S/14 at 224 px with implanted high-norm artifacts (phreg.eval.fixture), built once per session."""
+    """DINOv2-S/14 at 224 px with implanted high-norm artifacts (phreg.eval.implant), built once per session."""
     cfg = ModelCfg(name=MODEL, checkpoint=str(dinov2_file), img_size=224)
     model = load_teacher(cfg)
     info = implant_artifacts(model, calibration_images(224, *normalization(model, cfg)))
@@ -110,7 +111,7 @@ def test_a_metric_is_one_function_and_its_rows_reach_every_reader(tmp_path):
     from phreg.eval import metrics
     from phreg.eval.evaluate import EvalOptions, evaluate
     from phreg.hub.card import eval_table
-    from phreg.models import Loaded
+    from phreg.models.specs import Loaded
 
     torch.manual_seed(0)
     model = timm.create_model(MODEL, pretrained=False, depth=2, img_size=28).eval()
@@ -130,6 +131,7 @@ def test_a_metric_is_one_function_and_its_rows_reach_every_reader(tmp_path):
             return metrics.Measured(dict(teacher=n[0], student=n[1]),
                                     [metrics.row("patch_count", "patch tokens per image", *n, None)])
 
+        metrics.METRICS.append(patch_count.metric)
         r = evaluate(student, teacher, images, tmp_path / "eval", EvalOptions(views=2, pictures=1))
     finally:
         metrics.METRICS[:] = registered
@@ -155,7 +157,7 @@ def tiny_pair(tmp_path: Path, n_images: int = 3):
     from PIL import Image
 
     from phreg.backbones import add_registers
-    from phreg.models import Loaded
+    from phreg.models.specs import Loaded
 
     torch.manual_seed(0)
     model = timm.create_model(MODEL, pretrained=False, depth=2, img_size=28).eval()
@@ -189,7 +191,7 @@ def test_small_things_a_reader_notices(tmp_path, monkeypatch):
     assert cls["teacher"] == 1.0 and cls["better"] is None and "by definition" in cls["note"]
     html = (tmp_path / "eval" / "report.html").read_text()
     assert "<td>CLS token cosine to the teacher&#x27;s</td><td>1</td><td class=''>" in html
-    from phreg.tables import number
+    from phreg.eval.tables import number
 
     assert (f"| CLS token cosine to the teacher's | 1 | {number(cls['student'])} | 1 is the teacher's by definition; "
             "no verdict |") in eval_table(r)  # not bold: no winner
@@ -218,8 +220,8 @@ def test_the_headline_is_scored_on_images_the_student_never_trained_on(tmp_path)
 
     from phreg.eval.evaluate import EvalOptions, evaluate
     from phreg.hub.card import eval_lead, eval_table
-    from phreg.models import Loaded
-    from phreg.training_list import RECORD, write_record
+    from phreg.models.specs import Loaded
+    from phreg.run.training_list import RECORD, write_record
 
     teacher, s, images = tiny_pair(tmp_path, n_images=4)
     run = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""One writer per run folder (`phreg.lock`): real processes hold and are refused; a stale lock is reclaimed."""
+"""One writer per run folder (`phreg.run.lock`): real processes hold and are refused; a stale lock is reclaimed."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 from phreg.errors import UsageError
-from phreg.lock import LOCK_FILE, hold, holder
+from phreg.run.lock import LOCK_FILE, hold, holder
 
 # A process that holds RUN's lock as distill does and says so. "hold": it then waits to be killed. "orphan": it forks
 # a child that inherits the lock (as a data-loader worker does) and exits at once; the child keeps the lock.
 HOLDER = textwrap.dedent("""
     import os, sys, time
-    from phreg.lock import hold
+    from phreg.run.lock import hold
     run, how = sys.argv[1], sys.argv[2]
     with hold(run, "phreg distill"):
         if how == "orphan":
@@ -75,7 +75,7 @@ def test_a_stale_lock_of_a_dead_process_on_this_host_is_reclaimed(tmp_path, capf
         assert holder(run) is None  # stale: not reported as a holder
         with hold(run, "phreg distill"):
             assert f"reclaimed the lock of {run}" in capfd.readouterr().err
-            other = subprocess.run([sys.executable, "-c", "import sys; from phreg.lock import hold\n"
+            other = subprocess.run([sys.executable, "-c", "import sys; from phreg.run.lock import hold\n"
                                     "with hold(sys.argv[1], 'phreg export'): pass", str(run)],
                                    capture_output=True, text=True)
             assert other.returncode == 1 and f"PID {os.getpid()}" in other.stderr  # the new lock holds

@@ -21,10 +21,10 @@ import torch
 from conftest import MODEL
 from test_train import fresh_accelerate_state, tiny, weights  # noqa: F401  (the fixture is autouse)
 
-from phreg.run import checkpoint_dirs, damage
+from phreg.config.recipe import load_recipe, save_recipe
 from phreg.distill.loop import distill
 from phreg.errors import UsageError
-from phreg.recipe import load_recipe, save_recipe
+from phreg.run.folder import checkpoint_dirs, damage
 
 # `phreg` in a subprocess, optionally with hooks installed first (they stand in for a cluster's misfortunes).
 LAUNCH = textwrap.dedent("""
@@ -54,12 +54,13 @@ LAUNCH = textwrap.dedent("""
         import shutil, collections
         usage = collections.namedtuple("usage", "total used free")
         shutil.disk_usage = lambda p: usage(10**9, 10**9 - 50 * 10**6, 50 * 10**6)
-    if hook in ("sigterm_in_cache_build", "sigint_in_cache_build"):  # the stop comes while targets are computed
-        import phreg.distill.cache as cache
-        real_store = cache._store
+    if hook.endswith("_in_cache_build"):  # the stops come as batches of targets are written, one per batch
+        import phreg.targets.cache as cache
+        real_store, left = cache._store, hook.removesuffix("_in_cache_build").upper().split("_")
         def store(*a, **k):
             real_store(*a, **k)
-            os.kill(os.getpid(), signal.SIGTERM if hook.startswith("sigterm") else signal.SIGINT)
+            if left:
+                os.kill(os.getpid(), getattr(signal, left.pop(0)))
         cache._store = store
     from phreg.cli import main
     sys.exit(main(sys.argv[1:]))
@@ -323,7 +324,7 @@ def test_resume_after_a_crash_drops_the_metrics_logged_after_the_checkpoint(tmp_
 
 
 def test_a_manifest_of_the_wrong_shape_is_damage_not_a_traceback(tmp_path):
-    from phreg.run import CHECKPOINT_FORMAT as FORMAT
+    from phreg.run.folder import CHECKPOINT_FORMAT as FORMAT
 
     (tmp_path / "manifest.json").write_text(json.dumps(dict(format=FORMAT, files={"model.safetensors": "x"})))
     assert damage(tmp_path) == "manifest.json is not a phreg checkpoint manifest"
@@ -334,7 +335,7 @@ def test_a_manifest_of_the_wrong_shape_is_damage_not_a_traceback(tmp_path):
 IN_PROCESS = textwrap.dedent("""
     import os, sys, time
     from phreg.distill import loop
-    from phreg.recipe import load_recipe
+    from phreg.config.recipe import load_recipe
     if os.environ.get("SLOW_STEPS"):
         real = loop.train_step
         def slow(*a, **k):
@@ -410,7 +411,7 @@ def test_ctrl_c_stops_a_pytest_session_that_runs_distill(tmp_path, dinov2_file):
     tests = tmp_path / "test_user.py"
     tests.write_text(textwrap.dedent(f"""
         from phreg.distill.loop import distill
-        from phreg.recipe import load_recipe
+        from phreg.config.recipe import load_recipe
 
         def test_a():
             distill(load_recipe({str(recipe)!r}), quiet=True)
@@ -440,7 +441,7 @@ def test_two_processes_never_write_one_run_folder(tmp_path, dinov2_file):
     the run and `push` are refused too, `eval`-style readers only get a note; once the first ends, the folder is free."""
     import socket
 
-    from phreg.lock import hold, holder, note_if_held
+    from phreg.run.lock import hold, holder, note_if_held
 
     recipe = save_recipe(tiny(tmp_path, dinov2_file, "train.batch_size=1", "train.max_steps=400",
                               "train.save_every_minutes=0"), tmp_path / "recipe.yaml")
@@ -473,26 +474,32 @@ def test_two_processes_never_write_one_run_folder(tmp_path, dinov2_file):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
-def test_a_stop_while_the_target_cache_is_built_keeps_it_and_resume_continues_it(tmp_path, dinov2_file, signame):
-    """A cluster's SIGTERM (exit 75) or Ctrl-C (exit 130) while the teacher targets are computed: the finished ones
-    are kept, the line gives the command that continues, and that command computes only what is missing and trains
-    to the same weights as a run that was never stopped."""
+@pytest.mark.parametrize("signals", ["SIGTERM", "SIGINT", "SIGINT_SIGINT"])
+def test_a_stop_while_the_target_cache_is_built_keeps_it_and_resume_continues_it(tmp_path, dinov2_file, signals):
+    """A cluster's SIGTERM (exit 75), a Ctrl-C (exit 130) or two (quit at once) while the teacher targets are computed:
+    the finished ones are kept, the line gives the command that continues, and that command computes only what is
+    missing and trains to the same weights as a run that was never stopped."""
     recipe = save_recipe(tiny(tmp_path, dinov2_file, "train.max_steps=4", "cache.enabled=true", "cache.plans=2"),
                          tmp_path / "recipe.yaml")
     straight, run = tmp_path / "straight", tmp_path / "run"
     assert phreg("distill", recipe, f"output_dir={straight}", "--quiet").returncode == 0
-    stopped = phreg("distill", recipe, f"output_dir={run}", hook=f"{signame.lower()}_in_cache_build")
-    assert stopped.returncode == (75 if signame == "SIGTERM" else 130), stopped.stderr
+    stopped = phreg("distill", recipe, f"output_dir={run}", hook=f"{signals.lower()}_in_cache_build")
+    assert stopped.returncode == (75 if signals == "SIGTERM" else 130), stopped.stderr
     line = one_line(stopped.stderr)
-    assert line.startswith(f"phreg: preempted by {signame} while building the target cache, keeping ") and \
-        line.endswith(f"resume with: phreg distill {recipe} output_dir={run} --resume"), line
-    kept = int(line.split("keeping ")[1].split()[0])
-    assert 1 <= kept < 8 and not checkpoint_dirs(run)
+    assert line.endswith(f"resume with: phreg distill {recipe} output_dir={run} --resume"), line
+    if signals == "SIGINT_SIGINT":
+        assert line.startswith("phreg: interrupted; the target cache's finished entries are kept;"), line
+        kept = None  # at least the first batch; the resumed build says how many
+    else:
+        assert line.startswith(f"phreg: preempted by {signals} while building the target cache, keeping "), line
+        kept = int(line.split("keeping ")[1].split()[0])
+        assert 1 <= kept < 8
+    assert not checkpoint_dirs(run)
     again = shlex.split(line.split("resume with: ")[1])[1:]
     resumed = phreg(*again)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"continuing its build: {kept} of 8 entries are there" in resumed.stdout, resumed.stdout
+    there = int(resumed.stdout.split("continuing its build: ")[1].split()[0])
+    assert there == kept if kept is not None else 1 <= there < 8, resumed.stdout
     a, b = weights(straight / "export/model.safetensors"), weights(run / "export/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     nothing = phreg("distill", recipe, f"output_dir={tmp_path / 'new'}", "--resume")

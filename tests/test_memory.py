@@ -14,9 +14,9 @@ import pytest
 import timm
 import torch
 
+from phreg.config.recipe import load_recipe
 from phreg.distill.memory import plan
-from phreg.recipe import load_recipe
-from phreg.tensorfile import save_file
+from phreg.files.tensorfile import save_file
 
 REPO = Path(__file__).resolve().parents[1]
 

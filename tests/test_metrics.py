@@ -9,10 +9,11 @@ import torch
 from PIL import Image
 
 from phreg.errors import UsageError
-from phreg.files import write_json
-from phreg.eval.probe import fit_probe, load_masks, probe_confusion, split_indices
+from phreg.eval.inputs import split_indices
+from phreg.eval.probe import fit_probe, load_masks, probe_confusion
 from phreg.eval.segmentation import scores
 from phreg.eval.tokens import neighbour_cosine, otsu, outlier_threshold, pca_rgb
+from phreg.files.atomic import write_json
 
 
 def test_otsu_splits_two_clusters_in_the_gap():

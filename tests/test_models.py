@@ -8,12 +8,12 @@ import timm
 import torch
 from conftest import MODEL
 
-from phreg.errors import UsageError
-from phreg.denoise.heldout import cosine_distance
 from phreg.backbones import add_registers, patch_tokens
+from phreg.config.recipe import ModelCfg, UnlockGroup, paper_unlock
 from phreg.distill.unlock import unlock
-from phreg.models import load_teacher
-from phreg.recipe import ModelCfg, UnlockGroup, paper_unlock
+from phreg.errors import UsageError
+from phreg.models.loading import load_teacher
+from phreg.targets.heldout import cosine_distance
 
 
 def test_student_without_registers_is_the_teacher(teacher224, photos):
@@ -122,9 +122,10 @@ def test_load_errors_are_one_line(tmp_path, monkeypatch, dinov2_file):
 
 def test_loaders_refuse_a_spec_in_the_words_of_the_cli_checks(tmp_path):
     """`load_spec` / `load_teacher` without the CLI say what `phreg eval` / `phreg distill` say before torch loads."""
-    from phreg.models import load_spec
-    from phreg.preflight import check_distill, check_model_spec
-    from phreg.recipe import load_recipe
+    from phreg.commands.distill import check as check_distill
+    from phreg.config.recipe import load_recipe
+    from phreg.models.names import check_model_spec
+    from phreg.models.specs import load_spec
 
     run = tmp_path / "run"
     run.mkdir()

@@ -22,8 +22,8 @@ from conftest import MODEL, random_weights, tiny
 from PIL import Image
 
 from phreg.cli import main
+from phreg.data.scan import scan_images
 from phreg.errors import UsageError
-from phreg.folders import scan_images
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"

@@ -21,11 +21,11 @@ from conftest import MODEL, random_weights, tiny
 from PIL import Image
 
 from phreg.cli import main
-from phreg.data import embedded_photos
+from phreg.config.recipe import load_recipe
+from phreg.data.scan import embedded_photos
 from phreg.errors import UsageError
+from phreg.files.tensorfile import load_file, read_header
 from phreg.hub.export import read_metadata
-from phreg.recipe import load_recipe
-from phreg.tensorfile import load_file, read_header
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "hf_phregTestSecret0123456789abcdefXYZ"
@@ -255,17 +255,6 @@ def test_a_run_records_the_content_of_its_training_images(run):
     assert [int(r[1]) for r in rows] == [p.stat().st_size for p in photos]
 
 
-def test_readme_names_every_file_an_upload_can_hold():
-    """The README's list of what `push` uploads names eval.png and every other file `stage` can write."""
-    from phreg.hub.publish import FILES
-
-    text = " ".join((REPO / "README.md").read_text().split("## Publish", 1)[1].split("\n## ", 1)[0].split())
-    said = text.split("The upload folder holds", 1)[1].split("nothing else", 1)[0]
-    for name in FILES:
-        if name != "preprocessor_config.json":  # transformers' files: named in the --format section below
-            assert f"`{name}`" in said, name
-
-
 def test_model_card_usage_snippet_runs(run, tmp_path):
     out = dry(run, tmp_path / "hub")
     code = re.search(r"```python\n(.*?)```", card(out)[1], re.S).group(1)
@@ -290,12 +279,12 @@ def test_eval_table_and_figure_when_the_run_has_an_eval_report(run, tmp_path):
 
 
 def test_terminal_report_and_card_show_a_number_alike():
-    """One number format (`phreg.tables.number`): 4 significant digits, whole numbers with thousands separators from
+    """One number format (`phreg.eval.tables.number`): 4 significant digits, whole numbers with thousands separators from
     1000, a dash where nothing was measured; and one rule for the better side (green in the report, bold in the card,
     none for a tie or a missing value)."""
     from phreg.eval.report import summary_table
+    from phreg.eval.tables import number
     from phreg.hub.card import eval_table
-    from phreg.tables import number
 
     rows = [dict(metric="gflops", label="forward GFLOPs per image", teacher=12345.6, student=0.0172249, better="lower"),
             dict(metric="miou", label="mIoU", teacher=float("nan"), student=None, better="higher"),

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from phreg.recipe import load_recipe
+from phreg.config.recipe import load_recipe
 from phreg.distill.loop import distill
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from phreg.config.recipe import Recipe, load_recipe, recipe_hash, to_dict
 from phreg.errors import UsageError
-from phreg.recipe import Recipe, load_recipe, recipe_hash, to_dict
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from phreg import run as layout
+from phreg.run import folder as layout
 
 
 def make_run(root: Path, summary_step=None, export_step=None, checkpoints=()) -> Path:

@@ -11,15 +11,15 @@ from accelerate import Accelerator
 from conftest import MODEL
 
 from phreg.backbones import PatchTokens, add_registers
-from phreg.distill.cache import cache_bytes, check_fits
+from phreg.config.recipe import load_recipe
 from phreg.distill.loop import distill
-from phreg.distill.step import build_parts
 from phreg.distill.loss import distill_loss
 from phreg.distill.memory import estimate
+from phreg.distill.step import build_parts
 from phreg.distill.unlock import unlock
 from phreg.errors import UsageError
-from phreg.models import load_into_meta, load_teacher
-from phreg.recipe import load_recipe
+from phreg.models.loading import load_into_meta, load_teacher
+from phreg.targets.cache import cache_bytes, check_fits
 
 
 @pytest.fixture(autouse=True)
@@ -110,7 +110,7 @@ def test_cache_size_is_counted_and_a_cache_that_cannot_fit_is_refused(tmp_path, 
     assert line.startswith("target cache: 4 images x 2 plans x 16 tokens x 384 dim x float16")
     with pytest.raises(UsageError, match="GB are free there"):  # a petabyte is clearly more than this disk
         check_fits(tmp_path, 10**15, 10**6, 4, 1369, 1536, "float16")
-    monkeypatch.setattr("phreg.distill.cache.free_bytes", lambda folder: 1000)
+    monkeypatch.setattr("phreg.targets.cache.free_bytes", lambda folder: 1000)
     recipe = small(tmp_path, dinov2_file, "cache.enabled=true")
     with pytest.raises(UsageError, match="target cache: 4 images x 4 plans x 16 tokens x 384 dim"):
         distill(recipe, quiet=True)

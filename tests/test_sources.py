@@ -11,10 +11,11 @@ import torch
 import pytest
 from conftest import MODEL
 
+from phreg.config.recipe import load_recipe
+from phreg.data.scan import kind
+from phreg.data.sources import ShardImages, count_samples, held_out, open_sources, sample_keys, shard_urls
 from phreg.distill.loop import distill
 from phreg.errors import UsageError
-from phreg.recipe import load_recipe
-from phreg.sources import ShardImages, count_samples, held_out, kind, open_sources, sample_keys, shard_urls
 
 
 @pytest.fixture(autouse=True)
@@ -117,7 +118,7 @@ def test_webdataset_resume_replays_the_same_stream(tmp_path, camvid):
     from accelerate.data_loader import prepare_data_loader
     from torch.utils.data import DataLoader
 
-    from phreg.data import collate
+    from phreg.data.images import collate
 
     pattern = write_shards(tmp_path / "shards", frames(camvid, 8), per_shard=2)
     urls = shard_urls(pattern)
@@ -157,7 +158,7 @@ def test_webdataset_val_split_holds_out_by_key_alike_on_every_rank_worker_and_or
 @pytest.mark.slow
 def test_the_quickstart_runs_from_webdataset_shards_with_its_val_split(tmp_path, dinov2_file):
     """The quickstart (val_split 0.25) with its four photos written as shards runs as the folder does."""
-    from phreg.folders import embedded_photos
+    from phreg.data.scan import embedded_photos
 
     pattern = write_shards(tmp_path / "shards", sorted(embedded_photos().glob("*.*g")), per_shard=2)
     recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "quickstart.yaml",

@@ -1,4 +1,4 @@
-"""phreg.tensorfile writes the bytes safetensors writes (sorted metadata), from the tensors' own storage."""
+"""phreg.files.tensorfile writes the bytes safetensors writes (sorted metadata), from the tensors' own storage."""
 
 import json
 import struct
@@ -7,8 +7,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from phreg import tensorfile
-from phreg.tensorfile import load_file, save_file
+from phreg.files import tensorfile
+from phreg.files.tensorfile import load_file, save_file
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
           torch.int8, torch.uint8, torch.bool, torch.uint16, torch.uint32, torch.uint64]

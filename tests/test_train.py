@@ -17,13 +17,15 @@ from conftest import MODEL
 
 import phreg.distill.loop
 import phreg.distill.step
-from phreg.hub.export import read_metadata
-from phreg.distill.loss import distill_loss
 from phreg.backbones import add_registers
+from phreg.config.recipe import load_recipe, recipe_hash, save_recipe
+from phreg.distill.loop import distill
+from phreg.distill.loss import distill_loss
+from phreg.distill.step import lr_factor
 from phreg.distill.unlock import unlock
-from phreg.models import load_teacher
-from phreg.recipe import load_recipe, recipe_hash, save_recipe
-from phreg.distill.loop import Aborted, distill, lr_factor
+from phreg.errors import Aborted
+from phreg.hub.export import read_metadata
+from phreg.models.loading import load_teacher
 
 
 @pytest.fixture(autouse=True)
@@ -96,7 +98,7 @@ def test_export_loads_in_stock_timm_and_equals_the_trained_student(tmp_path, din
 CRASH = textwrap.dedent("""
     import os, sys
     import phreg.distill.loop as t
-    from phreg.recipe import load_recipe
+    from phreg.config.recipe import load_recipe
     real = t.save_checkpoint
     def crash_after(acc, run, step, *args):
         real(acc, run, step, *args)

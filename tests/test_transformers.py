@@ -30,13 +30,13 @@ from transformers import AutoImageProcessor, AutoModel  # noqa: E402
 
 from phreg.backbones import add_registers  # noqa: E402
 from phreg.cli import main  # noqa: E402
-from phreg.lock import LOCK_FILE  # noqa: E402
-from phreg.data import embedded_photos  # noqa: E402
+from phreg.run.lock import LOCK_FILE  # noqa: E402
+from phreg.data.scan import embedded_photos  # noqa: E402
 from phreg.errors import UsageError  # noqa: E402
 from phreg.hub.export import export_student  # noqa: E402
-from phreg.hub.transformers import (FILES, TOLERANCE, check_exportable, export_transformers, hf_config,  # noqa: E402
-                                    max_difference, processor_config)
-from phreg.recipe import load_recipe, save_recipe  # noqa: E402
+from phreg.hub.transformers import (FILES, TOLERANCE, check_exportable, export_transformers, hf_config, max_difference,
+                                    processor_config)
+from phreg.config.recipe import load_recipe, save_recipe  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -1,6 +1,6 @@
 """Test-time registers: the register-neuron finder and the training-free fix, against the implanted-artifact fixture.
 
-The fixture (`phreg.eval.fixture`) writes its artifacts with exactly the mechanism Jiang et al. describe, through
+The fixture (`phreg.eval.implant`) writes its artifacts with exactly the mechanism Jiang et al. describe, through
 four hidden units of `blocks[3].mlp` whose indices it returns: the ground truth for the finder.
 """
 
@@ -17,15 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from phreg import dense_features
-from phreg.data import ImageDataset, scan_images
+from phreg.config.recipe import ModelCfg
+from phreg.data.images import ImageDataset
+from phreg.data.scan import scan_images
 from phreg.errors import UsageError
-from phreg.eval.fixture import calibration_images, implant_artifacts
+from phreg.eval.implant import calibration_images, cancel_artifacts, implant_artifacts
 from phreg.eval.tokens import outlier_threshold
-from phreg.models import normalization
-from phreg.recipe import ModelCfg
-from phreg.ttr import (add_test_time_registers, find_register_neurons, load_test_time_registers, outlier_mask,
-                       save_test_time_registers)
-from phreg.ttr.fixture import cancel_artifacts
+from phreg.models.loading import normalization
+from phreg.ttr.model import add_test_time_registers, load_test_time_registers, save_test_time_registers
+from phreg.ttr.neurons import find_register_neurons, outlier_mask
 
 from conftest import MODEL
 
@@ -40,7 +40,7 @@ def artifacts(teacher224):
 
 @pytest.fixture(scope="module")
 def low_norm(artifacts):
-    """The same implant refitted to end with *low* last-block norms (`phreg.ttr.fixture.cancel_artifacts`)."""
+    """The same implant refitted to end with *low* last-block norms (`phreg.eval.implant.cancel_artifacts`)."""
     model, implanted = artifacts
     model = copy.deepcopy(model)
     fit = cancel_artifacts(model, calibration_images(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), crops=4),
@@ -272,9 +272,9 @@ def test_inspect_neurons_names_the_implanted_ones_and_none_in_real_dinov2(artifa
 def test_teacher_targets_read_with_test_time_registers(artifacts, artifact_file, camvid):
     """`model.teacher_ttr=find`: the targets' teacher carries the implanted neurons' fix; the student is built from
     the plain teacher (1 + 16 prefix tokens, not 1 + 1 + 16)."""
-    from phreg.data import scan_images
+    from phreg.config.recipe import load_recipe
+    from phreg.data.scan import scan_images
     from phreg.distill.step import build_parts
-    from phreg.recipe import load_recipe
 
     _, implanted = artifacts
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml",

@@ -16,8 +16,9 @@ from phreg import dense_features
 from phreg.backbones import add_registers
 from phreg.cli import main
 from phreg.eval import metrics
-from phreg.models import Loaded
-from phreg.ttr import add_test_time_registers, with_test_time_registers
+from phreg.models.specs import Loaded
+from phreg.ttr.model import add_test_time_registers
+from phreg.ttr.use import with_test_time_registers
 
 from conftest import MODEL
 
@@ -68,9 +69,9 @@ def test_register_attention_share(tiny):
 
 
 def test_token_distances_average_to_the_per_image_distance(tiny):
-    from phreg.denoise.heldout import HeldOut
-    from phreg.denoise.targets import DenoisedTeacher
-    from phreg.recipe import ViewsCfg
+    from phreg.config.recipe import ViewsCfg
+    from phreg.targets.heldout import HeldOut
+    from phreg.targets.teacher import DenoisedTeacher
 
     x = torch.randn(3, 3, 28, 28)
     held = HeldOut.from_images(x, DenoisedTeacher(tiny, ViewsCfg(num=3), (0.5,) * 3, (0.5,) * 3), 0, "cpu")
@@ -151,7 +152,7 @@ def test_ttr_mistakes_are_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text('{"schema": "phreg.eval/1"}')
     from phreg.errors import UsageError
-    from phreg.ttr import read_sidecar
+    from phreg.ttr.sidecar import read_sidecar
     with pytest.raises(UsageError, match="not a test-time-register sidecar"):
         read_sidecar(bad)
 
@@ -163,8 +164,8 @@ def test_the_recipe_switch_is_checked_before_torch(tmp_path, capsys):
 
 
 def test_the_cache_key_changes_only_with_the_switch(tmp_path):
-    from phreg.distill.cache import cache_key
-    from phreg.recipe import load_recipe
+    from phreg.config.recipe import load_recipe
+    from phreg.targets.cache import cache_key
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
     plain, again = load_recipe(recipe), load_recipe(recipe, ["model.teacher_ttr=none"])

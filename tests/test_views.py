@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from phreg.denoise.views import inverse_index, make_views, merge_views, sample_plan
+from phreg.targets.views import inverse_index, make_views, merge_views, sample_plan
 
 
 def plans_for(n: int, grid, num_views=10, max_shift=0.15, flip=0.5, seed=0) -> torch.Tensor:

@@ -9,7 +9,7 @@ What differs from `VisionTransformer`:
   `no_embed_class=False`); the latter is folded exactly as for `VisionTransformer` (`Backbone.fold_state`);
 * existing registers (`num_reg_tokens`; DINOv3 has 4) are not stored as an attribute: counted from `reg_token`;
 * without an absolute positional embedding, registers start at the patch embedding of a grey image
-  (`Backbone.default_init`, measured in README "Register init");
+  (`Backbone.default_init`; docs/models.md);
 * MLPs may be SwiGLU (`fc1_g` / `fc1_x`) or packed GLU (`fc1` of twice the width);
 * dense heads (`heads.py`) compute the last block's attention as `EvaAttention.forward` does: fused `qkv` with
   separate q/v biases or separate `q_proj`/`k_proj`/`v_proj`, q/k norms, RoPE on the patch tokens only.
@@ -23,7 +23,7 @@ from timm.layers import apply_rot_embed_cat
 from timm.models.eva import Eva as EvaModel
 
 from ..errors import UsageError
-from . import Backbone
+from .base import Backbone
 
 
 class Eva(Backbone):

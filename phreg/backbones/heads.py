@@ -23,7 +23,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..recipe import HEADS
+from ..config.recipe import HEADS
 
 NACLIP_SIGMA = 5.0
 

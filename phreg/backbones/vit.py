@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from timm.models.vision_transformer import VisionTransformer
 
-from . import Backbone
+from .base import Backbone
 
 
 class ViT(Backbone):

@@ -6,7 +6,7 @@ Sources, in order: a saved text tower (`open_clip_text.safetensors`: open_clip's
 open_clip layout, safetensors or `.pt`/`.bin` read with `weights_only=True` by open_clip's loader), or an open_clip
 pretrained tag (`model.text_pretrained`, downloaded into the Hugging Face cache like any open_clip model).
 
-Without phreg, the saved file loads in three lines of open_clip (see README, "Zero-shot segmentation").
+Without phreg, the saved file loads in three lines of open_clip (see docs/clip.md).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from ..run import TEXT_FILE  # noqa: F401  (the run folder's layout names it)
+from ..run.folder import TEXT_FILE  # noqa: F401  (the run folder's layout names it)
 
 TEXT_KEYS = ("token_embedding.weight", "text.token_embedding.weight", "text.transformer.embeddings.word_embeddings.weight")
 
@@ -69,7 +69,7 @@ class TextTower(torch.nn.Module):
         """One safetensors file, open_clip's keys; the model name in the header says how to rebuild it."""
         import safetensors.torch
 
-        from ..files import write_atomic
+        from ..files.atomic import write_atomic
 
         data = safetensors.torch.save(self.state(), metadata={"format": "pt", "open_clip_model": self.name})
         return write_atomic(path, data)
@@ -78,7 +78,7 @@ class TextTower(torch.nn.Module):
 def _create(name: str, pretrained: str | None):
     import open_clip
 
-    from ..models import quiet_hub
+    from ..models.weights import quiet_hub
 
     if name not in open_clip.list_models():
         raise UsageError(f"model.text_model {name!r} is not an open_clip model (see open_clip.list_models())")
@@ -97,7 +97,7 @@ def _cached_or_reachable(name: str, tag: str) -> str:
     not cached: one line at once, instead of the hub client's retries."""
     import open_clip
 
-    from ..models import HUB_FILES, hub_cached, offline_reason
+    from ..models.weights import HUB_FILES, hub_cached, offline_reason
 
     repo = (open_clip.get_pretrained_cfg(name, tag) or {}).get("hf_hub", "").strip("/")
     found = hub_cached(repo, ("open_clip_model.safetensors", *HUB_FILES)) if repo else None
@@ -177,7 +177,7 @@ def text_tower_for(spec: str, text: str | None = None, text_model: str | None = 
     if found is not None:
         return load_saved(found, text_model)
     if run is not None:
-        from ..recipe import load_recipe
+        from ..config.recipe import load_recipe
 
         return load_text_tower(load_recipe(run / "recipe.yaml").model)
     raise UsageError(f"no text tower for {spec}: pass --text FILE (a saved {TEXT_FILE}, or a whole CLIP checkpoint "

@@ -17,7 +17,7 @@ Each checkpoint is written into `.step_N.tmp/` and renamed when complete, so a f
 complete manifest; a file damaged later (truncated copy, bad disk) fails its size or hash. `--resume` uses the newest
 checkpoint that verifies, and moves damaged ones aside (`step_N.damaged-TIME`), never deleting them. Finding and
 verifying checkpoints is torch-free and lives with the rest of the run folder's layout (`phreg.run`); this module
-writes and loads their tensors, straight from and into their storage (`phreg.tensorfile`: no copy of the state dict
+writes and loads their tensors, straight from and into their storage (`phreg.files.tensorfile`: no copy of the state dict
 on the way to disk). Checkpoints of the first format (`phreg.checkpoint/1`: the whole student) still resume and
 export.
 """
@@ -36,9 +36,9 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from ..files import sha256_file, writing
-from ..run import CHECKPOINT_FORMAT, MANIFEST, MODEL, OPTIMIZER, STATE, checkpoint_dirs
-from ..tensorfile import load_file, save_file
+from ..files.atomic import sha256_file, writing
+from ..files.tensorfile import load_file, save_file
+from ..run.folder import CHECKPOINT_FORMAT, MANIFEST, MODEL, OPTIMIZER, STATE, checkpoint_dirs
 
 
 # ------------------------------------------------------------------------------------------------------------ write

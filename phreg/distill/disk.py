@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import DiskError
-from ..files import human
+from ..files.atomic import human
 
 
 def existing_parent(path: Path) -> Path:

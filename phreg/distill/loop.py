@@ -21,15 +21,16 @@ from accelerate import Accelerator
 from .. import __version__
 from ..backbones import backbone
 from ..errors import Aborted, UsageError  # noqa: F401  (Aborted: raised here, imported from here by callers)
-from ..files import write_json, writing
-from ..folders import data_record
+from ..files.atomic import write_json, writing
+from ..data.scan import data_record
 from ..hub.export import export_dtype, export_metadata, export_student
-from ..lock import hold
-from ..models import find_weights
-from ..recipe import Recipe, TrainCfg, recipe_hash, to_dict
-from ..run import EXPORT, METRICS, SUMMARY, TEXT_FILE
+from ..run.lock import hold
+from ..models.weights import find_weights
+from ..config.recipe import Recipe, TrainCfg, recipe_hash, to_dict
+from ..run.folder import EXPORT, METRICS, SUMMARY, TEXT_FILE
 from .checkpoints import save_checkpoint
-from .preempt import StopRequests, stopped
+from .preempt import StopRequests
+from ..errors import stopped
 from .progress import Progress, TrainState
 from .resume import Start
 from .session import Session, set_up
@@ -42,10 +43,10 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
 
     resume: continue from the newest valid checkpoint (damaged ones are moved aside). auto_resume: resume when the run
     folder has a checkpoint, start fresh when it has none. A resumed recipe may raise train.epochs / train.max_steps:
-    the lr schedule is then the one the longer plan defines at each step (see README, "Long runs and clusters").
+    the lr schedule is then the one the longer plan defines at each step (see docs/clusters.md).
     verbose: print the unlocked-parameter table whole (it is always written to RUN/unlocked.txt).
     The run folder is held by this process (its main process under DDP) until it returns: a second writer is refused
-    (`phreg.lock`).
+    (`phreg.run.lock`).
     Stops with `Preempted` after writing a checkpoint on a stop signal, with `Interrupted` (a KeyboardInterrupt, so
     that pytest, a notebook or a script stops as Ctrl-C means) after writing one on Ctrl-C; a second Ctrl-C raises a
     plain KeyboardInterrupt at once.

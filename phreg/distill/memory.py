@@ -10,7 +10,7 @@ unlocked embeddings below them; one block's input only with `speed.grad_checkpoi
 working set for the views of one forward chunk. The activation figures are estimates (elementwise buffers of a
 pre-norm ViT block with fused SDPA attention), not measurements: `benchmarks/gpu_suite.sh` measures the allocator's
 peak. They count the inputs of every linear layer, which torch keeps only where the weight trains: in fp32 on a CPU
-DINOv2-L keeps ~0.28 GB of the 0.46 GB counted, so the estimate of its 1-step run is 12% high (README "Scale");
+DINOv2-L keeps ~0.28 GB of the 0.46 GB counted, so the estimate of its 1-step run is 12% high (docs/scale.md);
 bf16 autocast on a GPU keeps other copies, which no GPU has measured here.
 
 `plan(recipe)` builds the model on the `meta` device (no weights, no memory) and estimates a run that has not
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..backbones import backbone
-from ..fastpath import teacher_view_bytes
+from ..targets.teacher import teacher_view_bytes
 
 
 def _bytes(tensors) -> int:
@@ -80,7 +80,7 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
     between live tensors stay resident: 0.17 GB of a 1-step DINOv2-L run's 2.57 GB peak. A fixed threshold ends
     that sliding: each such tensor is its own mapping, unmapped when freed, so the peak is what is alive. The cost
     is a page fault per 4 KB when that memory is used again: not measurable against a ViT-L step on 2 cores
-    (README "Scale"). Called before the model is loaded, so that no heap full of freed blocks is reused first."""
+    (docs/scale.md). Called before the model is loaded, so that no heap full of freed blocks is reused first."""
     import ctypes
     import platform
 
@@ -118,7 +118,7 @@ def plan(recipe, gpu: bool = True, runtime: int = 0) -> MemoryEstimate:
     no weights are read, nothing is allocated). `gpu`: bf16 autocast (the recipe's train.precision auto) and the
     recipe's `views.chunk` (0 counts all of a batch's views in one teacher forward: the worst case)."""
     from ..backbones import add_registers
-    from ..models import build_model, frozen_dtype
+    from ..models.loading import build_model, frozen_dtype
     from .unlock import unlock
 
     m, cfg = recipe.model, recipe.train

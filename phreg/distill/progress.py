@@ -14,8 +14,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from ..files import writing
-from ..recipe import Recipe, to_dict
+from ..config.recipe import Recipe, to_dict
+from ..files.atomic import writing
 
 
 class TrainState:

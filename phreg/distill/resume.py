@@ -15,10 +15,10 @@ import math
 import os
 from pathlib import Path
 
+from ..config.recipe import Recipe, TrainCfg, load_recipe, to_dict
 from ..errors import UsageError
-from ..recipe import Recipe, TrainCfg, load_recipe, to_dict
-from ..run import (RECIPE, cache_build_unfinished, cache_folder, checkpoint_step, finished, latest_checkpoint,
-                   newest_valid, used_folder)
+from ..run.folder import (RECIPE, cache_build_unfinished, cache_folder, checkpoint_step, finished, latest_checkpoint,
+                          newest_valid, used_folder)
 from .progress import flat
 
 # Keys a resumed run may change: where and how often it reports and checkpoints and the dtype it exports in (they do
@@ -67,7 +67,7 @@ class Start:
             raise UsageError(f"--resume: no checkpoint in {run / 'checkpoints'} (and no target cache build to "
                              f"continue); run the same command without --resume to start")
         if not self.resume and found is not None:
-            from ..preflight import check_architecture
+            from ..models.names import check_architecture
 
             check_architecture(recipe.model)  # the recipe's own mistake first, as `phreg distill` says it
             raise used_folder(run)

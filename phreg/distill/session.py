@@ -18,25 +18,25 @@ from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
 
 from ..clip.text import load_text_tower
-from ..data import EpochSampler, ImageDataset, collate
-from ..denoise.heldout import HeldOut
+from ..config.recipe import Recipe, save_recipe
+from ..data.images import EpochSampler, ImageDataset, collate
+from ..data.scan import embedded_photos, kind
+from ..data.sources import ShardImages, open_sources
 from ..errors import UsageError
-from ..fastpath import teacher_precision
-from .. import training_list
-from ..files import write_atomic, writing
-from ..folders import embedded_photos, kind
+from ..files.atomic import write_atomic, writing
 from ..hub.export import export_bytes, export_dtype
-from ..models import base_change, find_weights
-from ..recipe import Recipe, save_recipe
-from ..run import METRICS, RECIPE, TEXT_FILE, cache_folder, checkpoint_dirs, checkpoint_step
-from ..sources import ShardImages, open_sources
-from .cache import META, TargetCache, cache_bytes, cache_key
+from ..models.weights import base_change, find_weights
+from ..run import training_list
+from ..run.folder import METRICS, RECIPE, TEXT_FILE, cache_folder, checkpoint_dirs, checkpoint_step
+from ..targets.cache import META, TargetCache, cache_bytes, cache_key
+from ..targets.heldout import HeldOut
 from .checkpoints import load_checkpoint, saved_state
 from .disk import check_space
 from .memory import estimate, resident_bytes, return_freed_memory
 from .preempt import StopRequests
 from .progress import TrainState, tracker_config
 from .resume import Start, planned_steps, trim_metrics
+from .speed import teacher_precision
 from .step import Parts, build_parts, lr_factor
 from .unlock import UNLOCKED_FILE, unlocked_summary, unlocked_table
 
@@ -210,8 +210,8 @@ def training_loader(recipe: Recipe, acc: Accelerator, data, streaming: bool = Fa
 
 def drop_partial_batch(images: int, batch_size: int, processes: int) -> bool:
     """Training drops an epoch's partial last batch (as timm's training loader does), so every step has the same
-    shape: a compiled teacher and student then never recompile (a recompile at each epoch's end stalled a GPU run
-    ~43 s, issue 19), and no step weighs a handful of images like a whole batch. The epoch order is reshuffled, so no
+    shape: a compiled teacher and student then never recompile (a recompile at each epoch's end stalls a GPU run for
+    tens of seconds), and no step weighs a handful of images like a whole batch. The epoch order is reshuffled, so no
     image is left out for long (Flickr30k at batch 8: 7 of 31,783 per epoch). Marking the batch dimension dynamic
     would keep the partial batch at the price of shape-generic kernels and no CUDA graphs; padding it would need a
     masked loss. A set smaller than one batch on every process keeps its single, always equal, batch."""

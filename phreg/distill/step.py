@@ -16,11 +16,12 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
 from ..backbones import PatchTokens, add_registers, patch_tokens
-from ..denoise.targets import DenoisedTeacher
-from ..fastpath import compile_options, set_fused_attention, teacher_autocast, use_compile
-from ..models import frozen_dtype, load_teacher, normalization
-from ..recipe import Recipe, TrainCfg
+from ..backbones.attention import set_fused_attention
+from ..config.recipe import Recipe, TrainCfg
+from ..models.loading import frozen_dtype, load_teacher, normalization
+from ..targets.teacher import DenoisedTeacher
 from .loss import distill_loss
+from .speed import compile_options, teacher_autocast, use_compile
 from .unlock import unlock
 
 
@@ -61,14 +62,14 @@ def make_accelerator(recipe: Recipe, cpu: bool = False, run: Path | None = None)
 
 def student_forward(tokens: PatchTokens, images: torch.Tensor) -> torch.Tensor:
     """The student's patch tokens: the code object torch.compile caches the student's graph on (the teacher has its
-    own, `phreg.denoise.targets.teacher_forward`), entered always with grad on and the run's autocast."""
+    own, `phreg.targets.teacher.teacher_forward`), entered always with grad on and the run's autocast."""
     return patch_tokens(tokens.model, images, tokens.tap, tokens.sigma)
 
 
 class StudentTokens(PatchTokens):
     """The student read through its dense head: what the loss sees and what Accelerate wraps (DDP, autocast).
 
-    With `compile` (torch.compile's arguments, `phreg.fastpath.compile_options`; None = eager), its forward runs
+    With `compile` (torch.compile's arguments, `phreg.distill.speed.compile_options`; None = eager), its forward runs
     `student_forward` compiled for one static shape *below* Accelerate's wrappers, so the compiled frame sees a stable
     grad mode and autocast state (Accelerate's own dynamo plugin compiles around its autocast wrapper). The batch never
     changes size in training (`phreg.distill.session.drop_partial_batch`), so it never recompiles.
@@ -127,9 +128,9 @@ def teacher_with_ttr(teacher: torch.nn.Module, m, files: list, mean, std, device
     register neurons (a clean teacher) the targets are the plain teacher's."""
     if m.teacher_ttr == "none":
         return teacher, None
-    from ..data import ImageDataset
+    from ..data.images import ImageDataset
+    from ..ttr.model import add_test_time_registers
     from ..ttr.use import FIND_IMAGES, neurons_for, neurons_record
-    from ..ttr import add_test_time_registers
 
     def images() -> torch.Tensor:
         return ImageDataset(files[:FIND_IMAGES], m.img_size, mean, std, train=False).images().to(device)

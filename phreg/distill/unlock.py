@@ -19,8 +19,8 @@ import fnmatch
 import torch
 
 from ..backbones import SEMANTIC, backbone
+from ..config.recipe import UnlockGroup
 from ..errors import UsageError
-from ..recipe import UnlockGroup
 
 
 def own_storage(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

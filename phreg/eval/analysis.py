@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..denoise.heldout import HeldOut
-from ..models import Loaded
-from ..recipe import ViewsCfg
-from ..denoise.targets import DenoisedTeacher
-from .tokens import DARCET_THRESHOLD, collect, neighbour_cosine, outlier_threshold
 from ..backbones import backbone
+from ..config.recipe import ViewsCfg
+from ..models.specs import Loaded
+from ..targets.heldout import HeldOut
+from ..targets.teacher import DenoisedTeacher
+from .tokens import DARCET_THRESHOLD, collect, neighbour_cosine, outlier_threshold
 
 
 @dataclass

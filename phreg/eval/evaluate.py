@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import __version__
+from ..config.recipe import ViewsCfg
+from ..files.atomic import write_json
+from ..models.specs import Loaded
+from ..run.training_list import overlap
 from .analysis import Analysis, analyze, to_rgb
 from .figures import norm_histogram, norm_range, panels
-from ..files import write_json
-from .inspection import load_images, verdict
-from .metrics import METRICS, STAGES, Context, Measured, Metric
-from ..models import Loaded
 from .inputs import split_indices
-from ..recipe import ViewsCfg
-from ..training_list import overlap
+from .inspection import load_images, verdict
+from .metrics import Context, METRICS, Measured, Metric, STAGES
 from .report import write_report
 
 if TYPE_CHECKING:
@@ -61,83 +61,114 @@ def evaluate(student: Loaded, teacher: Loaded, images_dir, out: Path, options: E
     (each one's inspect summary, verdict and metric values). `columns` gives the labels ({key: label}, "teacher" and
     "student" included) and the order; `ttr` is the test-time registers' record. Zero-shot is scored for the pair
     only."""
-    o = options
-    start = time.perf_counter()
-    timings: dict[str, float] = {}
-    clock = [start]
-
-    def lap(name: str) -> None:
-        now = time.perf_counter()
-        timings[name] = round(now - clock[0], 1)
-        clock[0] = now
-
+    o, clock = options, Clock()
     files, images = load_images(images_dir, student, o.limit)
-    lap("images")
+    clock.lap("images")
     vcfg = ViewsCfg(num=o.views)
-    a_t: Analysis = analyze(teacher, images, vcfg, o.seed, pictures=o.pictures, device=o.device)
-    lap("teacher")
-    a_s: Analysis = analyze(student, images, vcfg, o.seed, pictures=o.pictures, device=o.device)
-    lap("student")
-    s_t, s_s = a_t.summary(), a_s.summary()
-    t_thr = s_t["outliers"]["threshold"]  # judge the student by the teacher's own data-derived threshold
-    judged = a_s.outliers(t_thr if t_thr != float("inf") else None)
-    judged.pop("mask")
+    t = Side.of(teacher, images, vcfg, o)
+    clock.lap("teacher")
+    s = Side.of(student, images, vcfg, o, t.threshold)
+    clock.lap("student")
     train, val = split_indices(files, o.split) if o.probing else (None, None)
     seen = overlap(student.run, files)  # which images the student trained on, from its run's training list
+    out.mkdir(parents=True, exist_ok=True)
+
+    def context(side: Side, opts: EvalOptions) -> Context:  # every column on the images its row's label names
+        return Context(teacher=teacher, student=side.loaded, files=files, a_t=t.analysis, a_s=side.analysis,
+                       s_t=t.summary, s_s=side.summary, judged=side.judged, options=opts, out=out, train=train,
+                       val=val, unseen=seen["unseen"])
+
+    result = _header(teacher, student, t, s, files, images_dir, o, train, val, seen)
+    measured = _measure(context(s, o), clock.lap)
+    result.update({m.key: got.value for m, got in measured.items() if m.key is not None})
+    result["summary"] = [r for m in METRICS if m in measured for r in measured[m].rows]
+    extra: dict[str, Side] = {}
+    for key, loaded in (others or {}).items():
+        extra[key] = Side.of(loaded, images, vcfg, o, t.threshold)
+        _add_column(result, key, extra[key], _measure(context(extra[key], replace(o, zeroshot=None))))
+        clock.lap(key)
+    if others or columns:
+        result["columns"] = _columns(columns, dict(teacher=teacher, student=student) | (others or {}))
+    if ttr is not None:
+        result["ttr"] = ttr
+    result["figures"] = _pictures(t.analysis, s.analysis, images, student, t.threshold, out,
+                                  {k: v.analysis for k, v in extra.items()}, result.get("columns"))
+    clock.lap("pictures")
+    result["timings"], result["seconds"] = clock.timings, clock.total()
+    write_json(out / "eval.json", result)
+    write_report(result, out / "report.html")
+    return result
+
+
+class Clock:
+    """Seconds per stage of an evaluation (eval.json's `timings`)."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self.last, 1)
+        self.last = now
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.start, 1)
+
+
+@dataclass
+class Side:
+    """One model as eval measures it: its analysis, inspect summary and outliers under the teacher's threshold."""
+    loaded: Loaded
+    analysis: Analysis
+    summary: dict
+    judged: dict  # outliers at `threshold` (the teacher's own data-derived one)
+
+    @classmethod
+    def of(cls, loaded: Loaded, images, vcfg: ViewsCfg, o: EvalOptions, threshold: float | None = None) -> "Side":
+        a = analyze(loaded, images, vcfg, o.seed, pictures=o.pictures, device=o.device)
+        summary = a.summary()
+        threshold = summary["outliers"]["threshold"] if threshold is None else threshold
+        judged = a.outliers(threshold if threshold != float("inf") else None)
+        judged.pop("mask")
+        return cls(loaded, a, summary, judged)
+
+    @property
+    def threshold(self) -> float:
+        return self.summary["outliers"]["threshold"]
+
+
+def _header(teacher: Loaded, student: Loaded, t: Side, s: Side, files, images_dir, o: EvalOptions, train, val,
+            seen: dict) -> dict:
+    """eval.json's description of what was measured, on what, before any metric."""
     dataset = dict(images=str(images_dir), masks=str(o.masks) if o.masks else None,
                    split=str(o.split) if o.split else None, limit=o.limit)
     if o.probing:
         dataset.update(probe_train=len(train), probe_val=len(val),
                        split_rule=f"from {Path(o.split).name}" if o.split else "every 4th image is val")
-    result = dict(
+    return dict(
         schema=SCHEMA, phreg_version=__version__, seconds=None, images=len(files), img_size=student.img_size,
         views=o.views, seed=o.seed, files=[str(f) for f in files], dataset=dataset, training_overlap=seen,
-        teacher=dict(name=teacher.name, inspect=s_t, verdict=verdict(s_t)),
-        student=dict(name=student.name, inspect=s_s, verdict=verdict(s_s), outliers_at_teacher_threshold=judged),
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(teacher=teacher, student=student, files=files, a_t=a_t, a_s=a_s, s_t=s_t, s_s=s_s, judged=judged,
-                  options=o, out=out, train=train, val=val, unseen=seen["unseen"])
-    measured = _measure(ctx, lap)
-    for m, got in measured.items():
-        if m.key is not None:
-            result[m.key] = got.value
-    result["summary"] = [r for m in METRICS if m in measured for r in measured[m].rows]
-    extra: dict[str, Analysis] = {}
-    if others:
-        result["others"] = {}
-        for key, loaded in others.items():
-            a_o = extra[key] = analyze(loaded, images, vcfg, o.seed, pictures=o.pictures, device=o.device)
-            s_o = a_o.summary()
-            judged_o = a_o.outliers(t_thr if t_thr != float("inf") else None)
-            judged_o.pop("mask")
-            ctx_o = Context(teacher=teacher, student=loaded, files=files, a_t=a_t, a_s=a_o, s_t=s_t, s_s=s_o,
-                            judged=judged_o, options=replace(o, zeroshot=None), out=out, train=train, val=val,
-                            unseen=seen["unseen"])  # every column on the images its row's label names
-            got_o = _measure(ctx_o)
-            lap(key)
-            result["others"][key] = dict(name=loaded.name, inspect=s_o, verdict=verdict(s_o),
-                                         outliers_at_teacher_threshold=judged_o,
-                                         **{m.key: g.value for m, g in got_o.items() if m.key is not None})
-            theirs = {r["metric"]: r["student"] for g in got_o.values() for r in g.rows}
-            for r in result["summary"]:
-                r.setdefault("others", {})[key] = theirs.get(r["metric"])
-        labels = columns or dict(teacher="teacher", student="student")
-        names = dict(teacher=teacher.name, student=student.name) | {k: v.name for k, v in others.items()}
-        order = [k for k in labels if k in names] + [k for k in names if k not in labels]
-        result["columns"] = [dict(key=k, label=labels.get(k, k), name=names[k]) for k in order]
-    elif columns:  # a pair with labels of its own, e.g. teacher vs test-time registers
-        result["columns"] = [dict(key=k, label=columns.get(k, k), name=m.name)
-                             for k, m in (("teacher", teacher), ("student", student))]
-    if ttr is not None:
-        result["ttr"] = ttr
-    result["figures"] = _pictures(a_t, a_s, images, student, t_thr, out, extra, result.get("columns"))
-    lap("pictures")
-    result["timings"] = timings
-    result["seconds"] = round(time.perf_counter() - start, 1)
-    write_json(out / "eval.json", result)
-    write_report(result, out / "report.html")
-    return result
+        teacher=dict(name=teacher.name, inspect=t.summary, verdict=verdict(t.summary)),
+        student=dict(name=student.name, inspect=s.summary, verdict=verdict(s.summary),
+                     outliers_at_teacher_threshold=s.judged))
+
+
+def _add_column(result: dict, key: str, side: Side, measured: dict[Metric, Measured]) -> None:
+    """Another model's values: its own entry under `others`, and its value in every summary row."""
+    result.setdefault("others", {})[key] = dict(
+        name=side.loaded.name, inspect=side.summary, verdict=verdict(side.summary),
+        outliers_at_teacher_threshold=side.judged, **{m.key: g.value for m, g in measured.items() if m.key is not None})
+    theirs = {r["metric"]: r["student"] for g in measured.values() for r in g.rows}
+    for r in result["summary"]:
+        r.setdefault("others", {})[key] = theirs.get(r["metric"])
+
+
+def _columns(labels: dict[str, str] | None, models: dict[str, Loaded]) -> list[dict]:
+    """eval.json's `columns`: key, label and model name, in the labels' order (the rest after them)."""
+    labels = labels or dict(teacher="teacher", student="student")
+    order = [k for k in labels if k in models] + [k for k in models if k not in labels]
+    return [dict(key=k, label=labels.get(k, k), name=models[k].name) for k in order]
 
 
 def _measure(ctx: Context, lap=None) -> dict[Metric, Measured]:

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..files import write_atomic  # noqa: E402
+from ..files.atomic import write_atomic  # noqa: E402
 from .tokens import pca_basis, pca_rgb  # noqa: E402
 
 
@@ -85,7 +85,7 @@ def norm_histogram(series: list[tuple[str, dict]], path: Path, threshold: float 
 def zeroshot_figure(rgb: np.ndarray, truth: np.ndarray, teacher: np.ndarray, student: np.ndarray, palette: np.ndarray,
                     labels: tuple[str, str], path: Path, ignore_index: int | None = None) -> Path:
     """image | ground truth | teacher's labels | student's labels (ignored pixels black in the truth)."""
-    from ..clip.zeroshot import colorize
+    from ..clip.segmenter import colorize
 
     truth = np.where(truth == ignore_index, len(palette), truth) if ignore_index is not None else truth
     fig, axes = plt.subplots(1, 4, figsize=(13, 2.9))

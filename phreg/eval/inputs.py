@@ -1,4 +1,5 @@
-"""What `phreg eval` reads besides models, checked before any model loads: masks and the train/val split.
+"""What `phreg eval` and `phreg inspect` read besides models, checked before any model loads: images, masks and
+the train/val split.
 
 Torch-free: a mask with a class id outside `--num-classes`, a mask missing for an image, or a split file that does not
 list an image is reported in a second, not after the models have run.
@@ -12,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..data.scan import IMAGE_SUFFIXES, scan_images
 from ..errors import UsageError
-from ..folders import IMAGE_SUFFIXES
 
 MASK_MODES = ("L", "P", "I", "I;16")
 
@@ -91,3 +92,16 @@ def split_indices(files: list[Path], split_file: str | None) -> tuple[list[int],
     if not train or not val:
         raise UsageError(f"--split {path}: need both train and val images, got {len(train)} and {len(val)}")
     return train, val
+
+
+def check_images(folder: str, limit: int = 0) -> list[Path]:
+    if limit < 0:
+        raise UsageError("--limit must be >= 0")
+    files, _ = scan_images(folder, "--images")
+    return files[:limit] if limit else files
+
+
+def check_views(views: int) -> int:
+    if views < 1:
+        raise UsageError("--views must be >= 1")
+    return views

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import torch
 
-from .analysis import Analysis, analyze, to_rgb
-from ..data import ImageDataset, scan_images
+from ..config.recipe import ViewsCfg
+from ..data.images import ImageDataset
+from ..data.scan import scan_images
 from ..errors import UsageError
+from ..files.atomic import write_json
+from ..models.specs import Loaded
+from .analysis import Analysis, analyze, to_rgb
 from .figures import norm_histogram, norm_range, panels
-from ..files import write_json
-from ..models import Loaded
-from ..recipe import ViewsCfg
 
 SCHEMA = "phreg.inspect/1"
 
@@ -79,9 +80,3 @@ def inspect_model(loaded: Loaded, images_dir, out: Path | None, views: int = 10,
         s["figures"] = figures
         write_json(out / "inspect.json", s)
     return s
-
-
-def check_views(views: int) -> int:
-    if views < 1:
-        raise UsageError("--views must be >= 1")
-    return views

@@ -3,10 +3,10 @@
 A metric is one function of the `Context` (both models, their analyses, the images, the options), registered with
 `@metric`: it returns a `Measured` (what eval.json keeps under the metric's key, and its summary rows
 {metric, label, teacher, student, better[, note]}), or None when it was not asked for (no masks, no classes).
-`evaluate` measures stage by stage and lists the rows in the order the metrics are registered below: the order of
-eval.json's `summary`, the terminal table, report.html and the model card, which only render rows (`phreg.tables`).
+`evaluate` measures stage by stage and lists the rows in the order of `METRICS`, at the end: the order of eval.json's
+`summary`, the terminal table, report.html and the model card, which only render rows (`phreg.eval.tables`).
 
-Adding a metric is one function here, decorated with `@metric("its_key")`, and its test.
+Adding a metric is one function here, decorated with `@metric("its_key")`, its place in `METRICS`, and its test.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..fastpath import eager_attention
-from ..models import Loaded
-from ..tables import HARDWARE_DEPENDENT
+from ..backbones.attention import eager_attention
+from ..models.specs import Loaded
 from .analysis import Analysis
+from .tables import HARDWARE_DEPENDENT
 
 if TYPE_CHECKING:
     from .evaluate import EvalOptions
@@ -44,7 +44,7 @@ class Context:
     out: Path  # the eval folder (pictures go there)
     train: list[int] | None = None  # the probe's split (indices into `files`), when masks and classes are given
     val: list[int] | None = None
-    unseen: list[int] | None = None  # images the student never trained on (`phreg.training_list`); None: unknown
+    unseen: list[int] | None = None  # images the student never trained on (`phreg.run.training_list`); None: unknown
 
 
 @dataclass
@@ -61,19 +61,17 @@ class Metric:
 
 
 STAGES = ("distances and cost", "probe", "zero-shot")
-METRICS: list[Metric] = []
 
 
-def metric(key: str | None = None, stage: str = STAGES[0], after: str | None = None):
-    """Register a metric; its rows come after those of the metrics registered before it (or right after the metric
-    function named `after`)."""
+def metric(key: str | None = None, stage: str = STAGES[0]):
+    """Mark a function of the `Context` as a metric: its eval.json key and the stage it is measured (and timed) in.
+    `METRICS`, at the end of this module, lists them in the order of their rows."""
     assert stage in STAGES, stage
 
-    def register(fn: Callable[[Context], Measured | None]):
-        names = [m.measure.__name__ for m in METRICS]
-        METRICS.insert(names.index(after) + 1 if after in names else len(METRICS), Metric(key, stage, fn))
+    def mark(fn: Callable[[Context], Measured | None]):
+        fn.metric = Metric(key, stage, fn)
         return fn
-    return register
+    return mark
 
 
 def row(metric: str, label: str, teacher, student, better: str | None, note: str | None = None) -> dict:
@@ -243,8 +241,8 @@ def model_cost(loaded: Loaded, device, batch: int = 8, repeats: int = 3) -> dict
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Artifact measures that hold for every family (issue 18): both tails of the norm distribution at every block, the
-# distance to the denoised targets per token (PH-Reg Fig. 5), where attention goes, how uneven patch norms are.
+# Artifact measures that hold for every family: both tails of the norm distribution at every block, the distance to
+# the denoised targets per token (PH-Reg Fig. 5), where attention goes, how uneven patch norms are.
 
 TAIL_RATIO = 2.0  # a patch token is an outlier beyond 2x or below 1/2 of its image's median norm (`phreg.ttr`'s rule)
 BATCH = 8
@@ -267,7 +265,7 @@ def block_patch_norms(model: torch.nn.Module, images: torch.Tensor, batch: int =
 def tail_fractions(norms: torch.Tensor, ratio: float = TAIL_RATIO) -> list[dict]:
     """(depth, B, L) norms -> per block {block, high, low, both}: fractions of patch tokens beyond `ratio` x / below
     1/`ratio` of their image's median (`phreg.ttr.outlier_mask`, both tails)."""
-    from ..ttr import outlier_mask
+    from ..ttr.neurons import outlier_mask
 
     rows = []
     for block, n in enumerate(norms):
@@ -277,7 +275,7 @@ def tail_fractions(norms: torch.Tensor, ratio: float = TAIL_RATIO) -> list[dict]
     return rows
 
 
-@metric("norm_tails", after="max_norm_ratio")
+@metric("norm_tails")
 def norm_tails(ctx: Context) -> Measured:
     """Outliers in both tails of the patch-norm distribution, at every block: high-norm artifacts (DINOv2-L/g, DeiT-III)
     and low-norm ones (CLIP, OpenCLIP: PH-Reg Fig. 6), and where they appear, not only at the last block. The rule is
@@ -318,7 +316,7 @@ def token_distances(held, model: torch.nn.Module) -> torch.Tensor:
 QUANTILES = (0.5, 0.9, 0.99)
 
 
-@metric("denoised_distance_tokens", after="denoised_distance")
+@metric("denoised_distance_tokens")
 def denoised_distance_tokens(ctx: Context) -> Measured:
     """The distance to the teacher's TTA-denoised features per patch token, as p50 / p90 / p99 (PH-Reg Fig. 5): a
     mean hides the few tokens an artifact ruins, the tail shows them."""
@@ -339,7 +337,7 @@ def register_attention_share(model: torch.nn.Module, images: torch.Tensor, batch
     """The share of attention that register tokens absorb in the last block (mean over heads and images): from the
     class token (None without one) and from the patch tokens (mean over patches). 0 for a model without registers."""
     from ..backbones import backbone
-    from ..fastpath import eager_attention
+    from ..backbones.attention import eager_attention
 
     family = backbone(model)
     c, prefix = int(family.has_class_token), family.num_prefix
@@ -365,7 +363,7 @@ def register_attention_share(model: torch.nn.Module, images: torch.Tensor, batch
                 registers=family.num_registers)
 
 
-@metric("register_attention", after="norm_tails")
+@metric("register_attention")
 def register_attention(ctx: Context) -> Measured:
     """How much of the class token's and the patches' attention the registers absorb (last block): registers that
     work take the global attention the artifacts took (Darcet et al., 2024). Where attention goes, not a verdict."""
@@ -387,10 +385,16 @@ def norm_variance(norms: torch.Tensor) -> dict:
     return dict(variance=var, mean=mean, relative=var / mean ** 2 if mean else None)
 
 
-@metric("patch_norm_variance", after="register_attention")
+@metric("patch_norm_variance")
 def patch_norm_variance(ctx: Context) -> Measured:
     """How uneven the patch norms of the last block are (pre-norm): artifacts in either tail raise it."""
     value = dict(layer=ctx.a_t.artifact_layer, teacher=norm_variance(ctx.a_t.patch_norms),
                  student=norm_variance(ctx.a_s.patch_norms))
     return Measured(value, [row("patch_norm_variance", "patch-norm variance / mean², last block",
                                 value["teacher"]["relative"], value["student"]["relative"], "lower")])
+
+
+# Every metric, in the order of its rows in eval.json's summary, the terminal table, report.html and the model card.
+METRICS: list[Metric] = [fn.metric for fn in (
+    denoised_distance, denoised_distance_tokens, tta_noise, outlier_fraction, max_norm_ratio, norm_tails,
+    register_attention, patch_norm_variance, high_norm_mass, cls_cosine, probe, zeroshot, cost)]

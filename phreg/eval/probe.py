@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..backbones import backbone, patch_tokens
-from ..data import load_rgb
+from ..data.images import load_rgb
 from .inputs import mask_files, read_mask, split_indices  # noqa: F401  (split_indices: imported from here too)
 from .segmentation import confusion, scores
 

@@ -6,9 +6,9 @@ import base64
 import html
 from pathlib import Path
 
-from ..files import write_atomic
-from ..tables import best, cell, columns, number, winner, zeroshot_iou_rows
-from ..training_list import overlap_line
+from ..files.atomic import write_atomic
+from ..run.training_list import overlap_line
+from .tables import best, cell, columns, number, winner, zeroshot_iou_rows
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones import backbone
-from ..fastpath import eager_attention
+from ..backbones.attention import eager_attention
 
 DARCET_THRESHOLD = 150.0
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..clip.run import segment_files, segmenter
-from ..clip.zeroshot import Classes, query_embeddings
-from ..data import load_rgb
+from ..clip.segment import segment_files, segmenter
+from ..clip.segmenter import Classes, query_embeddings
+from ..data.images import load_rgb
 from .figures import zeroshot_figure
 from .segmentation import confusion, scores
 
@@ -24,7 +24,7 @@ from .segmentation import confusion, scores
 @dataclass(frozen=True)
 class ZeroShot:
     """What `phreg eval --classes` segments with: the classes, CLIP's text tower (`phreg.clip.text.TextTower`), the
-    window settings (`phreg.clip.zeroshot.DEFAULTS`' keys), the NACLIP sigma and the (teacher, student) dense heads."""
+    window settings (`phreg.clip.segmenter.DEFAULTS`' keys), the NACLIP sigma and the (teacher, student) dense heads."""
     classes: Classes
     text_tower: object
     settings: dict

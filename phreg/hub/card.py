@@ -12,10 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from ..tables import best as best_of, cell, columns, hardware_dependent, number, winner, zeroshot_iou_rows
 from .. import __version__
-from ..run import CONFIG, RECIPE, TEXT_FILE, WEIGHTS
-from ..training_list import overlap_line
+from ..eval.tables import best as best_of, cell, columns, hardware_dependent, number, winner, zeroshot_iou_rows
+from ..run.folder import CONFIG, RECIPE, TEXT_FILE, WEIGHTS
+from ..run.training_list import overlap_line
 from .transformers import ARCHITECTURE as HF_CLASS, FILES as HF_FILES
 
 CARD, FIGURE = "README.md", "eval.png"
@@ -26,7 +26,7 @@ TAGS = ["phreg", "registers", "image-feature-extraction", "timm", "vision-transf
 class Run:
     """What a card is made of, read (never written) from a run folder."""
     path: Path
-    recipe: object  # phreg.recipe.Recipe
+    recipe: object  # phreg.config.recipe.Recipe
     summary: dict | None
     config: dict
     metadata: dict
@@ -191,32 +191,99 @@ def model_card(run: Run, repo_id: str, transformers: dict | None = None, timm: b
 
     `transformers`: what `hub.transformers.write_transformers` measured when the upload holds that format too
     (`subfolder` None: at the root, instead of timm's, which `timm=False` says)."""
-    r, g, summary = run.recipe, run.geometry, run.summary or {}
-    hub_id, license = base_model(r.model.name, run.config)
-    weights_text, from_hub = weights_line(r.model.name, hub_id, summary.get("weights"))
+    f = Facts.of(run)
+    parts = ["---\n" + yaml.safe_dump(_front_matter(f, timm, transformers), sort_keys=False) + "---",
+             f"# {repo_id.split('/')[1]}", _intro(f, timm, transformers),
+             "## What was done",
+             "The student is the teacher's own network with fresh register tokens. It was trained to reproduce the "
+             "teacher's *denoised* patch features: each training image is seen in several shifted and mirrored views, "
+             "the frozen teacher's features of every view are mapped back to the original patch grid and averaged, "
+             "which cancels the artifacts tied to positions. Only the parameters listed below were trained, on "
+             "(1 - cosine) + MSE over patch tokens; the rest is the teacher, unchanged.",
+             "| setting | value |\n| --- | --- |\n" + "\n".join(f"| {k} | {_cell(v)} |" for k, v in _settings(f))]
+    if run.eval is not None:
+        parts += ["## Evaluation", eval_lead(run.eval), eval_table(run.eval)]
+        if run.figure is not None:
+            parts.append(f"![teacher vs student]({FIGURE})")
+        if "zeroshot" in run.eval:
+            parts.append(zeroshot_table(run.eval["zeroshot"]))
+    parts += ["## Limitations", _limitations(f), "## Usage", *_usage(f, repo_id, timm, transformers),
+              "## Files", _files(f, timm, transformers),
+              "## Citation", f"PH-Reg: [arXiv:2505.21501]({PAPER})\n\n```bibtex\n{BIBTEX}\n```"]
+    return "\n\n".join(parts) + "\n"
+
+
+@dataclass
+class Facts:
+    """What the card says about a run, worked out once from its recipe, summary, export metadata and geometry."""
+    run: Run
+    hub_id: str | None
+    license: str | None
+    weights_text: str
+    from_hub: bool
+    regs: dict  # registers present in the teacher, added, total
+
+    @classmethod
+    def of(cls, run: Run) -> "Facts":
+        r, g, summary = run.recipe, run.geometry, run.summary or {}
+        hub_id, license = base_model(r.model.name, run.config)
+        weights_text, from_hub = weights_line(r.model.name, hub_id, summary.get("weights"))
+        regs = summary.get("registers") or dict(present=g["registers"] - r.model.registers, added=r.model.registers,
+                                                 total=g["registers"])
+        return cls(run, hub_id, license, weights_text, from_hub, regs)
+
+    @property
+    def summary(self) -> dict:
+        return self.run.summary or {}
+
+    @property
+    def teacher(self) -> str:
+        return (self.hub_id if self.from_hub else None) or self.run.recipe.model.name
+
+
+def _front_matter(f: Facts, timm: bool, transformers: dict | None) -> dict:
     front = dict(library_name="timm" if timm else "transformers", pipeline_tag="image-feature-extraction")
-    if hub_id and from_hub:
-        front["base_model"] = (summary.get("weights") or {}).get("hub_id") or hub_id
-    if license and from_hub:  # a local file's license is whatever its maker chose: not ours to assert
-        front["license"] = license
+    if f.hub_id and f.from_hub:
+        front["base_model"] = (f.summary.get("weights") or {}).get("hub_id") or f.hub_id
+    if f.license and f.from_hub:  # a local file's license is whatever its maker chose: not ours to assert
+        front["license"] = f.license
     front["tags"] = (TAGS if timm else [t for t in TAGS if t != "timm"]) + (["transformers"] if transformers else [])
-    teacher = (hub_id if from_hub else None) or r.model.name
+    return front
+
+
+def _intro(f: Facts, timm: bool, transformers: dict | None) -> str:
+    g, regs = f.run.geometry, f.regs
+    present = f" (it already had {regs['present']}: {regs['total']} in total)" if regs["present"] else ""
+    return (f"`{f.teacher}` with **{regs['added']} register tokens added after the fact**{present} by PH-Reg "
+            f"self-distillation ([Chen et al., 2025, *Vision Transformers with Self-Distilled Registers*]({PAPER})), "
+            f"made with phreg. " + (f"It is a stock timm `{g['model_class']}` ({g['registers']} registers, "
+                                    "`no_embed_class=True`): no extra code is needed to use it." if timm else
+                                    f"It is a stock Hugging Face transformers `{HF_CLASS}` ({g['registers']} "
+                                    "registers), converted exactly from phreg's timm student: no extra code is needed "
+                                    "to use it.")
+            + (f" The same student is also in `{transformers['subfolder']}/` as a transformers `{HF_CLASS}`."
+               if timm and transformers else "") + (
+                "" if f.from_hub else " The teacher's weights came from a local file, not from the Hub checkpoint "
+                                      "(file name and sha256 below)."))
+
+
+def _settings(f: Facts) -> list[tuple[str, str]]:
+    """The card's settings table: (setting, value) rows."""
+    run, r, g, summary, regs = f.run, f.run.recipe, f.run.geometry, f.summary, f.regs
     size = r.model.img_size
     steps = summary.get("steps", run.metadata.get("steps", "–"))
     unlocked = "; ".join(", ".join(f"`{p}`" for p in names) + (f" at {scale:g}x lr" if scale != 1 else "")
                          for names, scale in g["unlocked"])
     batch = r.train.batch_size * r.train.grad_accum * ((summary.get("hardware") or {}).get("processes") or 1)
-    regs = summary.get("registers") or dict(present=g["registers"] - r.model.registers, added=r.model.registers,
-                                             total=g["registers"])
     reg_text = f"{regs['added']} added (init: {g['init']})" + (
         f", {regs['present']} already in the teacher: {regs['total']} in total" if regs["present"] else "")
     train_text, held_text = data_lines(summary.get("data"), summary)
     head = run.metadata.get("head") or ("drop" if run.config.get("num_classes") == 0 else "keep")
     dtype = run.metadata.get("dtype", "float32")  # exports that predate the key are float32
     rows = [
-        ("teacher weights", weights_text),
-        *([("license", f"not set: the weights are not the Hub checkpoint (timm lists `{license}` for that one); "
-                       "the local file's own terms apply")] if license and not from_hub else []),
+        ("teacher weights", f.weights_text),
+        *([("license", f"not set: the weights are not the Hub checkpoint (timm lists `{f.license}` for that one); "
+                       "the local file's own terms apply")] if f.license and not f.from_hub else []),
         ("training data", train_text),
         ("held-out set", held_text),
         ("resolution", f"{size} x {size} px ({g['patches']} patches of {g['patch']} px)"),
@@ -241,56 +308,33 @@ def model_card(run: Run, repo_id: str, transformers: dict | None = None, timm: b
         rows.append(("held-out distance", f"mean 1 - cos to denoised teacher features{on}: teacher "
                                           f"{number(heldout.get('teacher'))}, "
                                           f"student {number(heldout.get('student'))}"))
-    name = repo_id.split("/")[1]
+    return rows
+
+
+def _limitations(f: Facts) -> str:
+    g, regs = f.run.geometry, f.regs
+    data = (f.summary.get("data") or {}).get("train") or {}
+    small = data.get("images") is not None and data["images"] < 1000
     tokens = g["prefix"] + g["patches"]
+    return "\n".join([
+        f"- Trained on {data['images']} images only: a demonstration, not a general-purpose model; the features "
+        "are checked against the teacher on the images above, not on a benchmark." if small else
+        "- The features were checked against the teacher on the images named above, not on a public benchmark.",
+        "- The student learns to match the teacher's denoised features: it inherits the teacher's biases and "
+        "cannot know more than the teacher; the class token and any classifier head are not trained for a task.",
+        f"- {regs['added']} extra tokens cost compute: about {100 * regs['added'] / tokens:.0f}% more tokens per "
+        "image at this resolution (see the GFLOPs row of the evaluation when present).",
+        "- Timings (images/s, wall time) depend on the machine that measured them.",
+    ] + ([] if f.from_hub else ["- The teacher weights are a local file, not the Hub checkpoint: compare the "
+                                "sha256 above before assuming they are."]))
+
+
+def _usage(f: Facts, repo_id: str, timm: bool, transformers: dict | None) -> list[str]:
+    r, g = f.run.recipe, f.run.geometry
+    size, tokens = r.model.img_size, g["prefix"] + g["patches"]
     prefix_words = ("class, " if g["class_token"] else "") + f"{g['registers']} registers"
     prefix_short = "class and register" if g["class_token"] else "register"
-    present = f" (it already had {regs['present']}: {regs['total']} in total)" if regs["present"] else ""
-    parts = [
-        "---\n" + yaml.safe_dump(front, sort_keys=False) + "---",
-        f"# {name}",
-        f"`{teacher}` with **{regs['added']} register tokens added after the fact**{present} by PH-Reg "
-        f"self-distillation ([Chen et al., 2025, *Vision Transformers with Self-Distilled Registers*]({PAPER})), "
-        f"made with phreg. " + (f"It is a stock timm `{g['model_class']}` ({g['registers']} registers, "
-                                "`no_embed_class=True`): no extra code is needed to use it." if timm else
-                                f"It is a stock Hugging Face transformers `{HF_CLASS}` ({g['registers']} registers), "
-                                "converted exactly from phreg's timm student: no extra code is needed to use it.")
-        + (f" The same student is also in `{transformers['subfolder']}/` as a transformers `{HF_CLASS}`."
-           if timm and transformers else "") + (
-            "" if from_hub else " The teacher's weights came from a local file, not from the Hub checkpoint (file "
-                                "name and sha256 below)."),
-        "## What was done",
-        "The student is the teacher's own network with fresh register tokens. It was trained to reproduce the "
-        "teacher's *denoised* patch features: each training image is seen in several shifted and mirrored views, the "
-        "frozen teacher's features of every view are mapped back to the original patch grid and averaged, which "
-        "cancels the artifacts tied to positions. Only the parameters listed below were trained, on (1 - cosine) + "
-        "MSE over patch tokens; the rest is the teacher, unchanged.",
-        "| setting | value |\n| --- | --- |\n" + "\n".join(f"| {k} | {_cell(v)} |" for k, v in rows),
-    ]
-    if run.eval is not None:
-        parts += ["## Evaluation", eval_lead(run.eval), eval_table(run.eval)]
-        if run.figure is not None:
-            parts.append(f"![teacher vs student]({FIGURE})")
-        if "zeroshot" in run.eval:
-            parts.append(zeroshot_table(run.eval["zeroshot"]))
-    data = (summary.get("data") or {}).get("train") or {}
-    small = data.get("images") is not None and data["images"] < 1000
-    parts += [
-        "## Limitations",
-        "\n".join([
-            f"- Trained on {data['images']} images only: a demonstration, not a general-purpose model; the features "
-            "are checked against the teacher on the images above, not on a benchmark." if small else
-            "- The features were checked against the teacher on the images named above, not on a public benchmark.",
-            "- The student learns to match the teacher's denoised features: it inherits the teacher's biases and "
-            "cannot know more than the teacher; the class token and any classifier head are not trained for a task.",
-            f"- {regs['added']} extra tokens cost compute: about {100 * regs['added'] / tokens:.0f}% more tokens per "
-            "image at this resolution (see the GFLOPs row of the evaluation when present).",
-            "- Timings (images/s, wall time) depend on the machine that measured them.",
-        ] + ([] if from_hub else ["- The teacher weights are a local file, not the Hub checkpoint: compare the "
-                                  "sha256 above before assuming they are."])),
-        "## Usage",
-        *([] if timm else transformers_usage(repo_id, transformers, g)),
-        *([f"""```python
+    timm_usage = [f"""```python
 import timm
 import torch
 from PIL import Image
@@ -302,21 +346,22 @@ x = transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0)
 with torch.no_grad():
     tokens = model.forward_features(x)         # (1, {tokens}, {g['width']}): {prefix_words}, patches
 patches = tokens[:, model.num_prefix_tokens:]  # drop the {prefix_short} tokens: (1, {g['patches']}, {g['width']})
-```""",
-        "Other resolutions: `timm.create_model(..., pretrained=True, dynamic_img_size=True)`."] if timm else []),
-        *(clip_usage(repo_id, r.model, size // g["patch"]) if r.model.text_model else []),
-        *(transformers_usage(repo_id, transformers, g) if timm and transformers else []),
-        "## Files",
-        (f"- `{WEIGHTS}`, `{CONFIG}`: the student in timm's Hub layout\n" if timm else "")
-        + (transformers_files(transformers) if transformers else "")
-        + f"- `{RECIPE}`: the resolved phreg recipe it was trained with (`phreg distill {RECIPE}`; local paths in it "
-        "are those of the training machine)" + (f"\n- `{FIGURE}`: a figure from the eval report" if run.figure else "")
-        + (f"\n- `{TEXT_FILE}`: CLIP's text tower (open_clip `{r.model.text_model}`), for zero-shot use"
-           if r.model.text_model else ""),
-        "## Citation",
-        f"PH-Reg: [arXiv:2505.21501]({PAPER})\n\n```bibtex\n{BIBTEX}\n```",
-    ]
-    return "\n\n".join(parts) + "\n"
+```""", "Other resolutions: `timm.create_model(..., pretrained=True, dynamic_img_size=True)`."]
+    return [*([] if timm else transformers_usage(repo_id, transformers, g)),
+            *(timm_usage if timm else []),
+            *(clip_usage(repo_id, r.model, size // g["patch"]) if r.model.text_model else []),
+            *(transformers_usage(repo_id, transformers, g) if timm and transformers else [])]
+
+
+def _files(f: Facts, timm: bool, transformers: dict | None) -> str:
+    r, run = f.run.recipe, f.run
+    return ((f"- `{WEIGHTS}`, `{CONFIG}`: the student in timm's Hub layout\n" if timm else "")
+            + (transformers_files(transformers) if transformers else "")
+            + f"- `{RECIPE}`: the resolved phreg recipe it was trained with (`phreg distill {RECIPE}`; local paths in "
+            "it are those of the training machine)" + (f"\n- `{FIGURE}`: a figure from the eval report"
+                                                       if run.figure else "")
+            + (f"\n- `{TEXT_FILE}`: CLIP's text tower (open_clip `{r.model.text_model}`), for zero-shot use"
+               if r.model.text_model else ""))
 
 
 def zeroshot_table(z: dict) -> str:

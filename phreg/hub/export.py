@@ -2,7 +2,7 @@
 
 `timm.create_model('local-dir:RUN/export', pretrained=True)` rebuilds the student, registers included, without phreg.
 The folder is written whole or not at all (see `files.atomic_dir`); the weights go to disk straight from the student's
-tensors (`phreg.tensorfile`: in the export's dtype, converted in bounded chunks where they are not, no copy of the
+tensors (`phreg.files.tensorfile`: in the export's dtype, converted in bounded chunks where they are not, no copy of the
 state dict), with sorted header metadata, so the same student and dtype always export to the same bytes.
 
 The dtype (`export.dtype`, `phreg export --dtype`): fp32, bf16 or fp16 for every floating tensor; `auto` is the dtype
@@ -25,9 +25,9 @@ import safetensors
 
 from .. import __version__
 from ..errors import UsageError
-from ..files import atomic_dir, replaceable, writing
-from ..run import (CONFIG, EXPORT, MODEL, RECIPE, TEXT_FILE, WEIGHTS, checkpoint_step, newest_valid,
-                   MANIFEST, STATE, require_run)
+from ..files.atomic import atomic_dir, replaceable, writing
+from ..run.folder import (CONFIG, EXPORT, MANIFEST, MODEL, RECIPE, STATE, TEXT_FILE, WEIGHTS, checkpoint_step,
+                          newest_valid, require_run)
 
 if TYPE_CHECKING:  # torch and timm are imported where they are used: `phreg export RUN` checks RUN first
     import torch
@@ -85,7 +85,7 @@ def stored_dtype(metadata: dict[str, str]) -> torch.dtype:
 
 def export_metadata(recipe, steps: int) -> dict[str, str]:
     """What the weights' header says about where they came from (str -> str, as safetensors wants)."""
-    from ..recipe import recipe_hash
+    from ..config.recipe import recipe_hash
 
     return dict(phreg_version=__version__, base_model=recipe.model.name, recipe_hash=recipe_hash(recipe),
                 registers=str(recipe.model.registers), steps=str(steps), head=recipe.export.head)
@@ -126,7 +126,7 @@ def export_student(student: VisionTransformer, out: str | Path, mean, std, metad
     import torch
     from timm.models._hub import save_config_for_hf
 
-    from ..tensorfile import save_file
+    from ..files.tensorfile import save_file
 
     out, dtype = Path(out), dtype or torch.float32
     student = with_head(student, metadata.get("head", "drop"))
@@ -162,7 +162,7 @@ def export_run(run: str | Path, out: str | Path | None = None, dtype: str | None
     the run (and must be the same file: the checkpoint records their identity). A checkpoint of the first format
     holds every tensor and needs no base weights.
     """
-    from ..recipe import load_recipe
+    from ..config.recipe import load_recipe
 
     run = require_run(run)
     checkpoint = newest_valid(run, move_aside=False)  # a damaged newer one is reported and skipped
@@ -175,7 +175,7 @@ def export_run(run: str | Path, out: str | Path | None = None, dtype: str | None
     recipe = load_recipe(run / RECIPE)
     whole = json.loads((checkpoint / MANIFEST).read_text()).get("format") == "phreg.checkpoint/1"
     student, mean, std = _from_whole(recipe, checkpoint) if whole else _from_base(recipe, checkpoint)
-    from ..models import find_weights
+    from ..models.weights import find_weights
 
     steps = checkpoint_step(checkpoint)
     return export_student(student, out, mean, std, export_metadata(recipe, steps), text_tower=run / TEXT_FILE,
@@ -186,8 +186,9 @@ def export_run(run: str | Path, out: str | Path | None = None, dtype: str | None
 def _from_base(recipe, checkpoint: Path):
     """The student as the run built it (base weights, registers), with the checkpoint's trained tensors given to it
     as its own (`assign`: the base model's storage, which the frozen rest shares, is never written)."""
-    from ..models import base_change, find_weights, frozen_dtype, load_teacher, normalization
-    from ..tensorfile import load_file
+    from ..files.tensorfile import load_file
+    from ..models.loading import frozen_dtype, load_teacher, normalization
+    from ..models.weights import base_change, find_weights
 
     m = recipe.model
     try:
@@ -227,7 +228,8 @@ def _from_whole(recipe, checkpoint: Path):
     (strict load: a checkpoint of another recipe is refused)."""
     import safetensors.torch
 
-    from ..models import build_model, check_img_size, normalization
+    from ..models.loading import build_model, normalization
+    from ..models.names import check_img_size
 
     m = recipe.model
     try:

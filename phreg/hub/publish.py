@@ -23,10 +23,11 @@ import safetensors
 
 from .. import __version__
 from ..errors import UsageError
-from .card import CARD, FIGURE, RECIPE, Run, model_card
-from .export import CONFIG, TEXT_FILE, WEIGHTS, read_metadata, without_origin
-from ..files import atomic_dir, replaceable
-from ..run import EVAL, EXPORT, SUMMARY, checkpoint_step, finished, latest_checkpoint, require_run
+from ..files.atomic import atomic_dir, replaceable
+from ..run.folder import (CONFIG, EVAL, EXPORT, RECIPE, SUMMARY, TEXT_FILE, WEIGHTS, checkpoint_step, finished,
+                          latest_checkpoint, require_run)
+from .card import CARD, FIGURE, Run, model_card
+from .export import read_metadata, without_origin
 from .transformers import FILES as TRANSFORMERS_FILES, PROCESSOR, SUBFOLDER
 
 FILES = (WEIGHTS, CONFIG, RECIPE, CARD, FIGURE, TEXT_FILE, PROCESSOR)
@@ -51,7 +52,7 @@ def check_repo_id(repo_id: str) -> str:
 
 def read_run(run: str | Path) -> Run:
     """Check that `run` holds a finished export that loads in stock timm, and gather what the card says."""
-    from ..recipe import load_recipe, recipe_hash
+    from ..config.recipe import load_recipe, recipe_hash
 
     run = require_run(run)
     export = run / EXPORT
@@ -63,7 +64,7 @@ def read_run(run: str | Path) -> Run:
     import timm  # only now: the cheap checks above answer in a fraction of a second
 
     from ..backbones import backbone
-    from ..models import error_summary
+    from ..models.loading import error_summary
 
     try:  # what timm's strict load checks, without reading the weights: the architecture on "meta", the header
         metadata = read_metadata(export / WEIGHTS)  # a truncated or foreign file fails here
@@ -72,18 +73,16 @@ def read_run(run: str | Path) -> Run:
         with safetensors.safe_open(str(export / WEIGHTS), "pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # safetensors, JSON and timm raise many types
-        raise UsageError(f"the export in {export} does not load: {error_summary(e)}; "
-                         f"rebuild it with `phreg export {run}`") from None
+        raise rebuild(run, f"the export in {export} does not load: {error_summary(e)}") from None
     wanted = {k: tuple(v.shape) for k, v in student.state_dict().items()}
     if shapes != wanted:
         key = sorted(set(shapes) ^ set(wanted)) or [k for k in wanted if shapes[k] != wanted[k]]
-        raise UsageError(f"the export in {export} does not load: {WEIGHTS} does not fit {CONFIG} (first difference: "
-                         f"{key[0]}); rebuild it with `phreg export {run}`")
+        raise rebuild(run, f"the export in {export} does not load: {WEIGHTS} does not fit {CONFIG} (first "
+                           f"difference: {key[0]})")
     recipe = load_recipe(run / RECIPE)
     if metadata.get("recipe_hash") not in (None, recipe_hash(recipe)):
-        raise UsageError(f"{export / WEIGHTS} was made from another recipe than {run / RECIPE} "
-                         f"(hash {metadata['recipe_hash']} vs {recipe_hash(recipe)}); rebuild it with "
-                         f"`phreg export {run}`")
+        raise rebuild(run, f"{export / WEIGHTS} was made from another recipe than {run / RECIPE} (hash "
+                           f"{metadata['recipe_hash']} vs {recipe_hash(recipe)})")
     summary = _read_json(run / SUMMARY) if (run / SUMMARY).is_file() else None
     if not finished(run):  # `phreg export` of a stopped run, or a run resumed to train longer
         said = "no summary.json" if summary is None else f"summary.json says step {summary.get('steps')}"
@@ -265,3 +264,8 @@ def push(run: str | Path, repo_id: str, *, private: bool = False, revision: str 
             commit_message=message, revision=revision))
     say(f"pushed {', '.join(names)} to {repo_id}" + (f"@{revision}" if revision else ""))
     return getattr(commit, "commit_url", None) or f"{where}/{repo_id}"
+
+
+def rebuild(run: Path, why: str) -> UsageError:
+    """An export that cannot be published as it is: why, and the command that writes it again."""
+    return UsageError(f"{why}; rebuild it with `phreg export {run}`")

@@ -32,8 +32,8 @@ import tempfile
 from pathlib import Path
 
 from ..errors import Aborted, UsageError
-from ..files import atomic_dir, replaceable, writing
-from ..run import RECIPE, require_run
+from ..files.atomic import atomic_dir, replaceable, writing
+from ..run.folder import RECIPE, require_run
 
 ARCHITECTURE = "Dinov2WithRegistersModel"
 WEIGHTS, CONFIG, PROCESSOR = "model.safetensors", "config.json", "preprocessor_config.json"
@@ -257,8 +257,8 @@ def write_transformers(student, folder: str | Path, metadata: dict[str, str] | N
     import torch
     from timm.data import resolve_data_config
 
+    from ..files.tensorfile import save_file
     from .export import check_range, dtype_name
-    from ..tensorfile import save_file
 
     transformers = require_transformers()
     if not student.no_embed_class:  # phreg's students never are: their class entry is folded into cls_token
@@ -301,8 +301,7 @@ def export_transformers(student, out: str | Path, metadata: dict[str, str] | Non
     """The transformers folder `out` (`FILES`) for a timm student, written whole or not at all, its weights in `dtype`
     (default float32)."""
     out = Path(out)
-    if not replaceable(out, set(FILES)):
-        raise UsageError(f"refusing to replace {out}: it exists and is not a transformers export; choose a new folder")
+    check_replaceable(out)
     require_transformers()
     check_exportable(student, name or student.pretrained_cfg.get("architecture", "the model"), run)
     with writing("the transformers export", out), atomic_dir(out) as tmp:
@@ -313,7 +312,7 @@ def _from_timm_export(export: Path):
     """A timm export folder -> (the student, its safetensors metadata, the dtype its weights are stored in)."""
     import timm
 
-    from .export import WEIGHTS as TIMM_WEIGHTS
+    from ..run.folder import WEIGHTS as TIMM_WEIGHTS
     from .export import read_metadata, stored_dtype
 
     student = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
@@ -343,14 +342,13 @@ def export_run_transformers(run: str | Path, out: str | Path | None = None, timm
     or else to a temporary folder beside `out`, removed after: the transformers folder is the conversion of exactly
     what `phreg export RUN` writes. Everything that can be checked without the weights is checked before anything is
     written."""
-    from ..models import build_model
-    from ..recipe import load_recipe
+    from ..config.recipe import load_recipe
+    from ..models.loading import build_model
     from .export import export_run
 
     run = require_run(run)
     out = Path(out) if out is not None else run / f"export{SUFFIX}"
-    if not replaceable(out, set(FILES)):
-        raise UsageError(f"refusing to replace {out}: it exists and is not a transformers export; choose a new folder")
+    check_replaceable(out)
     require_transformers()
     name = load_recipe(run / RECIPE).model.name
     check_exportable(build_model(name, pretrained=False, device="meta"), name, run)  # the teacher's layout is the student's
@@ -364,3 +362,9 @@ def export_run_transformers(run: str | Path, out: str | Path | None = None, timm
         return out, export_transformers(student, out, metadata, name, run, stored)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def check_replaceable(out: Path) -> None:
+    """Only a new folder or an earlier transformers export is replaced."""
+    if not replaceable(out, set(FILES)):
+        raise UsageError(f"refusing to replace {out}: it exists and is not a transformers export; choose a new folder")

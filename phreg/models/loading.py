@@ -3,7 +3,7 @@
 
 Every mistake a user can make here (a name timm does not know, a family phreg does not distill, a file that is not
 weights or does not fit, no weights and no network) is one `UsageError` line; the checks that need no torch are
-`phreg.preflight`'s, called from here too, so that each message is written once.
+`phreg.models.names`', called from here too, so that each message is written once.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 from timm.data import resolve_data_config
 
 from ..backbones import backbone
+from ..config.recipe import ModelCfg
 from ..errors import UsageError
-from ..preflight import check_img_size, check_model_name, unknown_model
-from ..recipe import ModelCfg
+from .names import check_img_size, check_model_name, unknown_model
 from .weights import checkpoints_dir, find_weights, hub_cached, offline_reason, quiet_hub
 
 
@@ -152,12 +152,12 @@ def load_into_meta(name: str, file: str | Path, dtype: torch.dtype | None = None
     once by timm's own loader (safetensors, or `torch.load(weights_only=True)`), the family's `checkpoint_filter_fn`
     adapts it as timm would (DINOv2 original keys, `pos_embed` resampling to `img_size`, ...), and
     `load_state_dict(assign=True)` makes those tensors the model's own. A safetensors file is read tensor by tensor
-    into the model's own storage (`phreg.tensorfile`: no memory map whose pages would count a second time), converted
+    into the model's own storage (`phreg.files.tensorfile`: no memory map whose pages would count a second time), converted
     to `dtype` (bf16 frozen weights) one tensor at a time: the linear layers' weight matrices, which are >99% of a
     ViT's bytes; tokens, the patch conv, norms, biases and layer scales stay float32, as autocast wants them on
     every device (CPU autocast does not cast a LayerNorm's or a conv's parameters).
     """
-    from ..tensorfile import load_file
+    from ..files.tensorfile import load_file
 
     model = timm.create_model(name, pretrained=False, device="meta", **kwargs)
     try:

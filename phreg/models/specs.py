@@ -3,7 +3,7 @@ export folder or a phreg run folder (its export, at the run's resolution), and t
 from. `inspect`, `eval` and `segment` take any of these; `Loaded` carries what they need besides the network.
 
 The spec's shape (a run without an export, a folder that is neither, a path that is not there) is checked by
-`phreg.preflight.check_model_spec`, which the CLI has called already; here it runs again for callers without the CLI.
+`phreg.models.names.check_model_spec`, which the CLI has called already; here it runs again for callers without the CLI.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 import timm
 import torch
 
-from ..preflight import check_model_spec
-from ..recipe import ModelCfg, load_recipe
-from .loading import load_teacher, normalization, unknown_model
+from ..config.recipe import ModelCfg, load_recipe
+from .loading import load_teacher, normalization
+from .names import check_model_spec, unknown_model
 
 
 @dataclass

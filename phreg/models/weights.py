@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ..files import sha256_file
-from ..recipe import ModelCfg
+from ..config.recipe import ModelCfg
+from ..files.atomic import sha256_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin", ".pt")
 HUB_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")

@@ -3,11 +3,22 @@
 `find_register_neurons` finds the few MLP units that write a model's outlier tokens (`neurons.py`);
 `add_test_time_registers` moves their activations onto one extra, zero-initialised token at inference, and
 `save_test_time_registers` / `load_test_time_registers` keep that as the base weights' reference plus a sidecar JSON
-(`model.py`); `use.py` resolves `--ttr SIDECAR|find` for inspect, eval, segment, `model.teacher_ttr` and
-`phreg.dense_features(..., ttr=...)`. Stock timm alone does not apply the fix: the hooks live on the model phreg builds.
+(`model.py`, the file itself in `sidecar.py`); `use.py` resolves `--ttr SIDECAR|find` for inspect, eval, segment,
+`model.teacher_ttr` and `phreg.dense_features(..., ttr=...)`. Stock timm alone does not apply the fix: the hooks live
+on the model phreg builds. The public names below are imported on first use, so the torch-free sidecar checks stay
+torch-free.
 """
 
-from .model import (TestTimeRegisters, add_test_time_registers, load_test_time_registers,  # noqa: F401
-                    save_test_time_registers)
-from .neurons import Neuron, RegisterNeurons, find_register_neurons, outlier_mask  # noqa: F401
-from .use import neurons_for, read_sidecar, with_test_time_registers  # noqa: F401
+PUBLIC = {"TestTimeRegisters": "model", "add_test_time_registers": "model", "load_test_time_registers": "model",
+          "save_test_time_registers": "model", "Neuron": "neurons", "RegisterNeurons": "neurons",
+          "find_register_neurons": "neurons", "outlier_mask": "neurons", "neurons_for": "use",
+          "with_test_time_registers": "use", "read_sidecar": "sidecar"}
+__all__ = sorted(PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{PUBLIC[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

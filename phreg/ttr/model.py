@@ -30,13 +30,9 @@ import torch
 
 from ..backbones import add_registers
 from ..errors import UsageError
-from ..files import write_json
 from .neurons import RegisterNeurons
+from .sidecar import PATCH_VALUE, SIDECAR, read_sidecar, sidecar_record, write_sidecar
 
-SCHEMA = "phreg.ttr/1"
-SIDECAR = "test_time_registers.json"
-REGISTER_VALUE = "per neuron, the signed extreme (largest |activation|) over the image's tokens, before the edit"
-PATCH_VALUE = 0.0
 
 
 class MoveToRegister:
@@ -106,41 +102,16 @@ def add_test_time_registers(teacher: torch.nn.Module,
     return model
 
 
-def base_identity(cfg) -> dict:
-    """The base model as a sidecar names it: timm name / spec, input size, normalization, where its weights are from
-    (file name + sha256, or Hub id + revision: `phreg.models.Weights.record`)."""
-    from ..models import find_weights
-
-    return dict(name=cfg.name, img_size=cfg.img_size, mean=cfg.mean, std=cfg.std,
-                weights=find_weights(cfg).record(cfg.name))
-
-
-def sidecar(model: torch.nn.Module, base) -> dict:
-    """The JSON that makes a test-time-register model reproducible: base identity, neurons, how they are moved."""
-    ttr = _ttr(model)
-    return dict(
-        schema=SCHEMA,
-        method="test-time registers (Jiang et al., 2025, 'Vision Transformers Don't Need Trained Registers')",
-        note="stock timm alone does not apply this: load it with phreg.ttr.load_test_time_registers",
-        base=base_identity(base) if not isinstance(base, dict) else base,
-        registers=1, register_init="zeros, no positional embedding", register_token=ttr.register,
-        read_at="input of blocks[i].mlp.fc2 (the MLP hidden activation)",
-        neurons={str(b): u for b, u in ttr.neurons.items()},
-        register_value=REGISTER_VALUE, patch_value=PATCH_VALUE, class_and_old_registers="unchanged",
-        found=ttr.found.to_dict() if ttr.found is not None else None)
-
-
 def save_test_time_registers(model: torch.nn.Module, path: str | Path, base) -> Path:
     """Write the sidecar (atomically) to `path`, a .json file or a folder (then `test_time_registers.json` in it).
 
-    `base`: the `phreg.recipe.ModelCfg` the teacher was loaded with (or an identity dict from `base_identity`). The
+    `base`: the `phreg.config.recipe.ModelCfg` the teacher was loaded with (or an identity dict from `base_identity`). The
     weights themselves are not copied: publish the sidecar next to the base weights file, or name the base model.
     """
-    path = Path(path)
-    path = path / SIDECAR if path.suffix != ".json" else path
-    record = sidecar(model, base)
-    write_json(path, record)
-    _ttr(model).base = record["base"]
+    ttr = _ttr(model)
+    record = sidecar_record(base, ttr.neurons, ttr.register, ttr.found.to_dict() if ttr.found is not None else None)
+    path = write_sidecar(path, record)
+    ttr.base = record["base"]
     return path
 
 
@@ -150,10 +121,10 @@ def load_test_time_registers(path: str | Path, checkpoint: str | Path | None = N
     The base weights are, in order: `checkpoint`, the recorded file name beside the sidecar, else phreg's usual
     lookup of the recorded model name (checkpoints folder, Hub cache). A recorded sha256 must match.
     """
-    from ..models import find_weights, load_teacher, sha256_file
-    from ..recipe import ModelCfg
-
-    from .use import read_sidecar
+    from ..config.recipe import ModelCfg
+    from ..files.atomic import sha256_file
+    from ..models.loading import load_teacher
+    from ..models.weights import find_weights
 
     path = Path(path).expanduser()
     path = path / SIDECAR if path.is_dir() else path

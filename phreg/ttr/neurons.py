@@ -121,6 +121,27 @@ def find_register_neurons(model: torch.nn.Module, images: torch.Tensor, *, layer
     One forward per `chunk` images, up to the detection block only (`stop_early`): the hidden activations of the
     searched MLPs are held for one chunk, reduced to sums elsewhere, and kept only at the (few) outlier tokens.
     """
+    det, candidates = _search_blocks(model, images, layer, blocks)
+    outlier_mask(images.new_ones(1, 1), ratio, tails)  # validates ratio and tails before any work
+    stats = _activation_stats(model, images, det, candidates, ratio, tails, chunk)
+    tokens = stats.n_high + stats.n_low
+    outliers = dict(layer=det, ratio=ratio, tails=tails, tokens=tokens,
+                    fraction=tokens / max(1, tokens + stats.n_else), high=stats.n_high, low=stats.n_low,
+                    rule=f"patch-token norm at the output of block {det} (pre-norm) "
+                         + dict(both=f"above {ratio:g}x or below 1/{ratio:g} of", high=f"above {ratio:g}x",
+                                low=f"below 1/{ratio:g} of")[tails] + " its image's median")
+    if tokens == 0:
+        return RegisterNeurons([], 0.0, outliers, None, [], len(images))
+    sep = torch.cat(stats.log_ratio, 1).median(1).values  # per block, the typical outlier's distance from the median
+    passed = (sep >= math.log(ratio)).nonzero().flatten()
+    appear = int(passed[0]) if len(passed) else det
+    searched = [b for b in candidates if b <= appear] if blocks is None else candidates
+    neurons, coverage = _rank(stats, searched, top_k, max_k, min_separation)
+    return RegisterNeurons(neurons, coverage, outliers, appear, searched, len(images))
+
+
+def _search_blocks(model, images, layer: int, blocks: list[int] | None) -> tuple[int, list[int]]:
+    """The detection block and the blocks whose MLPs are searched, checked against the model."""
     depth = len(model.blocks)
     if not -depth <= layer < depth:
         raise UsageError(f"layer={layer}: the model has blocks 0..{depth - 1}")
@@ -129,10 +150,26 @@ def find_register_neurons(model: torch.nn.Module, images: torch.Tensor, *, layer
     det = layer % depth
     if blocks is not None and any(not -depth <= b < depth or b % depth > det for b in blocks):
         raise UsageError(f"blocks={blocks}: search blocks 0..{det} (up to the outlier layer {det})")
-    candidates = sorted({b % depth for b in blocks}) if blocks is not None else list(range(det + 1))
-    outlier_mask(images.new_ones(1, 1), ratio, tails)  # validates ratio and tails before any work
-    prefix = int(model.num_prefix_tokens)
+    return det, sorted({b % depth for b in blocks}) if blocks is not None else list(range(det + 1))
 
+
+@dataclass
+class _Stats:
+    """What one pass over the images keeps, per searched block: sums of |activation| over the tokens elsewhere, and
+    the activations at the outlier tokens themselves."""
+    s1: dict
+    s2: dict
+    at: dict
+    log_ratio: list  # (blocks, outliers): |log(norm / image median)| of the outliers, per chunk
+    n_high: int = 0
+    n_low: int = 0
+    n_else: int = 0
+
+
+def _activation_stats(model, images, det: int, candidates: list[int], ratio: float, tails: str,
+                      chunk: int) -> _Stats:
+    """One forward per `chunk` images, up to the detection block only (`stop_early`), hooks on the searched MLPs."""
+    prefix = int(model.num_prefix_tokens)
     hidden: dict[int, torch.Tensor] = {}
     norms: dict[int, torch.Tensor] = {}
     hooks = [model.blocks[b].mlp.fc2.register_forward_pre_hook(
@@ -140,12 +177,7 @@ def find_register_neurons(model: torch.nn.Module, images: torch.Tensor, *, layer
     hooks += [model.blocks[b].register_forward_hook(
         lambda m, args, out, b=b: norms.__setitem__(b, out[:, prefix:].float().norm(dim=-1)))
         for b in range(det + 1)]
-    # per searched block: sums over the tokens elsewhere, and the activations at the outlier tokens themselves
-    s1 = {b: 0 for b in candidates}
-    s2 = {b: 0 for b in candidates}
-    at: dict[int, list[torch.Tensor]] = {b: [] for b in candidates}
-    log_ratio: list[torch.Tensor] = []  # (blocks, outliers): |log(norm / image median)| of the outliers per block
-    n_high = n_low = n_else = 0
+    st = _Stats({b: 0 for b in candidates}, {b: 0 for b in candidates}, {b: [] for b in candidates}, [])
     try:
         for x in images.split(chunk):
             hidden.clear()
@@ -154,40 +186,33 @@ def find_register_neurons(model: torch.nn.Module, images: torch.Tensor, *, layer
                                         stop_early=True)
             high, low = outlier_mask(norms[det], ratio, tails)
             mask = high | low
-            n_high, n_low, n_else = n_high + high.sum(), n_low + low.sum(), n_else + (~mask).sum()
+            st.n_high, st.n_low = st.n_high + int(high.sum()), st.n_low + int(low.sum())
+            st.n_else += int((~mask).sum())
             for b in candidates:
                 h = hidden[b].float().abs()
                 rest = h.masked_fill(mask[..., None], 0).flatten(0, 1)
-                s1[b] = s1[b] + rest.sum(0).double()
-                s2[b] = s2[b] + rest.square().sum(0).double()
-                at[b].append(h[mask])
-            log_ratio.append(torch.stack([
+                st.s1[b] = st.s1[b] + rest.sum(0).double()
+                st.s2[b] = st.s2[b] + rest.square().sum(0).double()
+                st.at[b].append(h[mask])
+            st.log_ratio.append(torch.stack([
                 (norms[b] / norms[b].median(1, keepdim=True).values.clamp(min=1e-12)).log()[mask].abs()
                 for b in range(det + 1)]))
     finally:
         for hook in hooks:
             hook.remove()
+    return st
 
-    n_high, n_low, n_else = int(n_high), int(n_low), int(n_else)
-    tokens = n_high + n_low
-    outliers = dict(layer=det, ratio=ratio, tails=tails, tokens=tokens, fraction=tokens / max(1, tokens + n_else),
-                    high=n_high, low=n_low,
-                    rule=f"patch-token norm at the output of block {det} (pre-norm) "
-                         + dict(both=f"above {ratio:g}x or below 1/{ratio:g} of", high=f"above {ratio:g}x",
-                                low=f"below 1/{ratio:g} of")[tails] + " its image's median")
-    if tokens == 0:
-        return RegisterNeurons([], 0.0, outliers, None, [], len(images))
 
-    sep = torch.cat(log_ratio, 1).median(1).values  # per block, the typical outlier's distance from the median
-    passed = (sep >= math.log(ratio)).nonzero().flatten()
-    appear = int(passed[0]) if len(passed) else det
-    searched = [b for b in candidates if b <= appear] if blocks is None else candidates
-
+def _rank(st: _Stats, searched: list[int], top_k: int | None, max_k: int,
+          min_separation: float) -> tuple[list[Neuron], float]:
+    """The units whose mean at the outliers stands `min_separation` std above elsewhere, by contrast; `top_k` of
+    them, or as many as the largest relative drop in contrast keeps. Returns them and the share of outliers at which
+    at least one fires."""
     rows = []  # per searched block: (H,) mean at outliers, mean elsewhere, std elsewhere
     for b in searched:
-        mean_else = s1[b] / max(1, n_else)
-        std_else = (s2[b] / max(1, n_else) - mean_else.square()).clamp(min=0).sqrt()
-        acts = torch.cat(at[b])
+        mean_else = st.s1[b] / max(1, st.n_else)
+        std_else = (st.s2[b] / max(1, st.n_else) - mean_else.square()).clamp(min=0).sqrt()
+        acts = torch.cat(st.at[b])
         rows.append((acts, acts.double().mean(0), mean_else, std_else))
     contrast = torch.stack([m_out - m_else for _, m_out, m_else, _ in rows])  # (blocks, H)
     std = torch.stack([s for *_, s in rows]).clamp(min=1e-6)
@@ -205,7 +230,7 @@ def find_register_neurons(model: torch.nn.Module, images: torch.Tensor, *, layer
     else:
         k = eligible
     width = contrast.shape[1]
-    neurons, fires_any = [], torch.zeros(tokens, dtype=torch.bool, device=contrast.device)
+    neurons, fires_any = [], torch.zeros(st.n_high + st.n_low, dtype=torch.bool, device=contrast.device)
     for flat in order[:k].tolist():
         i, unit = divmod(flat, width)
         acts, m_out, m_else, s_else = rows[i]
@@ -213,4 +238,4 @@ def find_register_neurons(model: torch.nn.Module, images: torch.Tensor, *, layer
         fires_any |= fires
         neurons.append(Neuron(searched[i], unit, float(m_out[unit]), float(m_else[unit]),
                               float(separation[i, unit]), float(fires.double().mean())))
-    return RegisterNeurons(neurons, float(fires_any.double().mean()), outliers, appear, searched, len(images))
+    return neurons, float(fires_any.double().mean())

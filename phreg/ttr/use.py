@@ -9,7 +9,6 @@ PH-Reg student of the model they were found in: its early blocks are the teacher
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -17,26 +16,11 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from .model import SCHEMA, SIDECAR, add_test_time_registers
+from .model import add_test_time_registers
 from .neurons import RegisterNeurons, find_register_neurons
+from .sidecar import read_sidecar
 
 FIND_IMAGES = 16  # images the finder reads when `how` is "find": enough for a stable ranking (tests: 16 CamVid frames)
-
-
-def read_sidecar(path: str | Path) -> dict:
-    """The sidecar's record (validated): {schema, base, neurons: {"block": [units]}, found, ...}."""
-    path = Path(path).expanduser()
-    path = path / SIDECAR if path.is_dir() else path
-    if not path.is_file():
-        raise UsageError(f"{path}: no test-time-register sidecar there")
-    try:
-        record = json.loads(path.read_text())
-        assert isinstance(record, dict) and record.get("schema") == SCHEMA, \
-            f"schema {record.get('schema') if isinstance(record, dict) else None!r}, expected {SCHEMA}"
-        record["neurons"] = {int(b): [int(u) for u in units] for b, units in record["neurons"].items()}
-    except (ValueError, AssertionError, KeyError, AttributeError, TypeError) as e:
-        raise UsageError(f"{path} is not a test-time-register sidecar: {e}") from None
-    return record
 
 
 def neurons_for(how: str | Path, model: torch.nn.Module,

@@ -1,0 +1,1 @@
+"""Recipes: plain data (YAML) checked against typed dataclasses (`recipe`). Torch-free."""
