@@ -108,7 +108,7 @@ def flops_per_image(ref: ReferenceStep, images, plans) -> dict:
         target = ref.targets(images, plans)
     teacher = fc.get_total_flops() / b
     with FlopCounterMode(display=False) as fc:
-        pred = ref.student.forward_features(images)[:, ref.student.num_prefix_tokens:]
+        pred = ref.student.forward_features(images.to(target.device))[:, ref.student.num_prefix_tokens:]
         ((pred - target) ** 2).mean().backward()
     ref.optimizer.zero_grad()
     return dict(teacher=teacher, student=fc.get_total_flops() / b)
