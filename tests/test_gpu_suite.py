@@ -1,4 +1,5 @@
-"""benchmarks/gpu_suite.sh on a machine without a GPU: one line, exit 0, nothing written."""
+"""benchmarks/gpu_suite.sh on a machine without a GPU: one line, exit 0, nothing written; the meta placement its dry
+run is built on, where a device mix the GPU would hit raises too."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def test_gpu_suite_without_a_gpu_says_so_in_one_line_and_exits_0(tmp_path):
@@ -23,30 +25,86 @@ def test_gpu_suite_without_a_gpu_says_so_in_one_line_and_exits_0(tmp_path):
     assert not out.exists()
 
 
-def test_reference_step_runs_where_its_models_are():
-    """The loader makes views and index maps on the CPU; the reference step must move them to its models' device.
-    Issue 19: it fed CPU views to a CUDA teacher and crashed on any GPU. Shown here with the models on `meta`: the
-    step gets through views, teacher forward and the index scatter, up to its NaN check (a read-back meta cannot do)."""
+# ---------------------------------------------------------------------------------------- the meta placement
+def _meta_models(views: int = 2):
+    """A 2-block DINOv2-S teacher and its student on `meta`, the reference step around them, and phreg's denoised
+    teacher (auto chunk), as the dry run places them; the data stays on the CPU."""
     import timm
-    from torch.fx.experimental import _config as fx_config
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from reference import ReferenceStep
 
     from phreg.backbones import add_registers
-    from phreg.recipe import load_recipe
+    from phreg.denoise.targets import DenoisedTeacher
+    from phreg.recipe import ViewsCfg, load_recipe
 
     teacher = timm.create_model("vit_small_patch14_dinov2", pretrained=False, depth=2, img_size=56).eval()
     student = add_registers(teacher, 2)
-    ref = ReferenceStep(teacher.to("meta"), student.to("meta"), ["reg_token"], torch.zeros(3),
-                        load_recipe(None, []).train)
+    teacher, student = teacher.to("meta"), student.to("meta")
+    ref = ReferenceStep(teacher, student, ["reg_token"], torch.zeros(3), load_recipe(None, []).train)
+    targets = DenoisedTeacher(teacher, ViewsCfg(num=views), (0.5,) * 3, (0.2,) * 3).to("meta")
+    return ref, targets
+
+
+def test_reference_step_runs_where_its_models_are():
+    """The loader makes views and index maps on the CPU; the reference step moves them to its models' device. With
+    the models on `meta` and the data on the CPU (as on a GPU), the whole step runs: a CPU tensor meeting a model
+    tensor would raise here as it does on a GPU. Its read-backs (NaN checks, loss.item()) are skipped on meta."""
+    import math
+
+    from meta_device import meta_allowances
+
+    ref, _ = _meta_models()
     images, plans = torch.randn(2, 3, 56, 56), torch.tensor([[[0, 0, 0], [1, -1, 1]]] * 2)
     feats, index = ref.teacher_features(images, plans)
     assert feats.device.type == index.device.type == "meta"
     assert feats.shape == (4, 4, 4, 384) and index.shape == (4, 2, 4, 4)
-    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
-        with pytest.raises(RuntimeError, match="meta tensors"):
-            ref.targets(images, plans)
+    with meta_allowances():
+        target = ref.targets(images, plans)
+        assert target.device.type == "meta" and target.shape == (2, 16, 384)
+        assert math.isnan(ref.step(images, plans))
+    assert ref.params[0].grad.device.type == "meta"
+
+
+def test_meta_placement_catches_the_cpu_copy_that_crashed_the_gpu_run():
+    """bench_distill compares the reference's targets with phreg's. The comparison that crashed on an H200 ("Expected
+    all tensors to be on the same device, cuda:0 and cpu") copied one side to the CPU; on meta models with CPU data it
+    raises here too, and so does a CPU tensor meeting a model tensor, while the comparison bench_distill makes now
+    (both on the models' device) and its FLOP count (CPU images, read by the student on its device) run."""
+    import bench_distill
+    from meta_device import meta_allowances
+
+    ref, targets = _meta_models()
+    x, p = torch.randn(2, 3, 56, 56), torch.tensor([[[0, 0, 0], [1, -1, 1]]] * 2)  # where the loader makes them
+    with meta_allowances():
+        target = targets(x.to("meta"), p.to("meta"))  # phreg's targets, on the models' device
+        assert target.device.type == "meta" and target.shape == (2, 16, 384)
+        with pytest.raises(NotImplementedError, match="meta tensor"):
+            (ref.targets(x, p) - target.float().cpu()).abs().max()  # the old comparison, written out
+        with pytest.raises(RuntimeError, match="device"):
+            ref.targets(x, p) - torch.zeros(2, 16, 384)  # a model-device tensor meeting a CPU one
+        gap = (ref.targets(x, p) - target.float()).abs().max()  # bench_distill's comparison now
+        assert gap.device.type == "meta"
+        flops = bench_distill.flops_per_image(ref, x, p)
+    assert flops["teacher"] > 0 and flops["student"] > 0
+
+
+def test_the_dry_runs_step_runs_on_meta_with_fused_adamw_and_nothing_read_back():
+    """The fresh-view step on meta as the dry run builds it: fused AdamW (let onto meta for the block only) takes
+    its update with the non-finite flag on the device; outside the block, fused AdamW on meta is refused as before."""
+    from meta_device import meta_allowances
+
+    from phreg.distill.step import skip_if_nonfinite
+
+    param = torch.nn.Parameter(torch.empty(8, device="meta"))
+    optimizer = torch.optim.AdamW([param], fused=True)
+    param.grad = torch.empty(8, device="meta")
+    with meta_allowances():
+        found_inf = skip_if_nonfinite(optimizer, torch.nn.utils.clip_grad_norm_([param], 1.0))
+        optimizer.step()
+    assert found_inf.device.type == "meta" and optimizer.state[param]["exp_avg"].device.type == "meta"
+    other = torch.nn.Parameter(torch.empty(8, device="meta"))
+    other.grad = torch.empty(8, device="meta")
+    with pytest.raises(RuntimeError, match="fused=True"):
+        torch.optim.AdamW([other], fused=True).step()
 
 
 def _suite():
