@@ -43,14 +43,14 @@ built at the slower of the teacher alone (bench) and the cache writer (loader's 
 plus the epochs at the cached end-to-end rate. Targets: fresh <= 7.5 h, cached with its build <= 2 h.
 
 Dry run (`--dry-run`, or `PHREG_GPU_SUITE_DRY=1 bash benchmarks/gpu_suite.sh`): every part, tiny (DINOv2-S at 56 px,
-2 views, batch 2, fp32, one thread). The parts marked meta put the models, and the batches they consume, on PyTorch's `meta`
-device while the data is made on the CPU as on a GPU run, so a tensor that mixes the models' device with the CPU,
-or reads a value back, raises on a machine without a GPU. Figures from meta mean nothing: the dry run checks code
-paths, shapes and the JSON. What meta cannot do, and how each is handled:
+2 views, batch 2, fp32, one thread). The parts marked meta put the models, and the batches they consume, on
+PyTorch's `meta` device while the data is made on the CPU as on a GPU run, so a tensor that mixes the models' device
+with the CPU, or reads a value back, raises on a machine without a GPU. Figures from meta mean nothing: the dry run
+checks code paths, shapes and the JSON. What meta cannot do, and how each is handled:
   * `phreg distill` and bench_loader are processes that compute for real: they run tiny on the CPU;
   * bf16 frozen weights need autocast, which meta lacks: levers.frozen_dtype and levers.fp8 run tiny on the CPU;
   * registers start from randn (model.register_init=randn): the default init reads the teacher's weights' values;
-  * fused AdamW is let onto meta and nonzero() there assumes every element nonzero (`bench_distill.meta_allowances`,
+  * fused AdamW is let onto meta and nonzero() there assumes every element nonzero (`meta_device.meta_allowances`,
     nothing else); reference.py skips its NaN checks and loss.item() on meta;
   * sync_check: set_sync_debug_mode is CUDA's; on meta every read-back raises by itself.
 Without a GPU and without --dry-run it prints one line and exits 0.
@@ -400,8 +400,9 @@ def steady_rate(metrics: Path, batch: int, skip: int = 2) -> float | None:
 
 
 def part_distill(ctx: Ctx) -> None:
-    """`phreg distill` as a user runs it, three times, each in its own process and time box (a share of what is
-    left); a run cut short still gives its steady rate from the metrics it logged."""
+    """`phreg distill` as a user runs it, three times (the dry run skips the compiled one), each in its own process
+    and time box (its share of what is left); a run cut short still gives its steady rate from the metrics it
+    logged."""
     from phreg.fastpath import use_compile
     from phreg.recipe import load_recipe
 
@@ -553,8 +554,8 @@ def part_sdpa(ctx: Ctx) -> None:
         try:
             under(backend, r.teacher)()
             usable[name] = backend
-        except RuntimeError as e:
-            failed[name] = str(e).splitlines()[0][:200]
+        except Exception as e:  # this backend cannot run here (kernel missing, shape unsupported): recorded as such
+            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     ctx.emit(unusable=failed)
     b, v = r.recipe.train.batch_size, r.recipe.views.num
     compare(ctx, "default", {k: under(x, r.teacher) for k, x in usable.items()}, "teacher_views_per_s", b * v)
