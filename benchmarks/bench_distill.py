@@ -9,18 +9,22 @@ the recipe's resolution, views and batch size:
   student    student forward + backward + optimizer step on given targets             images/s
   step       the whole training step with fresh views (the paper's regime)             images/s
   reference  the same step, reference-style (benchmarks/reference.py), same inputs     images/s and the ratio
-  *_compiled with --compile: the step (fresh views) and the student (given targets) under torch.compile
   loader     the DataLoader alone (recipe's workers, pinned memory on GPU)             images/s
+  *_compiled with --compile: the teacher alone, the step (fresh views) and the student (given targets) compiled
 FLOPs per image-step are counted with torch's FlopCounterMode (teacher and student separately); on a GPU the
 achieved TFLOP/s and the fraction of the device's bf16 peak (MFU) are printed too. Peak memory: the CUDA allocator
 peak per phase on a GPU, the process's peak resident set on the CPU.
 --end-to-end EPOCHS also trains EPOCHS epochs on --images photos three ways (reference loop; phreg with fresh views;
 phreg with the target cache) and reports wall time per epoch.
+--meta puts models and batches on PyTorch's `meta` device while the data stays on the CPU, as a GPU run has it: every
+phase runs through the same code without computing anything, so a tensor that mixes the models' device with the CPU,
+or a read-back, raises on a machine without a GPU (`benchmarks/gpu_suite.py --dry-run`). Its figures mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import resource
@@ -35,14 +39,16 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
+from meta_device import meta_allowances, readable  # noqa: E402
 from reference import ReferenceStep  # noqa: E402
 
-from phreg.data.images import EpochSampler, ImageDataset, collate  # noqa: E402
-from phreg.data.scan import scan_images
-from phreg.errors import UsageError  # noqa: E402
 from phreg.config.recipe import load_recipe  # noqa: E402
+from phreg.data.images import EpochSampler, ImageDataset, collate  # noqa: E402
+from phreg.data.scan import scan_images  # noqa: E402
 from phreg.distill.loop import distill  # noqa: E402
 from phreg.distill.step import build_parts, make_accelerator, train_step  # noqa: E402
+from phreg.errors import UsageError  # noqa: E402
+from phreg.targets.teacher import fill_value  # noqa: E402
 
 # dense bf16 peak TFLOP/s of common accelerators, for MFU
 PEAK_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0, "4090": 165.0}
@@ -91,6 +97,8 @@ def timed_pair(fns: dict, device, steps: int, warmup: int) -> dict:
 
 
 def device_name(device: torch.device) -> str:
+    if device.type == "meta":
+        return "meta (dry run: nothing computed)"
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
@@ -109,19 +117,22 @@ def flops_per_image(ref: ReferenceStep, images, plans) -> dict:
         target = ref.targets(images, plans)
     teacher = fc.get_total_flops() / b
     with FlopCounterMode(display=False) as fc:
-        pred = ref.student.forward_features(images)[:, ref.student.num_prefix_tokens:]
+        pred = ref.student.forward_features(images.to(target.device))[:, ref.student.num_prefix_tokens:]
         ((pred - target) ** 2).mean().backward()
     ref.optimizer.zero_grad()
     return dict(teacher=teacher, student=fc.get_total_flops() / b)
 
 
-def main(argv=None) -> dict:
+def main(argv=None, progress=None) -> dict:
+    """`progress(results so far)` is called after each phase (a caller cut short keeps what was measured)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("recipe")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     ap.add_argument("--steps", type=int, default=3, help="timed repetitions per phase (median is reported)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--meta", action="store_true", help="models and batches on the meta device: a dry run that "
+                    "computes nothing (any device mix or read-back raises); figures meaningless")
     ap.add_argument("--compile", action="store_true", help="also time phreg's step with speed.compile=true")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference-style step")
     ap.add_argument("--end-to-end", type=int, default=0, metavar="EPOCHS")
@@ -129,44 +140,61 @@ def main(argv=None) -> dict:
     ap.add_argument("--peak-tflops", type=float, help="device bf16 peak for MFU when not in the built-in table")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
+    if args.meta and args.end_to_end:
+        ap.error("--meta times nothing end to end (phreg distill computes for real); drop --end-to-end")
+    with meta_allowances() if args.meta else contextlib.nullcontext():
+        return run(args, progress)
 
+
+def run(args, progress=None) -> dict:
     recipe = load_recipe(args.recipe, args.overrides)
-    acc = make_accelerator(recipe, args.cpu)
-    device, cfg = acc.device, recipe.train
+    acc = make_accelerator(recipe, args.cpu or args.meta)
+    device, cfg = torch.device("meta") if args.meta else acc.device, recipe.train
     parts = build_parts(recipe, device, "bf16" if acc.mixed_precision == "bf16" else "fp32")
     files, _ = scan_images(recipe.data.root)
     data = ImageDataset(files, recipe.model.img_size, parts.mean, parts.std, recipe.seed, train=True,
                         make_plan=parts.targets.plan_fn())
-    batch = collate([data[(0, i % len(data))] for i in range(cfg.batch_size)])
-    model, optimizer = acc.prepare(parts.student_tokens, parts.optimizer)
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    loaded = collate([data[(0, i % len(data))] for i in range(cfg.batch_size)])  # on the CPU, as a loader makes it
+    # build_parts placed the models; Accelerate must not move them again (to its CPU, from `meta`)
+    model, optimizer = acc.prepare(parts.student_tokens, parts.optimizer, device_placement=[False, False])
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in loaded.items()}
     images = parts.targets.normalize(batch["pixels"])
     b, views = cfg.batch_size, recipe.views.num
     ref = None if args.no_reference else ReferenceStep(
         parts.targets.teacher, parts.student, [n for g in parts.groups for n in g["names"]],
-        parts.targets.fill.cpu(), cfg)
+        fill_value(recipe.views.fill, parts.mean, parts.std), cfg)
 
     results, phases = {}, []
 
-    def record(phase, fn, **extra):
+    def summary() -> dict:
+        return dict(recipe=args.recipe, overrides=args.overrides, model=recipe.model.name,
+                    img_size=recipe.model.img_size, views=views, batch_size=b, device=device_name(device),
+                    torch_threads=torch.get_num_threads(), precision=str(acc.mixed_precision), torch=torch.__version__,
+                    date=time.strftime("%Y-%m-%d"), **results)
+
+    def record(phase, fn, all_views=False, **extra):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         seconds = timed(fn, device, args.steps, args.warmup)
         results[phase] = dict(seconds=round(seconds, 4), images_per_s=round(b / seconds, 3),
                               peak_memory_mb=round(peak_memory_mb(device), 1), **extra)
+        if all_views:
+            results[phase]["views_per_s"] = round(b * views / seconds, 2)
         phases.append(phase)
+        if progress:
+            progress(summary())
 
     with_target = dict(batch, target=parts.targets(images, batch["plan"]))
-    record("teacher", lambda: parts.targets(images, batch["plan"]))
-    results["teacher"]["views_per_s"] = round(b * views / results["teacher"]["seconds"], 2)
+    record("teacher", lambda: parts.targets(images, batch["plan"]), all_views=True)
     record("student", lambda: train_step(acc, model, parts.targets, optimizer, parts.params, with_target, cfg))
     step = lambda: train_step(acc, model, parts.targets, optimizer, parts.params, batch, cfg)  # noqa: E731
     if ref is None:
         record("step", step)
     else:
-        x, p = images.cpu(), batch["plan"].cpu()  # where the reference's loader makes its batches
-        diff = (ref.targets(x, p) - with_target["target"].float()).abs().max().item()  # both on the models' device
-        if acc.mixed_precision == "no" and diff > 1e-3:
+        x, p = data.normalize(loaded["pixels"]), loaded["plan"]  # on the CPU: where the reference's loader makes them
+        gap = (ref.targets(x, p) - with_target["target"].float()).abs().max()  # both on the models' device
+        diff = gap.item() if readable(gap) else None
+        if acc.mixed_precision == "no" and diff is not None and diff > 1e-3:
             raise SystemExit(f"reference and phreg targets differ by {diff}: not the same work")
         results["targets_max_abs_diff"] = diff
         if device.type == "cuda":
@@ -186,10 +214,12 @@ def main(argv=None) -> dict:
         if device.type == "cuda" and peak:
             for phase in ("step", "reference"):
                 results[phase]["mfu"] = round(results[phase]["tflops"] / peak, 3)
+        if progress:
+            progress(summary())
     if args.compile:  # phreg's own compiled path: StudentTokens and DenoisedTeacher with speed.compile=true
         recipe_c = load_recipe(args.recipe, [*args.overrides, "speed.compile=true"])
         parts_c = build_parts(recipe_c, device, "bf16" if acc.mixed_precision == "bf16" else "fp32")
-        model_c, optimizer_c = acc.prepare(parts_c.student_tokens, parts_c.optimizer)
+        model_c, optimizer_c = acc.prepare(parts_c.student_tokens, parts_c.optimizer, device_placement=[False, False])
 
         def step_c(batch):
             return train_step(acc, model_c, parts_c.targets, optimizer_c, parts_c.params, batch, cfg)
@@ -200,6 +230,7 @@ def main(argv=None) -> dict:
         compile_s = time.perf_counter() - t0
         record("step_compiled", lambda: step_c(batch), first_call_s=round(compile_s, 1))
         record("student_compiled", lambda: step_c(with_target))
+        record("teacher_compiled", lambda: parts_c.targets(images, batch["plan"]), all_views=True)  # compiled above
     loader = DataLoader(data, b, sampler=EpochSampler(len(data), recipe.seed), collate_fn=collate,
                         num_workers=recipe.data.num_workers, pin_memory=device.type == "cuda")
     t0, n = time.perf_counter(), 0
@@ -211,10 +242,7 @@ def main(argv=None) -> dict:
     if args.end_to_end:
         results["end_to_end"] = end_to_end(args, recipe, parts, ref, files[:args.images], device)
 
-    out = dict(recipe=args.recipe, overrides=args.overrides, model=recipe.model.name, img_size=recipe.model.img_size,
-               views=views, batch_size=b, device=device_name(device), torch_threads=torch.get_num_threads(),
-               precision=str(acc.mixed_precision), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-               **results)
+    out = summary()
     print_table(out, phases, device)
     print(json.dumps(out))
     if args.json:
@@ -280,7 +308,7 @@ def print_table(out: dict, phases: list[str], device: torch.device) -> None:
         g = out["gflops_per_image_step"]
         print(f"phreg step vs reference-style step: {out['speedup_step_vs_reference']:.2f}x   "
               f"(GFLOPs per image-step: teacher {g['teacher']}, student {g['student']}; "
-              f"targets agree to {out['targets_max_abs_diff']:.1e})")
+              f"targets agree to {out['targets_max_abs_diff'] or float('nan'):.1e})")
     e = out.get("end_to_end")
     if e:
         print(f"end to end, {e['epochs']} epochs on {e['images']} images (wall seconds per epoch):")

@@ -101,7 +101,8 @@ class DenoisedTeacher(torch.nn.Module):
 
     def chunk(self, device: torch.device) -> int:
         if not self._chunk:
-            bf16 = torch.is_autocast_enabled(device.type) or self.autocast is not contextlib.nullcontext
+            bf16 = self.autocast is not contextlib.nullcontext or (  # autocast is asked only where it exists
+                torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type))
             self._chunk = auto_chunk(self.teacher, device, bf16)
         return self._chunk
 
