@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..backbones.attention import eager_attention
 from ..models.specs import Loaded
 from .analysis import Analysis
+from .datasets import EvalSet
 from .tables import HARDWARE_DEPENDENT
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ class Context:
     """Everything a metric may read: both models, measured on the same images, crops, seeds and view plans."""
     teacher: Loaded
     student: Loaded
-    files: list[Path]
+    files: list[Path]  # the images the artifact metrics run on (`data.analysed`)
     a_t: Analysis  # the teacher's analysis: token norms, outliers, its own TTA-denoised features
     a_s: Analysis
     s_t: dict  # `Analysis.summary()`: what eval.json keeps as teacher.inspect
@@ -42,9 +43,29 @@ class Context:
     judged: dict  # the student's outliers under the teacher's threshold
     options: EvalOptions
     out: Path  # the eval folder (pictures go there)
-    train: list[int] | None = None  # the probe's split (indices into `files`), when masks and classes are given
+    data: EvalSet | None = None  # every image with its labels and split: what the probes and zero-shot read
+    train: list[int] | None = None  # the probes' split as indices into `files`, when both are among them
     val: list[int] | None = None
     unseen: list[int] | None = None  # images the student never trained on (`phreg.run.training_list`); None: unknown
+
+    def trained_val(self) -> int:
+        """How many of the probes' val images the student trained on (0 when unknown)."""
+        if self.unseen is None or self.data is None:
+            return 0
+        files, unseen = set(self.files), {self.files[i] for i in self.unseen}
+        return sum(f in files and f not in unseen for f in (self.data.files[j] for j in self.data.val))
+
+    def both(self, task: str, score) -> dict:
+        """`score(loaded, role)` for the teacher and the student; a model measured before in this eval (the teacher,
+        for every extra column) is not measured again."""
+        memo = self.options.memo
+        out = {}
+        for role, loaded in (("teacher", self.teacher), ("student", self.student)):
+            key = (task, id(loaded.model))
+            if key not in memo:
+                memo[key] = score(loaded, role)
+            out[role] = memo[key]
+        return out
 
 
 @dataclass
@@ -175,34 +196,64 @@ def cls_cosine(ctx: Context) -> Measured:
 
 @metric("probe", stage="probe")
 def probe(ctx: Context) -> Measured | None:
-    """The dense linear probe (`probe.py`), when masks and their class count are given."""
-    if ctx.val is None:
+    """The segmentation probe (`probe.py`), when masks and their class count are given."""
+    d, o = ctx.data, ctx.options
+    if d is None or not d.segmentation or not o.probe_steps:
         return None
-    from .probe import evaluate_probe
+    from .probe import segmentation_scores
 
-    o = ctx.options
-    p = evaluate_probe(ctx.teacher, ctx.student, ctx.files, o.masks, o.num_classes, o.ignore_index, ctx.train,
-                       ctx.val, o.device)
-    trained = len(set(ctx.val) - set(ctx.unseen)) if ctx.unseen is not None else 0  # the split's, not ours
+    got = ctx.both("segmentation", lambda m, role: segmentation_scores(m, d, o.probe_steps, o.device, role))
+    p = dict(train_images=len(d.train), val_images=len(d.val), split=d.val_name, num_classes=d.num_classes,
+             ignore_index=d.ignore_index, steps=o.probe_steps, **got)
+    trained = ctx.trained_val()  # the split's, not ours
     also = f", {trained} of them trained on by the student" if trained else ""
     return Measured(p, [
-        row("miou", f"linear-probe mIoU ({p['val_images']} val images{also})", p["teacher"]["miou"],
+        row("miou", f"linear-probe mIoU ({p['val_images']} {d.val_name} images{also})", p["teacher"]["miou"],
             p["student"]["miou"], "higher"),
         row("pixel_accuracy", "linear-probe pixel accuracy", p["teacher"]["pixel_accuracy"],
             p["student"]["pixel_accuracy"], "higher")])
 
 
+@metric("depth", stage="probe")
+def depth(ctx: Context) -> Measured | None:
+    """The depth probe (`depth.py`), when depth maps are given: RMSE, AbsRel and delta < 1.25 in the summary, the
+    paper's six metrics in eval.json, and pictures (image | ground truth | teacher | student) of the first val
+    images."""
+    d, o = ctx.data, ctx.options
+    if d is None or not d.depth_probe or not o.probe_steps:
+        return None
+    from .depth import depth_scores
+    from .figures import depth_figure
+
+    keep = min(o.pictures, 4)
+    got = ctx.both("depth", lambda m, role: depth_scores(m, d, o.probe_steps, o.device, role, keep))
+    value = dict(train_images=len(d.train), val_images=len(d.val), split=d.val_name, max_depth=d.max_depth,
+                 eval_crop=d.eval_crop, steps=o.probe_steps, **{role: g[0] for role, g in got.items()}, figures=[])
+    for i, j in enumerate(d.val[:min(keep, len(got["teacher"][1]), len(got["student"][1]))]):
+        value["figures"].append(depth_figure(d.files[j], d.depth[j], d.depth_scale, d.max_depth,
+                                             [(role, g[1][i]) for role, g in got.items()],
+                                             ctx.out / f"depth_{i}.png").name)
+    t, s, trained = value["teacher"], value["student"], ctx.trained_val()
+    also = f", {trained} of them trained on by the student" if trained else ""
+    return Measured(value, [
+        row("depth_rmse", f"depth-probe RMSE, m ({len(d.val)} {d.val_name} images{also})", t["rmse"], s["rmse"],
+            "lower"),
+        row("depth_abs_rel", "depth-probe AbsRel (mean |error| / depth)", t["abs_rel"], s["abs_rel"], "lower"),
+        row("depth_delta1", "depth-probe δ < 1.25 (share of pixels)", t["delta1"], s["delta1"], "higher")])
+
+
 @metric("zeroshot", stage="zero-shot")
 def zeroshot(ctx: Context) -> Measured | None:
     """Zero-shot segmentation (`zeroshot.py`), when classes are given (CLIP family; needs masks)."""
-    o = ctx.options
+    o, d = ctx.options, ctx.data
     if o.zeroshot is None:
         return None
     from .probe import load_masks
     from .zeroshot import evaluate_zeroshot
 
-    gt = load_masks(ctx.files, o.masks, o.zeroshot.classes.num_labels, o.ignore_index)
-    z = evaluate_zeroshot(ctx.teacher, ctx.student, ctx.files, gt, o.zeroshot, o.ignore_index, ctx.out,
+    masks = [d.masks[i] for i in d.analysed]
+    gt = load_masks(ctx.files, masks, o.zeroshot.classes.num_labels, d.ignore_index, d.label_map)
+    z = evaluate_zeroshot(ctx.teacher, ctx.student, ctx.files, gt, o.zeroshot, d.ignore_index, ctx.out,
                           min(o.pictures, 4), o.device)
     return Measured(z, [row("zeroshot_miou", f"zero-shot mIoU ({z['images']} images; teacher {z['teacher']['head']}, "
                                              f"student {z['student']['head']})",
@@ -397,4 +448,4 @@ def patch_norm_variance(ctx: Context) -> Measured:
 # Every metric, in the order of its rows in eval.json's summary, the terminal table, report.html and the model card.
 METRICS: list[Metric] = [fn.metric for fn in (
     denoised_distance, denoised_distance_tokens, tta_noise, outlier_fraction, max_norm_ratio, norm_tails,
-    register_attention, patch_norm_variance, high_norm_mass, cls_cosine, probe, zeroshot, cost)]
+    register_attention, patch_norm_variance, high_norm_mass, cls_cosine, probe, depth, zeroshot, cost)]
