@@ -216,6 +216,7 @@ def test_the_headline_is_scored_on_images_the_student_never_trained_on(tmp_path)
     """eval finds by itself which of its images are in the run's training list (by content, and by name beside it)
     and computes the headline row on the others; the row, report and card say so. Before, the headline mixed
     training and held-out images and nothing flagged it."""
+    import html
     import shutil
 
     from phreg.eval.evaluate import EvalOptions, evaluate
@@ -251,11 +252,11 @@ def test_the_headline_is_scored_on_images_the_student_never_trained_on(tmp_path)
     assert head["student"] == d["per_image_student"][4] and head["teacher"] == d["per_image_teacher"][4]
     assert everything["label"] == "  same, all 6 images (5 of them trained on)"
     assert everything["student"] == pytest.approx(sum(d["per_image_student"]) / 6)
-    assert "5 of the 6 images are in the run&#x27;s training list" in (tmp_path / "eval" / "report.html").read_text()
+    report = html.unescape((tmp_path / "eval" / "report.html").read_text())
     lead = eval_lead(r)
-    assert "Training overlap: 5 of the 6 images are in the run's training list (4 images) by content, 3 by file " \
-           "name (1 share a training file's name, not its content: never trained on); the first row is scored on " \
-           "the 1 never trained on" in lead
+    for text in (report, lead):  # the counts reach every reader, whatever the sentence around them
+        assert "5 of the 6 images" in text and "training list" in text, text
+    assert "scored on the 1 never trained on" in lead
     assert "(1 never-trained image)" in eval_table(r)
 
     (images / "3.png").unlink()
