@@ -25,6 +25,18 @@ CAMVID = ASSETS / "images" / "camvid_subset"
 MODEL = "vit_small_patch14_dinov2"
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Tests share one process: after each, Accelerate's process-wide state is reset as a new process would have it
+    (an Accelerator made with other settings than an earlier test's refuses to start otherwise)."""
+    yield
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
 def need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: real weights/images live in ../shared/assets (set PHREG_ASSETS to move it)")

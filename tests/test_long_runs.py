@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import MODEL, last_line
 from conftest import phreg as run_phreg
-from test_train import fresh_accelerate_state, tiny, weights  # noqa: F401  (the fixture is autouse)
+from test_train import tiny, weights
 
 from phreg.config.recipe import load_recipe, save_recipe
 from phreg.distill.loop import distill

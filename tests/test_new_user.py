@@ -1,4 +1,4 @@
-"""What a new user hits (issue 14): mistakes answered in about a second, one line each; offline lookup in one line;
+"""What a new user hits: mistakes answered in about a second, one line each; offline lookup in one line;
 label masks under data.root; a readable console; the export's classifier head. (The model card as a record of the
 run: tests/test_publish.py.)"""
 

@@ -298,7 +298,7 @@ def test_terminal_report_and_card_show_a_number_alike():
         ["12,346", "0.01722", "-", "-", "3", "n/a"]
 
 
-# ------------------------------------------------------------------ the card as the record of a run (issue 14)
+# ------------------------------------------------------------------------- the card as the record of a run
 
 def distill_quietly(overrides: list[str]) -> None:
     """`phreg distill` in this process (quiet), Accelerate's global state reset around it."""
