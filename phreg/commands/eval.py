@@ -74,7 +74,7 @@ def check(args) -> list[Path]:
         if checkpoint and not Path(checkpoint).is_file():
             raise UsageError(f"the teacher's weights {checkpoint} (model.checkpoint in {args.student}/recipe.yaml) "
                              "are gone; pass --teacher MODEL --teacher-checkpoint FILE")
-    check_file(args.teacher_checkpoint, "--teacher-checkpoint")
+    check_file(args.teacher_checkpoint, "--teacher-checkpoint", weights=True)
     if args.out is None and not (Path(args.student) / "recipe.yaml").is_file():
         raise UsageError("--out is required unless --student is a phreg run folder (default RUN/eval)")
     check_out(args.out)

@@ -46,7 +46,7 @@ def check(args) -> list[Path]:
         raise UsageError("--top-k must be >= 1")
     check_model_spec(args.model)
     note_if_held(args.model, "inspecting its export as it is now (replaced whole when the run finishes)")
-    check_file(args.checkpoint, "--checkpoint")
+    check_file(args.checkpoint, "--checkpoint", weights=True)
     check_out(args.out)
     return check_images(args.images, args.limit)
 

@@ -37,7 +37,7 @@ def check_model_name(name: str, checkpoint: str | None = None) -> None:
         raise UsageError(f"model.name {name!r}: only the prefixes local-dir: and hf-hub: are understood")
     if name.startswith("local-dir:") and not Path(name.removeprefix("local-dir:")).is_dir():
         raise UsageError(f"model.name {name}: no such folder")
-    check_file(checkpoint, "model.checkpoint")
+    check_file(checkpoint, "model.checkpoint", weights=True)
 
 
 def unknown_model(name: str, what: str) -> UsageError:
