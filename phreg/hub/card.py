@@ -315,14 +315,14 @@ def _limitations(f: Facts) -> str:
     g, regs = f.run.geometry, f.regs
     data = (f.summary.get("data") or {}).get("train") or {}
     small = data.get("images") is not None and data["images"] < 1000
-    tokens = g["prefix"] + g["patches"]
+    before = g["prefix"] + g["patches"] - regs["added"]  # the teacher's tokens: class, its registers, patches
     return "\n".join([
         f"- Trained on {data['images']} images only: a demonstration, not a general-purpose model; the features "
         "are checked against the teacher on the images above, not on a benchmark." if small else
         "- The features were checked against the teacher on the images named above, not on a public benchmark.",
         "- The student learns to match the teacher's denoised features: it inherits the teacher's biases and "
         "cannot know more than the teacher; the class token and any classifier head are not trained for a task.",
-        f"- {regs['added']} extra tokens cost compute: about {100 * regs['added'] / tokens:.0f}% more tokens per "
+        f"- {regs['added']} extra tokens cost compute: about {100 * regs['added'] / before:.0f}% more tokens per "
         "image at this resolution (see the GFLOPs row of the evaluation when present).",
         "- Timings (images/s, wall time) depend on the machine that measured them.",
     ] + ([] if f.from_hub else ["- The teacher weights are a local file, not the Hub checkpoint: compare the "

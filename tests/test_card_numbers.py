@@ -1,0 +1,36 @@
+"""What the model card says about a run in numbers: the extra tokens' share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from phreg.config.recipe import load_recipe
+from phreg.hub.card import Run, model_card
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+
+
+def card(size: int, patch: int, present: int = 0, summary: dict | None = None, report: dict | None = None,
+         *overrides: str) -> str:
+    """The card of a DINOv2-like run at `size` px with 16 registers added (and `present` in the teacher)."""
+    patches = (size // patch) ** 2
+    geometry = dict(prefix=1 + present + 16, registers=present + 16, class_token=True, patches=patches,
+                    grid=[size // patch] * 2, patch=patch, width=384, model_class="VisionTransformer",
+                    unlocked=[(["reg_token"], 1.0)], init="pos_mean")
+    recipe = load_recipe(QUICKSTART, [f"model.img_size={size}", *overrides])
+    summary = summary or {}
+    summary.setdefault("registers", dict(present=present, added=16, total=present + 16))
+    return model_card(Run(Path("run"), recipe, summary, {}, {}, geometry, report, None), "alice/tiny")
+
+
+@pytest.mark.parametrize("size, patch, present, share", [
+    (112, 14, 0, 25),  # 16 more on 1 + 64 tokens; the card said "about 20%" (16 of the student's 81)
+    (224, 14, 0, 6),  # 16 / (1 + 256)
+    (64, 16, 4, 76),  # DINOv3-like, 4 registers already: 16 / (1 + 4 + 16)
+])
+def test_the_extra_tokens_are_counted_against_the_teachers_tokens(size, patch, present, share):
+    teacher_tokens = 1 + present + (size // patch) ** 2
+    assert round(100 * 16 / teacher_tokens) == share
+    assert f"about {share}% more tokens per image" in card(size, patch, present)
