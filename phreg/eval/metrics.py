@@ -289,14 +289,14 @@ def norm_tails(ctx: Context) -> Measured:
     value = dict(ratio=TAIL_RATIO, rule=f"patch-token norm (pre-norm block output) above {TAIL_RATIO:g}x or below "
                                         f"1/{TAIL_RATIO:g} of its image's median", per_block=per, worst=worst,
                  first_block=first)
-    wt, ws = worst["teacher"], worst["student"]
+    at = " / ".join(f"block {w['block']}" if w["both"] > 0 else "no outliers" for w in worst.values())
     return Measured(value, [
         row("outliers_two_tailed", f"outliers, both tails ({TAIL_RATIO:g}x / 1/{TAIL_RATIO:g} median), last block",
             last["teacher"]["both"], last["student"]["both"], "lower"),
         row("outliers_low_tail", f"  of which below 1/{TAIL_RATIO:g} (low-norm artifacts)", last["teacher"]["low"],
             last["student"]["low"], "lower"),
-        row("outliers_worst_block", f"  same, at the block with the most (blocks {wt['block']} / {ws['block']})",
-            wt["both"], ws["both"], "lower")])
+        row("outliers_worst_block", f"  same, at the block with the most ({at})", worst["teacher"]["both"],
+            worst["student"]["both"], "lower")])
 
 
 @torch.no_grad()
