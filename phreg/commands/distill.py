@@ -64,7 +64,7 @@ def check(recipe, resuming: bool = False) -> None:
     if not resuming and held.is_dir() and any(STEP_DIR.match(p.name) for p in held.iterdir()):
         # the recipe's own mistakes first (a misspelt model.name, a bad model.img_size): a seconds-long timm check,
         # paid only on this path; the folder's state is not what is wrong with such a command
-        check_architecture(recipe.model)
+        check_architecture(recipe.model, recipe.views)
         raise used_folder(Path(recipe.output_dir).expanduser())
     if recipe.cache.dir:
         check_out(recipe.cache.dir, "cache.dir")

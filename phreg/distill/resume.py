@@ -71,7 +71,7 @@ class Start:
         if not self.resume and found is not None:
             from ..models.names import check_architecture
 
-            check_architecture(recipe.model)  # the recipe's own mistake first, as `phreg distill` says it
+            check_architecture(recipe.model, recipe.views)  # the recipe's own mistake first, as `phreg distill` says it
             raise used_folder(run)
         if self.resume:
             self.old = started_with(run, recipe, self.flag)

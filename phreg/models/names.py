@@ -4,6 +4,7 @@ up in its registry or to build a model on the meta device)."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -52,10 +53,11 @@ def unknown_model(name: str, what: str) -> UsageError:
     return UsageError(f"{what} {name!r} is not a timm model{hint}")
 
 
-def check_architecture(cfg) -> None:
-    """`model.name` against timm's registry and `model.img_size` against its patch size, on the meta device (no
-    weights, no network; timm's import costs seconds): the recipe's own mistakes, said before anything about the
-    folder it writes to. What else can be wrong with the model is said by the loader, in its own words."""
+def check_architecture(cfg, views=None) -> None:
+    """`model.name` against timm's registry and `model.img_size` against its patch size (and, given them, the
+    recipe's `views`), on the meta device (no weights, no network; timm's import costs seconds): the recipe's own
+    mistakes, said before anything about the folder it writes to. What else can be wrong with the model is said by
+    the loader, in its own words."""
     import timm
 
     check_model_name(cfg.name, cfg.checkpoint)
@@ -68,13 +70,43 @@ def check_architecture(cfg) -> None:
     except Exception:  # a folder timm cannot read, a family phreg does not distill: the loader's words
         return
     if hasattr(model, "patch_embed"):
-        check_img_size(model, cfg.img_size)
+        check_img_size(model, cfg.img_size, views)
 
 
-def check_img_size(model, img_size: int) -> None:
-    """The resolution against a built model's patch size (a meta-device model will do: no weights are read)."""
+def check_img_size(model, img_size: int, views=None) -> None:
+    """The resolution against a built model's patch size (a meta-device model will do: no weights are read), and,
+    given the recipe's `views`, against the views: a grid on which no view is shifted or mirrored is refused."""
     p = model.patch_embed.patch_size[0]
     if img_size % p:
         lo, hi = (img_size // p) * p, (img_size // p + 1) * p
         raise UsageError(f"model.img_size={img_size} is not a multiple of the patch size {p}; "
                          f"nearest valid sizes: {', '.join(str(s) for s in (lo, hi) if s > 0)}")
+    if views is not None:
+        check_view_grid(img_size // p, p, views)
+
+
+def smallest_shifting_grid(max_shift: float) -> int | None:
+    """The smallest patch grid on which `views.max_shift` shifts a view at all: round(max_shift x grid) >= 1 (as
+    `phreg.targets.views.sample_plan` rounds); None for max_shift 0."""
+    if max_shift <= 0:
+        return None
+    g = max(1, math.floor(0.5 / max_shift))
+    while round(max_shift * g) < 1:
+        g += 1
+    return g
+
+
+def check_view_grid(grid: int, patch: int, views) -> None:
+    """Refuse a recipe whose teacher views are all the image itself (nothing to average, so nothing is denoised):
+    a grid too small for `views.max_shift` to shift, and mirroring off or impossible (a one-patch-wide grid)."""
+    shifts = round(views.max_shift * grid) >= 1
+    mirrors = views.flip > 0 and grid > 1
+    if views.num < 2 or shifts or mirrors:
+        return
+    g = smallest_shifting_grid(views.max_shift)
+    why = ("can be neither shifted nor mirrored" if grid == 1 else
+           f"are not shifted (views.max_shift={views.max_shift:g}) nor mirrored (views.flip=0)")
+    fix = (f"views.max_shift={views.max_shift:g} first shifts on a {g}x{g} grid: model.img_size={g * patch} or more"
+           if g else "views.max_shift=0 never shifts: set it (e.g. 0.15)")
+    raise UsageError(f"model.img_size={grid * patch} gives a {grid}x{grid} patch grid (patch {patch}): the teacher's "
+                     f"views {why}, so every view is the image and nothing is denoised; {fix}")
