@@ -1,4 +1,5 @@
-"""What the model card says about a run in numbers: the extra tokens' share."""
+"""What the model card says about a run in numbers: the extra tokens' share, the batch a small training set
+allows."""
 
 from __future__ import annotations
 
@@ -34,3 +35,17 @@ def test_the_extra_tokens_are_counted_against_the_teachers_tokens(size, patch, p
     teacher_tokens = 1 + present + (size // patch) ** 2
     assert round(100 * 16 / teacher_tokens) == share
     assert f"about {share}% more tokens per image" in card(size, patch, present)
+
+
+def heldout_summary() -> dict:
+    return dict(heldout=dict(step=20, teacher=0.0310, student=0.0290),
+                data=dict(train=dict(folder="/data/camvid", images=50, file_list_sha256="0" * 64),
+                          heldout=dict(images=2, source="data.val_split=0.04")))
+
+
+def test_a_batch_clipped_to_the_training_set_is_said_in_the_card():
+    summary = heldout_summary()
+    assert "batch 8 |" in card(112, 14, 0, summary, None, "train.batch_size=8")  # 50 images: batches of 8
+    summary["data"]["train"]["images"] = 3
+    assert "batch 3 (train.batch_size 8, clipped to the 3 training images)" in \
+        card(112, 14, 0, summary, None, "train.batch_size=8")

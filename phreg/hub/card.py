@@ -274,7 +274,11 @@ def _settings(f: Facts) -> list[tuple[str, str]]:
     steps = summary.get("steps", run.metadata.get("steps", "–"))
     unlocked = "; ".join(", ".join(f"`{p}`" for p in names) + (f" at {scale:g}x lr" if scale != 1 else "")
                          for names, scale in g["unlocked"])
-    batch = r.train.batch_size * r.train.grad_accum * ((summary.get("hardware") or {}).get("processes") or 1)
+    processes = (summary.get("hardware") or {}).get("processes") or 1
+    batch = r.train.batch_size * r.train.grad_accum * processes
+    images = ((summary.get("data") or {}).get("train") or {}).get("images")
+    batch_text = f"batch {batch}" if not images or images >= r.train.batch_size * processes else \
+        f"batch {images} (train.batch_size {r.train.batch_size}, clipped to the {images} training images)"
     reg_text = f"{regs['added']} added (init: {g['init']})" + (
         f", {regs['present']} already in the teacher: {regs['total']} in total" if regs["present"] else "")
     train_text, held_text = data_lines(summary.get("data"), summary)
@@ -290,7 +294,7 @@ def _settings(f: Facts) -> list[tuple[str, str]]:
         ("registers", reg_text),
         ("views per image", f"{r.views.num} (shifts up to {r.views.max_shift:.0%} of the grid, flip p={r.views.flip})"),
         ("trained parameters", unlocked),
-        ("optimizer", f"AdamW, lr {r.train.lr:g} -> {r.train.end_lr:g} ({r.train.schedule}), batch {batch}"),
+        ("optimizer", f"AdamW, lr {r.train.lr:g} -> {r.train.end_lr:g} ({r.train.schedule}), {batch_text}"),
         ("steps", f"{steps} ({summary['images_seen']} images seen)" if "images_seen" in summary else str(steps)),
         ("classifier head", "dropped (`num_classes=0`: the model returns features)" if head == "drop"
          else "the teacher's, kept as it was (not trained)"),
