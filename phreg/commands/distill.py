@@ -73,7 +73,10 @@ def check(recipe, resuming: bool = False) -> None:
 def run(args) -> int:
     from ..config.recipe import load_recipe
 
+    from ..models.names import timm_name
+
     recipe = load_recipe(args.recipe, args.overrides)
+    recipe.model.name = timm_name(recipe.model.name)  # `dinov2_vits14` is timm's vit_small_patch14_dinov2
     check(recipe, resuming=args.resume or args.auto_resume)  # before torch is even imported
     from ..distill.loop import distill
     from ..errors import Interrupted, Preempted

@@ -44,7 +44,7 @@ def check(args) -> list[Path]:
     output folder, before torch is imported. Returns the image files."""
     from ..eval.inputs import check_images, check_masks, check_views, split_indices
     from ..files.paths import check_file, check_out
-    from ..models.names import check_model_spec
+    from ..models.names import check_model_spec, timm_name
     from ..run.lock import note_if_held
     from ..ttr.sidecar import check_ttr
 
@@ -52,6 +52,8 @@ def check(args) -> list[Path]:
         raise UsageError("--classes needs --masks (ground-truth label maps) to score zero-shot segmentation")
     check_views(args.views)
     check_ttr(args.ttr)
+    args.student = args.student and timm_name(args.student, "--student")
+    args.teacher = args.teacher and timm_name(args.teacher, "--teacher")
     if args.student is None:
         if not args.teacher or args.ttr in (None, "none"):
             raise UsageError("--student is required, unless --teacher and --ttr are given (teacher vs teacher with "

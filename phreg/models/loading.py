@@ -8,6 +8,7 @@ weights or does not fit, no weights and no network) is one `UsageError` line; th
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from timm.data import resolve_data_config
 from ..backbones import backbone
 from ..config.recipe import ModelCfg
 from ..errors import UsageError
-from .names import check_img_size, check_model_name, unknown_model
+from .names import check_img_size, check_model_name, timm_name, unknown_model
 from .weights import checkpoints_dir, find_weights, hub_cached, offline_reason, quiet_hub
 
 
@@ -50,7 +51,9 @@ def load_teacher(cfg: ModelCfg, dtype: torch.dtype | None = None, views=None) ->
     """Build the pretrained model at the recipe's resolution (timm resamples `pos_embed`), frozen, in eval mode.
     `dtype` (`speed.frozen_dtype: bf16`): floating weights held in it, converted tensor by tensor as they are read.
     `views` (the recipe's, when the model is a teacher): checked against the patch grid before any weight is read."""
-    name, size = cfg.name, cfg.img_size
+    if cfg.name != (name := timm_name(cfg.name)):  # an alias, from a caller without the CLI
+        cfg = dataclasses.replace(cfg, name=name)
+    size = cfg.img_size
     check_model_name(name, cfg.checkpoint)
     source = name.split(":", 1)[0] if ":" in name else ""
     if not source and not timm.is_model(name):
