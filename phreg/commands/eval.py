@@ -118,7 +118,7 @@ def run(args) -> int:
                             heads=(args.teacher_head, args.student_head), **zs)
     options = EvalOptions(views=args.views, limit=args.limit, pictures=args.figures, seed=args.seed, masks=args.masks,
                           num_classes=args.num_classes, ignore_index=args.ignore_index, split=args.split,
-                          device=device(args), zeroshot=zeroshot)
+                          device=device(args), zeroshot=zeroshot, untrained=args.student is None)
     r = evaluate(student, teacher, args.images, out, options, others or None, labels, ttr)
     print(text_table(r))
     print(overlap_line(r["training_overlap"]))

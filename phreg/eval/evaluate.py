@@ -17,7 +17,7 @@ from .. import __version__
 from ..config.recipe import ViewsCfg
 from ..files.atomic import write_json
 from ..models.specs import Loaded
-from ..run.training_list import overlap
+from ..run.training_list import no_training, overlap
 from .analysis import Analysis, analyze, to_rgb
 from .figures import norm_histogram, norm_range, panels, picture_names
 from .inputs import split_indices
@@ -44,6 +44,7 @@ class EvalOptions:
     split: str | Path | None = None  # train/val split file of the probe (default: every 4th image is val)
     device: str = "cpu"
     zeroshot: ZeroShot | None = None  # zero-shot segmentation (needs masks)
+    untrained: bool = False  # the "student" was never trained (the teacher with test-time registers)
 
     @property
     def probing(self) -> bool:
@@ -70,7 +71,8 @@ def evaluate(student: Loaded, teacher: Loaded, images_dir, out: Path, options: E
     s = Side.of(student, images, vcfg, o, t.threshold)
     clock.lap("student")
     train, val = split_indices(files, o.split) if o.probing else (None, None)
-    seen = overlap(student.run, files)  # which images the student trained on, from its run's training list
+    # which images the student trained on, from its run's training list
+    seen = no_training(files) if o.untrained else overlap(student.run, files)
     out.mkdir(parents=True, exist_ok=True)
 
     def context(side: Side, opts: EvalOptions) -> Context:  # every column on the images its row's label names

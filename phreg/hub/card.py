@@ -57,8 +57,9 @@ def _cell(text) -> str:
 
 
 def eval_table(report: dict) -> str:
-    """The eval summary, teacher vs student; the better value of each row in bold, except for hardware-dependent
-    rows (images/s), which are shown as measured without a verdict."""
+    """The eval summary, teacher vs student; the better value in bold on rows measured on never-trained images alone
+    (`phreg.eval.tables.held_out`), none on the others or on hardware-dependent rows (images/s), which are shown as
+    measured."""
     cols = columns(report)
     if len(cols) > 2:  # teacher, test-time registers, student, both: a column each, the best in bold
         lines = ["| metric | " + " | ".join(_cell(label) for _, label in cols) + " | better |",
@@ -182,7 +183,9 @@ def eval_lead(report: dict) -> str:
         text += f". Training overlap: {overlap_line(seen)}" + (
             f"; the first row is scored on the {len(seen['unseen'])} never trained on"
             if seen["recorded"] and 0 < len(seen["unseen"]) < seen["images"] else "")
-    return text + ". Rows marked hardware-dependent are timings of one machine, not a property of the model."
+    return text + (". Bold marks the better side only on rows measured on images the student never trained on (and "
+                   "on the cost rows); a row that includes training images says how many. Rows marked "
+                   "hardware-dependent are timings of one machine, not a property of the model.")
 
 
 def model_card(run: Run, repo_id: str, transformers: dict | None = None, timm: bool = True) -> str:
