@@ -1,5 +1,5 @@
-"""What the model card says about a run in numbers: the extra tokens' share, the batch a small training set
-allows."""
+"""What the model card says about a run in numbers: the extra tokens' share, the run's own held-out distance next to
+the eval's (why an image has two), the batch a small training set allows."""
 
 from __future__ import annotations
 
@@ -41,6 +41,27 @@ def heldout_summary() -> dict:
     return dict(heldout=dict(step=20, teacher=0.0310, student=0.0290),
                 data=dict(train=dict(folder="/data/camvid", images=50, file_list_sha256="0" * 64),
                           heldout=dict(images=2, source="data.val_split=0.04")))
+
+
+def test_the_runs_held_out_distance_says_what_it_was_measured_with():
+    text = card(112, 14, summary=heldout_summary())
+    row = next(line for line in text.splitlines() if line.startswith("| held-out distance |"))
+    assert "teacher 0.031, student 0.029" in row and "on the 2 held-out images" in row
+    assert "with the recipe's 6 views per image at 112 px" in row and "evaluation below" not in row
+
+
+def test_with_an_eval_the_card_says_why_an_image_has_two_distances():
+    """The run's own score (6 views at the end of training) and the eval's (10 views, drawn again) of the same image
+    differ; the card used to print both without a word."""
+    report = {"schema": "phreg.eval/1", "images": 67, "views": 10, "img_size": 112, "summary": [
+        {"metric": "denoised_distance", "label": "mean 1 - cos to TTA-denoised teacher features (17 never-trained "
+         "images)", "teacher": 0.0308, "student": 0.0320, "better": "lower", "images": 17, "trained_images": 0}]}
+    text = card(112, 14, summary=heldout_summary(), report=report)
+    row = next(line for line in text.splitlines() if line.startswith("| held-out distance |"))
+    assert "with the recipe's 6 views per image at 112 px" in row
+    assert "The evaluation below scores 67 images again with its own 10 views per image at 112 px" in row
+    assert "an image scored in both has two distances" in row
+    assert "| mean 1 - cos to TTA-denoised teacher features (17 never-trained images) | **0.0308** | 0.032 |" in text
 
 
 def test_a_batch_clipped_to_the_training_set_is_said_in_the_card():

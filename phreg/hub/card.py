@@ -308,14 +308,27 @@ def _settings(f: Facts) -> list[tuple[str, str]]:
         ("phreg", f"{run.metadata.get('phreg_version', __version__)}, recipe hash "
                   f"`{run.metadata.get('recipe_hash', '–')}` ([recipe.yaml](recipe.yaml))"),
     ]
-    heldout = summary.get("heldout")
-    if heldout:
-        n = ((summary.get("data") or {}).get("heldout") or {}).get("images")
-        on = f" on the {n} held-out image{'s' if n != 1 else ''}" if n else ""
-        rows.append(("held-out distance", f"mean 1 - cos to denoised teacher features{on}: teacher "
-                                          f"{number(heldout.get('teacher'))}, "
-                                          f"student {number(heldout.get('student'))}"))
+    if summary.get("heldout"):
+        rows.append(("held-out distance", heldout_text(f)))
     return rows
+
+
+def heldout_text(f: Facts) -> str:
+    """The run's own held-out score, with what it was measured with (views, resolution, images); when the card also
+    has an eval, why the eval's distances for the same images differ (its own views, drawn again)."""
+    r, held = f.run.recipe, f.summary["heldout"]
+    n = ((f.summary.get("data") or {}).get("heldout") or {}).get("images")
+    on = f" on the {n} held-out image{'s' if n != 1 else ''}" if n else ""
+    text = (f"teacher {number(held.get('teacher'))}, student {number(held.get('student'))}: mean 1 - cos to the "
+            f"teacher's denoised features{on}, scored as training ended with the recipe's {r.views.num} views per "
+            f"image at {r.model.img_size} px")
+    e = f.run.eval
+    if e and e.get("views"):
+        text += (f". The evaluation below scores {e.get('images', '?')} images again with its own {e['views']} "
+                 f"views per image at {e.get('img_size', '?')} px (other shifts and mirrors, so other denoised "
+                 "targets): an image scored in both has two distances; compare teacher with student within one "
+                 "of them, not across")
+    return text
 
 
 def _limitations(f: Facts) -> str:
