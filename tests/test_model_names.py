@@ -5,6 +5,7 @@ neither gets the closest timm names and aliases."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import timm
@@ -12,6 +13,8 @@ from conftest import MODEL
 
 from phreg.cli import main
 from phreg.errors import UsageError
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 WIDTHS = {"s": 384, "splus": 384, "b": 768, "l": 1024, "g": 1536, "hplus": 1280, "7b": 4096,  # DINO
           "B": 768, "L": 1024, "H": 1280, "bigG": 1664, "base": 768, "large": 1024}  # CLIP
@@ -83,11 +86,17 @@ def test_an_alias_is_said_once_and_a_folder_of_that_name_wins(tmp_path, monkeypa
 def test_distill_takes_the_torch_hub_name_and_says_it_once(tmp_path, capsys, dinov2_file):
     """`model.name=dinov2_vits14` used to stop with `is not a timm model`. Here the run goes as far as the first check
     that needs the model (the patch grid of a 14 px image), which only timm's name passes."""
-    code = main(["distill", "recipes/quickstart.yaml", "model.name=dinov2_vits14", f"model.checkpoint={dinov2_file}",
-                 "model.img_size=14", f"output_dir={tmp_path / 'run'}", "--quiet"])
+    code = main(["distill", str(RECIPES / "quickstart.yaml"), "model.name=dinov2_vits14",
+                 f"model.checkpoint={dinov2_file}", "model.img_size=14", f"output_dir={tmp_path / 'run'}", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("model.name dinov2_vits14 is timm's vit_small_patch14_dinov2") == 1, err
     assert "1x1 patch grid (patch 14)" in err and "is not a timm model" not in err
+
+
+def test_estimate_takes_an_alias(capsys):
+    assert main(["estimate", str(RECIPES / "dinov2_vitb14.yaml"), "model.name=dinov2_vitl14"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "model.name dinov2_vitl14 is timm's vit_large_patch14_dinov2\n" and "GB" in out
 
 
 def test_eval_and_inspect_load_an_alias_as_its_timm_model(dinov2_file):
