@@ -202,7 +202,7 @@ def test_inspect_and_eval_run_for_any_prefix(key, tmp_path):
     assert report["class_token"] is has_cls and report["registers"] == FAMILIES[key][2][1]
     assert ("no class token" in text_summary(report)) is not has_cls
     assert set(report["norms"]["final"]) == ({"patch", "cls", "reg"} if has_cls else {"patch"})
-    assert (tmp_path / "inspect" / "image_00.png").is_file()
+    assert (tmp_path / "inspect" / "img0.png").is_file()  # named after its image
     result = evaluate(s, t, folder, tmp_path / "eval", EvalOptions(views=3, pictures=1))
     assert (result["cls_cosine"] is None) is not has_cls
     assert ("cls_cosine" in {r["metric"] for r in result["summary"]}) is has_cls

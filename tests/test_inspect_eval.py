@@ -55,7 +55,7 @@ def test_inspect_finds_the_implanted_artifacts_and_none_in_the_clean_model(camvi
     assert (freq > 0).float().mean() < 0.15  # a sparse set of grid cells
     saved = json.loads((out / "inspect.json").read_text())
     assert saved["schema"] == "phreg.inspect/1" and saved["outliers"]["fraction"] == o["fraction"]
-    assert saved["figures"] == ["image_00.png", "image_01.png", "norm_histogram.png"]
+    assert saved["figures"] == [Path(f).stem + ".png" for f in saved["files"][:2]] + ["norm_histogram.png"]
     assert all((out / f).read_bytes()[:4] == b"\x89PNG" for f in saved["figures"])
 
 
@@ -184,8 +184,8 @@ def test_small_things_a_reader_notices(tmp_path, monkeypatch):
     teacher, student, images = tiny_pair(tmp_path)
     seen = []
     real = ev.panels
-    monkeypatch.setattr(ev, "panels", lambda image, rows, path, norms=None: seen.append((rows, norms)) or
-                        real(image, rows, path, norms))
+    monkeypatch.setattr(ev, "panels", lambda image, rows, path, norms=None, **kw: seen.append((rows, norms)) or
+                        real(image, rows, path, norms, **kw))
     r = evaluate(student, teacher, images, tmp_path / "eval", EvalOptions(views=2, pictures=2))
     cls = next(row for row in r["summary"] if row["metric"] == "cls_cosine")
     assert cls["teacher"] == 1.0 and cls["better"] is None and "by definition" in cls["note"]

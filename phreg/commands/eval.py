@@ -44,7 +44,7 @@ def check(args) -> list[Path]:
     output folder, before torch is imported. Returns the image files."""
     from ..eval.inputs import check_images, check_masks, check_views, split_indices
     from ..files.paths import check_file, check_out
-    from ..models.names import check_model_spec
+    from ..models.names import check_model_spec, timm_name
     from ..run.lock import note_if_held
     from ..ttr.sidecar import check_ttr
 
@@ -52,6 +52,8 @@ def check(args) -> list[Path]:
         raise UsageError("--classes needs --masks (ground-truth label maps) to score zero-shot segmentation")
     check_views(args.views)
     check_ttr(args.ttr)
+    args.student = args.student and timm_name(args.student, "--student")
+    args.teacher = args.teacher and timm_name(args.teacher, "--teacher")
     if args.student is None:
         if not args.teacher or args.ttr in (None, "none"):
             raise UsageError("--student is required, unless --teacher and --ttr are given (teacher vs teacher with "
@@ -74,7 +76,7 @@ def check(args) -> list[Path]:
         if checkpoint and not Path(checkpoint).is_file():
             raise UsageError(f"the teacher's weights {checkpoint} (model.checkpoint in {args.student}/recipe.yaml) "
                              "are gone; pass --teacher MODEL --teacher-checkpoint FILE")
-    check_file(args.teacher_checkpoint, "--teacher-checkpoint")
+    check_file(args.teacher_checkpoint, "--teacher-checkpoint", weights=True)
     if args.out is None and not (Path(args.student) / "recipe.yaml").is_file():
         raise UsageError("--out is required unless --student is a phreg run folder (default RUN/eval)")
     check_out(args.out)
@@ -116,7 +118,7 @@ def run(args) -> int:
                             heads=(args.teacher_head, args.student_head), **zs)
     options = EvalOptions(views=args.views, limit=args.limit, pictures=args.figures, seed=args.seed, masks=args.masks,
                           num_classes=args.num_classes, ignore_index=args.ignore_index, split=args.split,
-                          device=device(args), zeroshot=zeroshot)
+                          device=device(args), zeroshot=zeroshot, untrained=args.student is None)
     r = evaluate(student, teacher, args.images, out, options, others or None, labels, ttr)
     print(text_table(r))
     print(overlap_line(r["training_overlap"]))

@@ -2,7 +2,9 @@
 
 A metric is one function of the `Context` (both models, their analyses, the images, the options), registered with
 `@metric`: it returns a `Measured` (what eval.json keeps under the metric's key, and its summary rows
-{metric, label, teacher, student, better[, note]}), or None when it was not asked for (no masks, no classes).
+{metric, label, teacher, student, better, images, trained_images[, note]}), or None when it was not asked for (no
+masks, no classes). Each row says which images it is measured on (`row(..., on=ctx.images(indices))`): how many, and
+how many of them the student trained on, which its label says when some were (`Images.note`).
 `evaluate` measures stage by stage and lists the rows in the order of `METRICS`, at the end: the order of eval.json's
 `summary`, the terminal table, report.html and the model card, which only render rows (`phreg.eval.tables`).
 
@@ -46,6 +48,36 @@ class Context:
     val: list[int] | None = None
     unseen: list[int] | None = None  # images the student never trained on (`phreg.run.training_list`); None: unknown
 
+    def images(self, indices: list[int] | None = None) -> "Images":
+        """The images at `indices` (all, by default) as a row is measured on them: how many, how many trained on."""
+        idx = range(len(self.files)) if indices is None else indices
+        if self.unseen is None:
+            return Images(len(idx), None)
+        unseen = set(self.unseen)
+        return Images(len(idx), sum(i not in unseen for i in idx))
+
+    def headline(self) -> list[int]:
+        """The images the headline distance is scored on: the never-trained ones when only some are, else all."""
+        n, unseen = len(self.files), self.unseen
+        return list(unseen) if unseen is not None and 0 < len(unseen) < n else list(range(n))
+
+
+@dataclass(frozen=True)
+class Images:
+    """What a summary row is measured on: `count` images (None: not on the images at all, e.g. the cost), `trained`
+    of them in the student's training set (None: not known). Rows carry both (`images`, `trained_images`): only a row
+    with no trained image is held-out evidence, and only such a row gets a verdict mark in the report and the card
+    (`phreg.eval.tables.held_out`)."""
+    count: int | None
+    trained: int | None
+
+    def note(self) -> str:
+        """What a label that does not say it adds: ` [67 images, 50 trained on]` when some were trained on."""
+        return f" [{self.count} images, {self.trained} trained on]" if self.trained else ""
+
+
+NOT_ON_IMAGES = Images(None, 0)  # a property of the model (parameters, FLOPs, speed): no image was trained on
+
 
 @dataclass
 class Measured:
@@ -74,9 +106,13 @@ def metric(key: str | None = None, stage: str = STAGES[0]):
     return mark
 
 
-def row(metric: str, label: str, teacher, student, better: str | None, note: str | None = None) -> dict:
-    """A summary row; `better`: 'lower', 'higher' or None (then `note` says why there is no verdict)."""
-    out = dict(metric=metric, label=label, teacher=teacher, student=student, better=better)
+def row(metric: str, label: str, teacher, student, better: str | None, note: str | None = None,
+        on: Images | None = None) -> dict:
+    """A summary row; `better`: 'lower', 'higher' or None (then `note` says why there is no verdict); `on`: the images
+    it is measured on (`Context.images`; unknown when not given: the row gets no verdict mark)."""
+    on = on or Images(None, None)
+    out = dict(metric=metric, label=label, teacher=teacher, student=student, better=better, images=on.count,
+               trained_images=on.trained)
     if note is not None:
         out["note"] = note
     return out
@@ -91,37 +127,47 @@ def denoised_distance(ctx: Context) -> Measured:
     dist_s = tta.distances(ctx.student.model)
     d = dict(teacher=tta.teacher_distance, student=dist_s.mean().item(),
              per_image_teacher=tta.teacher_distances.tolist(), per_image_student=dist_s.tolist())
-    label, n, unseen = "mean 1 - cos to TTA-denoised teacher features", len(ctx.files), ctx.unseen
+    label, n, unseen, everything = "mean 1 - cos to TTA-denoised teacher features", len(ctx.files), ctx.unseen, \
+        ctx.images()
     if unseen is None:  # not a phreg run, or one that recorded no training list
         rows = [row("denoised_distance", f"{label} ({n} images; training overlap unknown)", d["teacher"],
-                    d["student"], "lower")]
+                    d["student"], "lower", on=everything)]
     elif len(unseen) == n:
         rows = [row("denoised_distance", f"{label} ({n} images, none trained on)", d["teacher"], d["student"],
-                    "lower")]
+                    "lower", on=everything)]
     elif not unseen:
         rows = [row("denoised_distance", f"{label} (all {n} images were trained on: not a held-out score)",
-                    d["teacher"], d["student"], "lower")]
+                    d["teacher"], d["student"], "lower", on=everything)]
     else:  # the headline on never-trained images; all images beside it, saying how many were trained on
         d.update(unseen_images=len(unseen), unseen_teacher=tta.teacher_distances[unseen].mean().item(),
                  unseen_student=dist_s[unseen].mean().item())
-        rows = [row("denoised_distance", f"{label} ({len(unseen)} never-trained image{'s' * (len(unseen) != 1)})", d["unseen_teacher"],
-                    d["unseen_student"], "lower"),
+        rows = [row("denoised_distance", f"{label} ({len(unseen)} never-trained image{'s' * (len(unseen) != 1)})",
+                    d["unseen_teacher"], d["unseen_student"], "lower", on=ctx.images(unseen)),
                 row("denoised_distance_all", f"  same, all {n} images ({n - len(unseen)} of them trained on)",
-                    d["teacher"], d["student"], "lower")]
+                    d["teacher"], d["student"], "lower", on=everything)]
     if ctx.val is not None:
-        d.update(val_images=len(ctx.val), val_teacher=tta.teacher_distances[ctx.val].mean().item(),
-                 val_student=dist_s[ctx.val].mean().item())
-        rows.append(row("denoised_distance_val", f"  same, val images only ({len(ctx.val)})", d["val_teacher"],
-                        d["val_student"], "lower"))
+        val = ctx.images(ctx.val)
+        d.update(val_images=len(ctx.val), val_trained=val.trained,
+                 val_teacher=tta.teacher_distances[ctx.val].mean().item(), val_student=dist_s[ctx.val].mean().item())
+        rows.append(row("denoised_distance_val", f"  same, val images only ({len(ctx.val)}{trained_words(val)})",
+                        d["val_teacher"], d["val_student"], "lower", on=val))
     return Measured(d, rows)
+
+
+def trained_words(on: Images) -> str:
+    """`, 10 of them trained on` / `, none trained on` after an image count in a label; nothing when not known."""
+    if on.trained is None:
+        return ""
+    return f", {on.trained} of them trained on" if on.trained else ", none trained on"
 
 
 @metric()
 def tta_noise(ctx: Context) -> Measured:
     """Each model's distance to its own TTA-denoised features (position-tied noise)."""
-    return Measured(None, [row("tta_noise", "own TTA noise (mean 1 - cos, raw vs own denoised)",
+    on = ctx.images()
+    return Measured(None, [row("tta_noise", "own TTA noise (mean 1 - cos, raw vs own denoised)" + on.note(),
                                ctx.s_t["tta_noise"]["mean_1_minus_cos"], ctx.s_s["tta_noise"]["mean_1_minus_cos"],
-                               "lower")])
+                               "lower", on=on)])
 
 
 @metric()
@@ -130,15 +176,17 @@ def outlier_fraction(ctx: Context) -> Measured:
     thr = ctx.s_t["outliers"]["threshold"]
     label = (("high-norm patch tokens (teacher's threshold %.0f)" % thr) if thr != float("inf")
              else "high-norm patch tokens (own rule; teacher has none)")
-    return Measured(None, [row("outlier_fraction", label, ctx.s_t["outliers"]["fraction"], ctx.judged["fraction"],
-                               "lower")])
+    on = ctx.images()
+    return Measured(None, [row("outlier_fraction", label + on.note(), ctx.s_t["outliers"]["fraction"],
+                               ctx.judged["fraction"], "lower", on=on)])
 
 
 @metric()
 def max_norm_ratio(ctx: Context) -> Measured:
-    return Measured(None, [row("max_norm_ratio", "max / median patch norm, last block",
+    on = ctx.images()
+    return Measured(None, [row("max_norm_ratio", "max / median patch norm, last block" + on.note(),
                                ctx.s_t["outliers"]["max_over_median"], ctx.s_s["outliers"]["max_over_median"],
-                               "lower")])
+                               "lower", on=on)])
 
 
 @metric("high_norm_mass")
@@ -168,8 +216,9 @@ def cls_cosine(ctx: Context) -> Measured:
     if t is None or s is None:
         return Measured(None, [])
     cos = torch.nn.functional.cosine_similarity(t, s, dim=-1).mean().item()
-    return Measured(cos, [row("cls_cosine", "CLS token cosine to the teacher's", 1.0, cos, None,
-                              note=CLS_COSINE_NOTE)])
+    on = ctx.images()
+    return Measured(cos, [row("cls_cosine", "CLS token cosine to the teacher's" + on.note(), 1.0, cos, None,
+                              note=CLS_COSINE_NOTE, on=on)])
 
 
 
@@ -183,13 +232,13 @@ def probe(ctx: Context) -> Measured | None:
     o = ctx.options
     p = evaluate_probe(ctx.teacher, ctx.student, ctx.files, o.masks, o.num_classes, o.ignore_index, ctx.train,
                        ctx.val, o.device)
-    trained = len(set(ctx.val) - set(ctx.unseen)) if ctx.unseen is not None else 0  # the split's, not ours
-    also = f", {trained} of them trained on by the student" if trained else ""
+    on = ctx.images(ctx.val)  # the split's val images: some may be the student's training images
+    also = f", {on.trained} of them trained on by the student" if on.trained else ""
     return Measured(p, [
         row("miou", f"linear-probe mIoU ({p['val_images']} val images{also})", p["teacher"]["miou"],
-            p["student"]["miou"], "higher"),
-        row("pixel_accuracy", "linear-probe pixel accuracy", p["teacher"]["pixel_accuracy"],
-            p["student"]["pixel_accuracy"], "higher")])
+            p["student"]["miou"], "higher", on=on),
+        row("pixel_accuracy", "linear-probe pixel accuracy" + on.note(), p["teacher"]["pixel_accuracy"],
+            p["student"]["pixel_accuracy"], "higher", on=on)])
 
 
 @metric("zeroshot", stage="zero-shot")
@@ -204,9 +253,10 @@ def zeroshot(ctx: Context) -> Measured | None:
     gt = load_masks(ctx.files, o.masks, o.zeroshot.classes.num_labels, o.ignore_index)
     z = evaluate_zeroshot(ctx.teacher, ctx.student, ctx.files, gt, o.zeroshot, o.ignore_index, ctx.out,
                           min(o.pictures, 4), o.device)
-    return Measured(z, [row("zeroshot_miou", f"zero-shot mIoU ({z['images']} images; teacher {z['teacher']['head']}, "
-                                             f"student {z['student']['head']})",
-                            z["teacher"]["miou"], z["student"]["miou"], "higher")])
+    on = ctx.images()
+    return Measured(z, [row("zeroshot_miou", f"zero-shot mIoU ({z['images']} images{trained_words(on)}; teacher "
+                                             f"{z['teacher']['head']}, student {z['student']['head']})",
+                            z["teacher"]["miou"], z["student"]["miou"], "higher", on=on)])
 
 
 @metric("cost")
@@ -214,10 +264,11 @@ def cost(ctx: Context) -> Measured:
     """Parameters, forward FLOPs per image and images/s of each model (the last: a speed, not a verdict)."""
     c = dict(teacher=model_cost(ctx.teacher, ctx.options.device), student=model_cost(ctx.student, ctx.options.device))
     return Measured(c, [
-        row("gflops", "forward GFLOPs per image", c["teacher"]["gflops"], c["student"]["gflops"], "lower"),
+        row("gflops", "forward GFLOPs per image", c["teacher"]["gflops"], c["student"]["gflops"], "lower",
+            on=NOT_ON_IMAGES),
         # measured once on whatever machine ran eval, next to other work: a speed, not a verdict
         row("images_per_s", f"images/s (batch {c['teacher']['batch']}, this machine)", c["teacher"]["images_per_s"],
-            c["student"]["images_per_s"], None, note=HARDWARE_DEPENDENT)])
+            c["student"]["images_per_s"], None, note=HARDWARE_DEPENDENT, on=NOT_ON_IMAGES)])
 
 
 def model_cost(loaded: Loaded, device, batch: int = 8, repeats: int = 3) -> dict:
@@ -289,14 +340,15 @@ def norm_tails(ctx: Context) -> Measured:
     value = dict(ratio=TAIL_RATIO, rule=f"patch-token norm (pre-norm block output) above {TAIL_RATIO:g}x or below "
                                         f"1/{TAIL_RATIO:g} of its image's median", per_block=per, worst=worst,
                  first_block=first)
-    wt, ws = worst["teacher"], worst["student"]
+    at = " / ".join(f"block {w['block']}" if w["both"] > 0 else "no outliers" for w in worst.values())
+    on = ctx.images()
     return Measured(value, [
-        row("outliers_two_tailed", f"outliers, both tails ({TAIL_RATIO:g}x / 1/{TAIL_RATIO:g} median), last block",
-            last["teacher"]["both"], last["student"]["both"], "lower"),
-        row("outliers_low_tail", f"  of which below 1/{TAIL_RATIO:g} (low-norm artifacts)", last["teacher"]["low"],
-            last["student"]["low"], "lower"),
-        row("outliers_worst_block", f"  same, at the block with the most (blocks {wt['block']} / {ws['block']})",
-            wt["both"], ws["both"], "lower")])
+        row("outliers_two_tailed", f"outliers, both tails ({TAIL_RATIO:g}x / 1/{TAIL_RATIO:g} median), last block"
+            + on.note(), last["teacher"]["both"], last["student"]["both"], "lower", on=on),
+        row("outliers_low_tail", f"  of which below 1/{TAIL_RATIO:g} (low-norm artifacts)" + on.note(),
+            last["teacher"]["low"], last["student"]["low"], "lower", on=on),
+        row("outliers_worst_block", f"  same, at the block with the most ({at})" + on.note(), worst["teacher"]["both"],
+            worst["student"]["both"], "lower", on=on)])
 
 
 @torch.no_grad()
@@ -319,17 +371,20 @@ QUANTILES = (0.5, 0.9, 0.99)
 @metric("denoised_distance_tokens")
 def denoised_distance_tokens(ctx: Context) -> Measured:
     """The distance to the teacher's TTA-denoised features per patch token, as p50 / p90 / p99 (PH-Reg Fig. 5): a
-    mean hides the few tokens an artifact ruins, the tail shows them."""
+    mean hides the few tokens an artifact ruins, the tail shows them. On the headline's images (`Context.headline`)."""
     import numpy as np
 
-    d = {role: token_distances(ctx.a_t.tta, m.model) for role, m in (("teacher", ctx.teacher),
-                                                                      ("student", ctx.student))}
+    idx = ctx.headline()  # the headline's images: never-trained ones when some are
+    d = {role: token_distances(ctx.a_t.tta, m.model)[idx] for role, m in (("teacher", ctx.teacher),
+                                                                           ("student", ctx.student))}
     q = {role: [float(v) for v in np.quantile(t.flatten().numpy(), QUANTILES)] for role, t in d.items()}
     value = {role: dict(mean=float(t.mean()), **{f"p{round(100 * p)}": v for p, v in zip(QUANTILES, q[role])})
-             for role, t in d.items()} | dict(tokens=int(d["teacher"].numel()))
+             for role, t in d.items()} | dict(tokens=int(d["teacher"].numel()), images=len(idx))
+    on = ctx.images(idx)
+    where = f", {len(idx)} never-trained images" if len(idx) < len(ctx.files) else ""
     return Measured(value, [row(f"denoised_distance_p{round(100 * p)}",
-                                f"  same, per patch token: p{round(100 * p)}", q["teacher"][i], q["student"][i],
-                                "lower") for i, p in enumerate(QUANTILES)])
+                                f"  same, per patch token{where}: p{round(100 * p)}" + on.note(), q["teacher"][i],
+                                q["student"][i], "lower", on=on) for i, p in enumerate(QUANTILES)])
 
 
 @torch.no_grad()
@@ -370,11 +425,14 @@ def register_attention(ctx: Context) -> Measured:
     images = ctx.a_t.tta.images
     value = {role: register_attention_share(m.model, images) for role, m in (("teacher", ctx.teacher),
                                                                              ("student", ctx.student))}
-    rows = [row("register_attention_patches", "attention absorbed by registers, patch tokens (last block)",
-                value["teacher"]["patches"], value["student"]["patches"], None, note="where attention goes")]
+    on = ctx.images()
+    rows = [row("register_attention_patches", "attention absorbed by registers, patch tokens (last block)"
+                + on.note(), value["teacher"]["patches"], value["student"]["patches"], None,
+                note="where attention goes", on=on)]
     if value["teacher"]["cls"] is not None or value["student"]["cls"] is not None:
-        rows.insert(0, row("register_attention_cls", "attention absorbed by registers, class token (last block)",
-                           value["teacher"]["cls"], value["student"]["cls"], None, note="where attention goes"))
+        rows.insert(0, row("register_attention_cls", "attention absorbed by registers, class token (last block)"
+                           + on.note(), value["teacher"]["cls"], value["student"]["cls"], None,
+                           note="where attention goes", on=on))
     return Measured(value, rows)
 
 
@@ -390,8 +448,9 @@ def patch_norm_variance(ctx: Context) -> Measured:
     """How uneven the patch norms of the last block are (pre-norm): artifacts in either tail raise it."""
     value = dict(layer=ctx.a_t.artifact_layer, teacher=norm_variance(ctx.a_t.patch_norms),
                  student=norm_variance(ctx.a_s.patch_norms))
-    return Measured(value, [row("patch_norm_variance", "patch-norm variance / mean², last block",
-                                value["teacher"]["relative"], value["student"]["relative"], "lower")])
+    on = ctx.images()
+    return Measured(value, [row("patch_norm_variance", "patch-norm variance / mean², last block" + on.note(),
+                                value["teacher"]["relative"], value["student"]["relative"], "lower", on=on)])
 
 
 # Every metric, in the order of its rows in eval.json's summary, the terminal table, report.html and the model card.
