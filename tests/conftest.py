@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,18 @@ ASSETS = Path(os.environ.get("PHREG_ASSETS", REPO.parent / "shared" / "assets"))
 DINOV2_S = ASSETS / "weights" / "dinov2_vits14.safetensors"
 CAMVID = ASSETS / "images" / "camvid_subset"
 MODEL = "vit_small_patch14_dinov2"
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Tests share one process: after each, Accelerate's process-wide state is reset as a new process would have it
+    (an Accelerator made with other settings than an earlier test's refuses to start otherwise)."""
+    yield
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
 
 
 def need(path: Path) -> Path:
@@ -86,3 +102,63 @@ def random_weights(name: str, path: Path) -> Path:
 
     safetensors.torch.save_file(timm.create_model(name, pretrained=False).state_dict(), str(path))
     return path
+
+
+# ---------------------------------------------------------------------------------- the command line, as users run it
+
+def phreg(*args, env: dict | None = None, drop=(), cwd=None, launch: str | None = None, wait: bool = True,
+          timeout: float = 300):
+    """`phreg ARGS` in a subprocess, offline (HF_HUB_OFFLINE=1), as a user runs it; the result carries the wall time
+    as `.seconds`. `drop`: environment variables to unset. `launch`: Python source run instead of `python -m phreg`
+    (it reads sys.argv), for a test that installs hooks first. `wait=False`: the running `Popen`."""
+    full = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    for key in drop:
+        full.pop(key, None)
+    cmd = [sys.executable, *(["-c", launch] if launch else ["-m", "phreg"]), *map(str, args)]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full, cwd=cwd)
+    began = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=full, cwd=cwd, timeout=timeout)
+    out.seconds = time.perf_counter() - began
+    return out
+
+
+def one_line(result: subprocess.CompletedProcess, code: int, *messages: str, untouched: Path | None = None) -> str:
+    """A mistake or fault as users must see it: exit `code`, one line on stderr holding every message, no traceback;
+    `untouched`: a run folder that must hold no export and no checkpoint afterwards. Returns the line."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code and len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for m in messages:
+        assert m in lines[0], lines[0]
+    if untouched is not None:
+        assert not (untouched / "export").exists() and not (untouched / "checkpoints").exists()
+    return lines[0]
+
+
+def last_line(stderr: str) -> str:
+    """The last `phreg:` line of a run that printed progress before it (a stop, a resume hint), with no traceback."""
+    assert "Traceback" not in stderr, stderr
+    return [ln for ln in stderr.strip().splitlines() if ln.startswith("phreg:")][-1]
+
+
+def fake_run(run: Path, checkpoints=(), export_step: int | None = None, summary_step: int | None = None,
+             recipe: str = "seed: 0\n") -> Path:
+    """A run folder as distill leaves it, without training: recipe.yaml; a checkpoint folder per step in
+    `checkpoints`; with `export_step` an export whose weights' header says that step (and a config.json); with
+    `summary_step` a summary.json."""
+    from safetensors.numpy import save_file
+    import numpy as np
+
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "recipe.yaml").write_text(recipe)
+    for step in checkpoints:
+        (run / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+    if export_step is not None:
+        (run / "export").mkdir()
+        save_file({"w": np.zeros(2, np.float32)}, str(run / "export" / "model.safetensors"),
+                  metadata=dict(steps=str(export_step)))
+        (run / "export" / "config.json").write_text("{}\n")
+    if summary_step is not None:
+        (run / "summary.json").write_text(json.dumps(dict(steps=summary_step)))
+    return run

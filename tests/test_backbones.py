@@ -139,6 +139,7 @@ def test_function_preserving_init_starts_near_the_teacher(key):
     assert step0_ratio(reduced(key, 224, shake=1.0), images(224, 2), MEAN, STD, 4) < 2
 
 
+@pytest.mark.slow
 def test_function_preserving_init_on_real_dinov2(teacher224, photos):
     """Real DINOv2-S, 2 CamVid frames, 8 views: pos_mean starts at the teacher (measured 0.98x, README), and the
     position-free default (grey_patch, what DINOv3 gets) within 2x (the paper's randn: 4.6x, test_models.py)."""
@@ -181,6 +182,7 @@ def _save_images(folder, n: int = 3, size: int = 72):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["siglip", "dinov3"])
 def test_inspect_and_eval_run_for_any_prefix(key, tmp_path):
     """SigLIP: no class token, so no CLS attention picture and no CLS cosine, said plainly; DINOv3: class token and
@@ -200,7 +202,7 @@ def test_inspect_and_eval_run_for_any_prefix(key, tmp_path):
     assert report["class_token"] is has_cls and report["registers"] == FAMILIES[key][2][1]
     assert ("no class token" in text_summary(report)) is not has_cls
     assert set(report["norms"]["final"]) == ({"patch", "cls", "reg"} if has_cls else {"patch"})
-    assert (tmp_path / "inspect" / "image_00.png").is_file()
+    assert (tmp_path / "inspect" / "img0.png").is_file()  # named after its image
     result = evaluate(s, t, folder, tmp_path / "eval", EvalOptions(views=3, pictures=1))
     assert (result["cls_cosine"] is None) is not has_cls
     assert ("cls_cosine" in {r["metric"] for r in result["summary"]}) is has_cls

@@ -3,31 +3,18 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import timm
-from conftest import MODEL
+from conftest import MODEL, fake_run, one_line, phreg
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-def phreg(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "phreg", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, cwd=cwd, timeout=300)
-
-
-def assert_usage_error(result: subprocess.CompletedProcess, message: str, run: Path | None = None):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    if run is not None:
-        assert not (run / "export").exists() and not (run / "checkpoints").exists()
+def usage_error(result, message: str, run: Path | None = None) -> None:
+    one_line(result, 2, message, untouched=run)
 
 
 @pytest.fixture
@@ -39,25 +26,25 @@ def quick(tmp_path, dinov2_file):
 
 def test_empty_folder(tmp_path, quick):
     (tmp_path / "empty").mkdir()
-    assert_usage_error(phreg("distill", *quick, f"data.root={tmp_path / 'empty'}"), "no image files", tmp_path / "run")
+    usage_error(phreg("distill", *quick, f"data.root={tmp_path / 'empty'}"), "no image files", tmp_path / "run")
 
 
 def test_only_corrupt_files(tmp_path, quick):
     (tmp_path / "bad").mkdir()
     for name in ("a.jpg", "b.png", "c.webp"):
         (tmp_path / "bad" / name).write_bytes(os.urandom(300))
-    assert_usage_error(phreg("distill", *quick, f"data.root={tmp_path / 'bad'}"),
+    usage_error(phreg("distill", *quick, f"data.root={tmp_path / 'bad'}"),
                        "no usable image", tmp_path / "run")
 
 
 def test_unknown_recipe_key(tmp_path, quick):
-    assert_usage_error(phreg("distill", *quick, "train.learning_rate=1e-4"), "unknown recipe key train.learning_rate",
+    usage_error(phreg("distill", *quick, "train.learning_rate=1e-4"), "unknown recipe key train.learning_rate",
                        tmp_path / "run")
 
 
 @pytest.mark.slow
 def test_resolution_not_a_multiple_of_the_patch(tmp_path, quick):
-    assert_usage_error(phreg("distill", *quick, "model.img_size=230"),
+    usage_error(phreg("distill", *quick, "model.img_size=230"),
                        "model.img_size=230 is not a multiple of the patch size 14; nearest valid sizes: 224, 238",
                        tmp_path / "run")
 
@@ -66,7 +53,7 @@ def test_resolution_not_a_multiple_of_the_patch(tmp_path, quick):
 def test_missing_weights_offline(tmp_path, quick):
     args = [a for a in quick if not str(a).startswith("model.checkpoint")]
     result = phreg("distill", *args, env={"PHREG_CHECKPOINTS": str(tmp_path / "none")})
-    assert_usage_error(result, f"no weights for {MODEL} (HF_HUB_OFFLINE is set, nothing cached): "
+    usage_error(result, f"no weights for {MODEL} (HF_HUB_OFFLINE is set, nothing cached): "
                                "pass model.checkpoint=FILE or put the file at",
                        tmp_path / "run")
 
@@ -74,21 +61,21 @@ def test_missing_weights_offline(tmp_path, quick):
 @pytest.mark.slow
 def test_checkpoint_of_the_wrong_architecture(tmp_path, quick):
     safetensors.torch.save_file(timm.create_model("vit_tiny_patch16_224").state_dict(), str(tmp_path / "t.safetensors"))
-    assert_usage_error(phreg("distill", *quick, f"model.checkpoint={tmp_path / 't.safetensors'}"),
+    usage_error(phreg("distill", *quick, f"model.checkpoint={tmp_path / 't.safetensors'}"),
                        f"does not fit {MODEL}", tmp_path / "run")
 
 
 def test_recipe_file_missing_and_bad_override(tmp_path):
-    assert_usage_error(phreg("distill", tmp_path / "nope.yaml"), "not found")
-    assert_usage_error(phreg("distill", RECIPES / "quickstart.yaml", "train.epochs=many"),
+    usage_error(phreg("distill", tmp_path / "nope.yaml"), "not found")
+    usage_error(phreg("distill", RECIPES / "quickstart.yaml", "train.epochs=many"),
                        "recipe key train.epochs: expected an integer")
 
 
 @pytest.mark.slow
 def test_resume_without_checkpoint_and_rerun_into_a_used_folder(tmp_path, quick):
-    assert_usage_error(phreg("distill", *quick, "--resume"), "--resume: no checkpoint")
+    usage_error(phreg("distill", *quick, "--resume"), "--resume: no checkpoint")
     assert phreg("distill", *quick, "--quiet").returncode == 0
-    assert_usage_error(phreg("distill", *quick), "already holds a finished run (step 1, export written); to train it "
+    usage_error(phreg("distill", *quick), "already holds a finished run (step 1, export written); to train it "
                                                  "longer pass --resume with a larger train.max_steps")
 
 
@@ -111,19 +98,6 @@ def test_a_used_output_dir_is_refused_before_any_model_loads(tmp_path):
     check_distill(recipe, resuming=True)  # which checkpoint to use is distill's (verified) decision
 
 
-def fake_run(run: Path, step: int, finished: bool) -> Path:
-    """A run folder as distill leaves it, without training: checkpoint step_N, and when `finished` an export of step N
-    (its weights' header says so) and summary.json."""
-    (run / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
-    (run / "recipe.yaml").write_text("output_dir: x\n")
-    if finished:
-        (run / "export").mkdir()
-        safetensors.torch.save_file({"x": __import__("torch").zeros(1)}, str(run / "export" / "model.safetensors"),
-                                    metadata={"steps": str(step)})
-        (run / "summary.json").write_text(f'{{"steps": {step}}}')
-    return run
-
-
 @pytest.mark.parametrize("override, message", [
     ("model.img_size=225", "model.img_size=225 is not a multiple of the patch size 14; nearest valid sizes: 224, 238"),
     ("model.name=vit_smal_patch14_dinov2", "model.name 'vit_smal_patch14_dinov2' is not a timm model; closest: "
@@ -136,7 +110,7 @@ def test_a_used_output_dir_does_not_hide_the_recipe_s_own_mistake(tmp_path, over
     from phreg.config.recipe import load_recipe
     from phreg.errors import UsageError
 
-    fake_run(tmp_path / "run", 2, finished=False)
+    fake_run(tmp_path / "run", checkpoints=[2], recipe="output_dir: x\n")
     recipe = load_recipe(RECIPES / "quickstart.yaml", [f"output_dir={tmp_path / 'run'}", override])
     with pytest.raises(UsageError) as e:
         check_distill(recipe)
@@ -149,7 +123,7 @@ def test_a_finished_run_is_said_to_be_finished_not_told_to_resume(tmp_path):
     from phreg.distill.resume import Start
     from phreg.errors import UsageError
 
-    run = fake_run(tmp_path / "run", 7, finished=True)
+    run = fake_run(tmp_path / "run", checkpoints=[7], export_step=7, summary_step=7, recipe="output_dir: x\n")
     recipe = load_recipe(RECIPES / "quickstart.yaml", [f"output_dir={run}"])
     for check in (lambda: check_distill(recipe), lambda: Start(run, recipe, resume=False, auto_resume=False)):
         with pytest.raises(UsageError) as e:

@@ -123,6 +123,7 @@ def _segmenter(model, queries, **kw):
     return Segmenter(model, queries, torch.arange(11), list(range(11)), head="final", **kw)
 
 
+@pytest.mark.slow
 def test_prototype_zero_shot_is_far_above_chance(teacher224, prototypes):
     """Sliding window (short side 224, 224 crops every 112 px) and one whole-image pass, on the 15 val frames."""
     results = {}

@@ -69,7 +69,7 @@ def test_depth_and_segmentation_rows_reach_every_reader_and_the_teacher_is_probe
     d = r["depth"]
     assert (d["train_images"], d["val_images"], d["split"], d["steps"]) == (6, 2, "val", 40)
     assert set(d["teacher"]) >= {"delta1", "delta2", "delta3", "abs_rel", "rmse", "log10"}
-    assert d["teacher"]["images_scored"] == 2 and d["figures"] == ["depth_0.png"]
+    assert d["teacher"]["images_scored"] == 2 and d["figures"] == ["depth_f6.png"]  # after the first val image
     rows = {row["metric"]: row for row in r["summary"]}
     assert rows["depth_rmse"]["label"] == "depth-probe RMSE, m (2 val images)" and rows["depth_rmse"]["better"] == "lower"
     assert rows["depth_rmse"]["teacher"] == d["teacher"]["rmse"] and rows["depth_delta1"]["better"] == "higher"
@@ -105,3 +105,4 @@ def test_a_benchmark_layout_measures_artifacts_and_scores_the_probe_on_its_val_s
     assert "denoised_distance_val" not in {row["metric"] for row in r["summary"]}  # every analysed image is val
     assert eval_lead(r).startswith("Teacher vs student on the 1 val images of PASCAL VOC 2012 (21 classes) (`phreg "
                                    "eval --dataset voc`); probes trained on its 2 train images (the official")
+

@@ -79,8 +79,8 @@ def test_engine_is_correct_with_every_fast_path_switch_on(tmp_path, dinov2_file)
 def test_the_steps_math_runs_on_meta_so_it_never_reads_back_to_the_host():
     """Views, teacher, merge, student, loss, backward and the clip + non-finite flag of `train_step`, with every
     tensor on `meta`: any host read-back (`.item()`, `if tensor`, `.tolist()`) or tensor made on the CPU fails there,
-    as it would cost a GPU-host sync per step. (Issue 19: the views' affine matrices were built on the CPU from the
-    plans and kornia inverted them with a syncing `torch.inverse`.)"""
+    as it would cost a GPU-host sync per step (a view built with affine matrices on the CPU, inverted with a syncing
+    `torch.inverse`, would)."""
     from phreg.backbones import PatchTokens
     from phreg.distill.loss import distill_loss
     from phreg.distill.step import skip_if_nonfinite
@@ -107,8 +107,8 @@ def test_the_steps_math_runs_on_meta_so_it_never_reads_back_to_the_host():
 def test_a_compiled_run_never_recompiles_across_epochs_and_a_partial_last_batch(tmp_path, dinov2_file, monkeypatch):
     """speed.compile=true over 3 epochs of 3 photos at batch 2 (the last batch of each epoch would hold 1) with a
     held-out photo (the teacher's held-out batch is smaller than a training batch): teacher and student each compile
-    once and never again. Issue 19: the student recompiled at the partial batch (`size mismatch at index 0. expected
-    2, actual 1`), and teacher and student recompiled on grad mode / autocast guards."""
+    once and never again: not at a partial batch (`size mismatch at index 0. expected 2, actual 1`), not on grad mode
+    or autocast guards shared between teacher and student."""
     import torch._dynamo
 
     torch._dynamo.reset()  # compiled frames of earlier tests would count as recompiles here

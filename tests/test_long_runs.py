@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MODEL
-from test_train import fresh_accelerate_state, tiny, weights  # noqa: F401  (the fixture is autouse)
+from conftest import MODEL, last_line
+from conftest import phreg as run_phreg
+from test_train import tiny, weights
 
 from phreg.config.recipe import load_recipe, save_recipe
 from phreg.distill.loop import distill
@@ -68,11 +69,8 @@ LAUNCH = textwrap.dedent("""
 
 
 def phreg(*args, hook: str = "", wait: bool = True):
-    cmd = [sys.executable, "-c", LAUNCH, *map(str, args)]
-    env = {**os.environ, "HOOK": hook, "HF_HUB_OFFLINE": "1"}
-    if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    """`phreg ARGS` with `hook` installed first (it stands in for a cluster's misfortune)."""
+    return run_phreg(*args, launch=LAUNCH, env={"HOOK": hook}, wait=wait)
 
 
 def logged_steps(run: Path) -> list[int]:
@@ -93,12 +91,6 @@ def preempt(args: list, run: Path, signum: int, after: int, hook: str = "") -> t
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), after
 
 
-def one_line(stderr: str) -> str:
-    lines = [ln for ln in stderr.strip().splitlines() if ln.startswith("phreg:")]
-    assert "Traceback" not in stderr, stderr
-    return lines[-1]
-
-
 @pytest.mark.slow
 def test_a_signal_checkpoints_and_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, dinov2_file):
     """SIGTERM (plain --resume) and SIGUSR1 (--auto-resume, with a second SIGTERM and a Ctrl-C arriving while the
@@ -114,7 +106,7 @@ def test_a_signal_checkpoints_and_resume_gives_the_weights_of_an_uninterrupted_r
     stopped, after = preempt(["distill", recipe, f"output_dir={term}", "--quiet"], term, signal.SIGTERM,
                              rng.randint(1, 5))
     assert stopped.returncode == 75, stopped.stderr
-    line = one_line(stopped.stderr)
+    line = last_line(stopped.stderr)
     step = int(line.split("preempted at step ")[1].split()[0])
     assert after <= step < 12 and [p.name for p in checkpoint_dirs(term)] == [f"step_{step:08d}"]
     assert line.endswith(f"resume with: phreg distill {recipe} output_dir={term} --quiet --resume"), line
@@ -126,7 +118,7 @@ def test_a_signal_checkpoints_and_resume_gives_the_weights_of_an_uninterrupted_r
     args = ["distill", recipe, f"output_dir={usr1}", "--quiet", "--auto-resume"]
     stopped, after = preempt(args, usr1, signal.SIGUSR1, rng.randint(1, 5), hook="signals_while_saving")
     assert stopped.returncode == 75, stopped.stderr
-    line = one_line(stopped.stderr)
+    line = last_line(stopped.stderr)
     assert "by SIGUSR1" in line and line.endswith(f"resume with: phreg distill {recipe} output_dir={usr1} "
                                                   "--auto-resume --quiet"), line
     assert len(checkpoint_dirs(usr1)) == 1 and damage(checkpoint_dirs(usr1)[0]) is None
@@ -256,7 +248,7 @@ def test_full_disk_is_one_line_exit_1_and_no_export(tmp_path, dinov2_file):
         full = phreg("distill", recipe, f"output_dir={run}", "--quiet",
                      hook="no_space_check" if mounted else "enospc_at_step_4")
         assert full.returncode == 1, full.stderr
-        line = one_line(full.stderr)
+        line = last_line(full.stderr)
         assert line.startswith("phreg: error: No space left on device while writing checkpoint step 4 to "
                                f"{run / 'checkpoints'}"), line
         assert line.endswith("; free some space there")
@@ -267,7 +259,7 @@ def test_full_disk_is_one_line_exit_1_and_no_export(tmp_path, dinov2_file):
         refused = phreg("distill", recipe, f"output_dir={disk / 'other'}", "--quiet",
                         hook="" if mounted else "tiny_disk")
         assert refused.returncode == 1, refused.stderr
-        assert one_line(refused.stderr).startswith("phreg: error: not enough disk space: the run will write about ")
+        assert last_line(refused.stderr).startswith("phreg: error: not enough disk space: the run will write about ")
         assert not (disk / "other").exists()
     finally:
         if mounted:
@@ -455,13 +447,13 @@ def test_two_processes_never_write_one_run_folder(tmp_path, dinov2_file):
         who = f"is being written by phreg distill on host {socket.gethostname()}, PID {first.pid}, since "
         metrics = (run / "metrics.jsonl").read_text()
         second = phreg("distill", recipe, f"output_dir={run}", "--quiet", "--auto-resume")
-        assert second.returncode == 2 and who in one_line(second.stderr), second.stderr
+        assert second.returncode == 2 and who in last_line(second.stderr), second.stderr
         assert len(second.stderr.strip().splitlines()) == 1
         assert (run / "metrics.jsonl").read_text().startswith(metrics)  # untouched: still the first run's rows
         export = phreg("export", run)
-        assert export.returncode == 2 and who in one_line(export.stderr), export.stderr
+        assert export.returncode == 2 and who in last_line(export.stderr), export.stderr
         push = phreg("push", run, "--repo-id", "alice/x", "--dry-run", tmp_path / "hub")
-        assert push.returncode == 2 and "push publishes a run once it has finished" in one_line(push.stderr)
+        assert push.returncode == 2 and "push publishes a run once it has finished" in last_line(push.stderr)
         assert not (tmp_path / "hub").exists()
         note_if_held(run, "reading it as it is")  # what eval and inspect print, and go on
     finally:
@@ -485,7 +477,7 @@ def test_a_stop_while_the_target_cache_is_built_keeps_it_and_resume_continues_it
     assert phreg("distill", recipe, f"output_dir={straight}", "--quiet").returncode == 0
     stopped = phreg("distill", recipe, f"output_dir={run}", hook=f"{signals.lower()}_in_cache_build")
     assert stopped.returncode == (75 if signals == "SIGTERM" else 130), stopped.stderr
-    line = one_line(stopped.stderr)
+    line = last_line(stopped.stderr)
     assert line.endswith(f"resume with: phreg distill {recipe} output_dir={run} --resume"), line
     if signals == "SIGINT_SIGINT":
         assert line.startswith("phreg: interrupted; the target cache's finished entries are kept;"), line
@@ -503,5 +495,5 @@ def test_a_stop_while_the_target_cache_is_built_keeps_it_and_resume_continues_it
     a, b = weights(straight / "export/model.safetensors"), weights(run / "export/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     nothing = phreg("distill", recipe, f"output_dir={tmp_path / 'new'}", "--resume")
-    assert nothing.returncode == 2 and one_line(nothing.stderr).endswith(
+    assert nothing.returncode == 2 and last_line(nothing.stderr).endswith(
         "(and no target cache build to continue); run the same command without --resume to start")

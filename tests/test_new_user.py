@@ -1,4 +1,4 @@
-"""What a new user hits (issue 14): mistakes answered in about a second, one line each; offline lookup in one line;
+"""What a new user hits: mistakes answered in about a second, one line each; offline lookup in one line;
 label masks under data.root; a readable console; the export's classifier head. (The model card as a record of the
 run: tests/test_publish.py.)"""
 
@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +14,7 @@ import pytest
 import safetensors.torch
 import timm
 import yaml
-from conftest import MODEL, random_weights, tiny
+from conftest import MODEL, fake_run, one_line, phreg, random_weights, tiny
 from PIL import Image
 
 from phreg.cli import main
@@ -27,24 +23,6 @@ from phreg.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
-
-
-def phreg(*args, env=None, drop=()) -> tuple[subprocess.CompletedProcess, float]:
-    full = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    for key in drop:
-        full.pop(key, None)
-    began = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "phreg", *map(str, args)], capture_output=True, text=True, env=full,
-                         timeout=300)
-    return out, time.perf_counter() - began
-
-
-def one_line(out: subprocess.CompletedProcess, code: int, *messages: str) -> None:
-    lines = out.stderr.strip().splitlines()
-    assert out.returncode == code and len(lines) == 1, out.stderr
-    assert "Traceback" not in out.stderr + out.stdout
-    for m in messages:
-        assert m in lines[0], lines[0]
 
 
 def photos_and_masks(root: Path, n: int = 4, bad_id: int | None = None) -> tuple[Path, Path]:
@@ -61,19 +39,11 @@ def photos_and_masks(root: Path, n: int = 4, bad_id: int | None = None) -> tuple
     return root / "images", root / "masks"
 
 
-def fake_run(folder: Path) -> Path:
-    """What the command line checks before loading anything: recipe.yaml and export/config.json."""
-    (folder / "export").mkdir(parents=True)
-    (folder / "recipe.yaml").write_text("{}\n")
-    (folder / "export" / "config.json").write_text("{}\n")
-    return folder
-
-
 # ------------------------------------------------------------------------------- 1, 4, 5: mistakes answer at once
 
 def test_usage_mistakes_answer_in_seconds_with_one_line(tmp_path):
     images, masks = photos_and_masks(tmp_path / "data", bad_id=11)
-    run = fake_run(tmp_path / "run")
+    run = fake_run(tmp_path / "run", export_step=1, recipe="{}\n")
     (tmp_path / "tab.yaml").write_text("train:\n\tlr: 1\n")
     cases = [
         (["distill", REPO / "phreg" / "photos" / "chelsea.png"], "is not a YAML text file (it is a PNG image)"),
@@ -92,9 +62,9 @@ def test_usage_mistakes_answer_in_seconds_with_one_line(tmp_path):
         (["push", run, "--repo-id", "no-owner", "--dry-run", tmp_path / "hub"], "--repo-id 'no-owner': expected OWNER/NAME"),
     ]
     for args, message in cases:
-        out, seconds = phreg(*args)
+        out = phreg(*args)
         one_line(out, 2, message)
-        assert seconds < 5, (args, seconds)  # ~0.3 s here: no torch, no model before these checks
+        assert out.seconds < 5, (args, out.seconds)  # ~0.3 s here: no torch, no model before these checks
 
 
 # ------------------------------------------------------------------------------------------ 3: offline, one line
@@ -105,12 +75,12 @@ def test_usage_mistakes_answer_in_seconds_with_one_line(tmp_path):
 ])
 @pytest.mark.slow
 def test_missing_weights_offline_fail_fast_in_one_line(tmp_path, env, reason):
-    out, seconds = phreg("distill", QUICKSTART, f"output_dir={tmp_path / 'run'}",
+    out = phreg("distill", QUICKSTART, f"output_dir={tmp_path / 'run'}",
                          env=dict(env, HF_HOME=str(tmp_path / "hf"), PHREG_CHECKPOINTS=str(tmp_path / "none")),
                          drop=() if "HF_HUB_OFFLINE" in env else ("HF_HUB_OFFLINE",))
     one_line(out, 2, f"no weights for {MODEL} ({reason}, nothing cached): pass model.checkpoint=FILE or put the "
                      f"file at {tmp_path / 'none' / MODEL}.safetensors")
-    assert out.stdout == "" and seconds < 20, seconds  # was ~55 s and ~44 lines of retries
+    assert out.stdout == "" and out.seconds < 20, out.seconds  # fails fast: no network retries
     assert not (tmp_path / "run").exists()
 
 
@@ -135,7 +105,7 @@ def test_label_masks_under_data_root_are_skipped_with_one_line(tmp_path, caplog)
 
 def test_help_never_breaks_inside_a_word():
     for command in ("push", "inspect", "eval", "distill"):
-        out, _ = phreg(command, "--help", env=dict(COLUMNS="60"))
+        out = phreg(command, "--help", env=dict(COLUMNS="60"))
         assert out.returncode == 0
         assert not re.search(r"\w-\n", out.stdout), out.stdout  # was `--dry-\nrun`, `hf-\nhub:ID`
         assert "--dry-run" in out.stdout or command != "push"
@@ -147,7 +117,7 @@ def test_help_never_breaks_inside_a_word():
 def test_deit3_export_drops_its_head_by_default_and_keeps_it_on_request(tmp_path):
     name = "deit3_small_patch16_224"
     run = tmp_path / "run"
-    out, _ = phreg("distill", QUICKSTART, *tiny(run, name, random_weights(name, tmp_path / "deit3.safetensors"), 32),
+    out = phreg("distill", QUICKSTART, *tiny(run, name, random_weights(name, tmp_path / "deit3.safetensors"), 32),
                    "train.eval_every=1")
     assert out.returncode == 0, out.stderr
     console = re.split(r"[\r\n]", out.stdout + out.stderr)

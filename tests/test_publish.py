@@ -67,7 +67,7 @@ def write_eval(run: Path) -> bytes:
         "schema": "phreg.eval/1", "teacher": {"name": MODEL}, "student": {"name": str(run)}, "images": 15,
         "summary": [
             {"metric": "denoised_distance", "label": "mean 1 - cos to TTA-denoised teacher features",
-             "teacher": 0.0220, "student": 0.0140, "better": "lower"},
+             "teacher": 0.0220, "student": 0.0140, "better": "lower", "trained_images": 0},
             {"metric": "miou", "label": "linear-probe mIoU (val)", "teacher": 0.41, "student": None,
              "better": "higher"}],
         "figures": ["compare_0.png", "compare_1.png"]}))
@@ -286,7 +286,8 @@ def test_terminal_report_and_card_show_a_number_alike():
     from phreg.eval.tables import number
     from phreg.hub.card import eval_table
 
-    rows = [dict(metric="gflops", label="forward GFLOPs per image", teacher=12345.6, student=0.0172249, better="lower"),
+    rows = [dict(metric="gflops", label="forward GFLOPs per image", teacher=12345.6, student=0.0172249, better="lower",
+                 trained_images=0),
             dict(metric="miou", label="mIoU", teacher=float("nan"), student=None, better="higher"),
             dict(metric="tie", label="tie", teacher=0.5, student=0.5 + 1e-12, better="higher")]
     html, md = summary_table(rows), eval_table(dict(summary=rows))
@@ -298,7 +299,7 @@ def test_terminal_report_and_card_show_a_number_alike():
         ["12,346", "0.01722", "-", "-", "3", "n/a"]
 
 
-# ------------------------------------------------------------------ the card as the record of a run (issue 14)
+# ------------------------------------------------------------------------- the card as the record of a run
 
 def distill_quietly(overrides: list[str]) -> None:
     """`phreg distill` in this process (quiet), Accelerate's global state reset around it."""

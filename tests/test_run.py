@@ -1,29 +1,11 @@
 """The run folder (`phreg.run`): what "finished" means, found without torch."""
 
-import json
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
-from safetensors.numpy import save_file
+from conftest import fake_run
 
 from phreg.run import folder as layout
-
-
-def make_run(root: Path, summary_step=None, export_step=None, checkpoints=()) -> Path:
-    run = root / "run"
-    run.mkdir()
-    (run / layout.RECIPE).write_text("seed: 0\n")
-    if summary_step is not None:
-        (run / layout.SUMMARY).write_text(json.dumps(dict(steps=summary_step)))
-    if export_step is not None:
-        (run / layout.EXPORT).mkdir()
-        save_file({"w": np.zeros(2, np.float32)}, str(run / layout.EXPORT / layout.WEIGHTS),
-                  metadata=dict(steps=str(export_step)))
-    for step in checkpoints:
-        (run / layout.CHECKPOINTS / f"step_{step:08d}").mkdir(parents=True)
-    return run
 
 
 def test_finished_needs_summary_export_and_newest_checkpoint_of_one_step(tmp_path):
@@ -38,9 +20,19 @@ def test_finished_needs_summary_export_and_newest_checkpoint_of_one_step(tmp_pat
     for i, ((s, e, c), want) in enumerate(cases.items()):
         root = tmp_path / str(i)
         root.mkdir()
-        assert layout.finished(make_run(root, s, e, c)) is want, (s, e, c)
+        assert layout.finished(fake_run(root / "run", c, e, s)) is want, (s, e, c)
 
 
-def test_a_run_folder_is_read_without_torch():
-    code = "import sys, phreg.run, phreg.files; assert 'torch' not in sys.modules, 'torch was imported'"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+TORCH_FREE = ["phreg.cli", "phreg.commands", "phreg.config.recipe", "phreg.run.folder", "phreg.run.lock",
+              "phreg.run.training_list", "phreg.files.atomic", "phreg.files.paths", "phreg.data.scan",
+              "phreg.data.split", "phreg.models.names", "phreg.models.weights", "phreg.ttr.sidecar",
+              "phreg.eval.inputs", "phreg.eval.tables"]
+
+
+def test_run_folders_and_the_command_line_s_checks_need_no_torch():
+    """What every command checks before loading a model (the run folder, paths, names, images, masks, sidecars)
+    imports without torch: a mistake is answered in a fraction of a second."""
+    code = f"import sys, importlib; [importlib.import_module(m) for m in {TORCH_FREE!r}]; " \
+           "assert 'torch' not in sys.modules, 'torch was imported'"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr

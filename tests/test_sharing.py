@@ -22,15 +22,6 @@ from phreg.models.loading import load_into_meta, load_teacher
 from phreg.targets.cache import cache_bytes, check_fits
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def small(tmp_path, weights, *extra):
     return load_recipe(None, [f"output_dir={tmp_path / 'run'}", f"model.name={MODEL}", f"model.checkpoint={weights}",
                               "model.img_size=56", "model.registers=4", "views.num=2", "data.num_workers=0",
@@ -137,7 +128,7 @@ def test_memory_estimate_counts_every_mlp_branch(name, hidden):
 def test_unlocked_tensors_own_dense_row_major_storage():
     """The student's pos_embed is a slice of the teacher's (class entry folded off); unlocked, it must own exactly its
     bytes with row-major strides, else DDP warns "Grad strides do not match bucket view strides" and copies every
-    gradient (issue 19: strides [98688, 384, 1] against the bucket's [98304, 384, 1] for a (1, 256, 384) tensor)."""
+    gradient (strides [98688, 384, 1] against the bucket's [98304, 384, 1] for a (1, 256, 384) tensor)."""
     recipe = load_recipe(None, ["model.registers=4"])
     teacher = timm.create_model(MODEL, pretrained=False, depth=2, img_size=56).eval().requires_grad_(False)
     student = add_registers(teacher, 4, seed=0)

@@ -18,15 +18,6 @@ from phreg.distill.loop import distill
 from phreg.errors import UsageError
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def frames(camvid, n: int) -> list[Path]:
     return sorted(camvid["train"].iterdir())[:n]
 

@@ -28,16 +28,6 @@ from phreg.hub.export import read_metadata
 from phreg.models.loading import load_teacher
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Several runs share this process; give each a fresh Accelerator state as a new process would have."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def tiny(tmp_path: Path, weights: Path, *extra: str, name="run"):
     """DINOv2-S at 56 px (a 4x4 grid) on the embedded photos: the whole loop in seconds."""
     return load_recipe(None, [f"output_dir={tmp_path / name}", f"model.name={MODEL}", f"model.checkpoint={weights}",
@@ -217,7 +207,7 @@ def test_two_processes_train_like_one_with_their_batches_together(tmp_path, dino
                                "distill", str(save_recipe(recipe, tmp_path / "recipe.yaml")), f"output_dir={two}", "--quiet"],
                               capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert launched.returncode == 0, launched.stderr[-3000:]
-    assert "Grad strides do not match" not in launched.stderr  # unlocked tensors own row-major storage (issue 19)
+    assert "Grad strides do not match" not in launched.stderr  # unlocked tensors own row-major storage
     assert launched.stdout.count("done:") == 1
     one = distill(tiny(tmp_path, dinov2_file, *extra, "train.batch_size=4", name="one"), quiet=True)
     summary = json.loads((two / "summary.json").read_text())

@@ -250,7 +250,8 @@ def test_inspect_neurons_names_the_implanted_ones_and_none_in_real_dinov2(artifa
     record = json.loads((out / "neurons.json").read_text())
     assert {(n["layer"], n["index"]) for n in record["neurons"]} == {(implanted["block"], u) for u in implanted["units"]}
     assert all(f"{implanted['block']:>5} {u:>6}" in printed for u in implanted["units"])  # block, unit per line
-    assert "at outliers" in printed and record["figures"] == ["neurons_00.png", "neurons_01.png"]
+    assert "at outliers" in printed
+    assert record["figures"] == [f"neurons_{Path(f).stem}.png" for f in record["files"][:2]]  # named after the images
     assert all((out / f).stat().st_size > 10_000 for f in record["figures"])
     side = json.loads((out / "test_time_registers.json").read_text())  # publishable: base weights + sidecar
     assert side["base"]["weights"]["file"] == artifact_file.name and len(side["base"]["weights"]["sha256"]) == 64

@@ -64,7 +64,7 @@ def check(recipe, resuming: bool = False) -> None:
     if not resuming and held.is_dir() and any(STEP_DIR.match(p.name) for p in held.iterdir()):
         # the recipe's own mistakes first (a misspelt model.name, a bad model.img_size): a seconds-long timm check,
         # paid only on this path; the folder's state is not what is wrong with such a command
-        check_architecture(recipe.model)
+        check_architecture(recipe.model, recipe.views)
         raise used_folder(Path(recipe.output_dir).expanduser())
     if recipe.cache.dir:
         check_out(recipe.cache.dir, "cache.dir")
@@ -73,7 +73,10 @@ def check(recipe, resuming: bool = False) -> None:
 def run(args) -> int:
     from ..config.recipe import load_recipe
 
+    from ..models.names import timm_name
+
     recipe = load_recipe(args.recipe, args.overrides)
+    recipe.model.name = timm_name(recipe.model.name)  # `dinov2_vits14` is timm's vit_small_patch14_dinov2
     check(recipe, resuming=args.resume or args.auto_resume)  # before torch is even imported
     from ..distill.loop import distill
     from ..errors import Interrupted, Preempted

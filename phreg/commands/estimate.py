@@ -22,8 +22,10 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..config.recipe import load_recipe
+    from ..models.names import timm_name
 
     recipe = load_recipe(args.recipe, args.overrides)
+    recipe.model.name = timm_name(recipe.model.name)
     from ..distill.memory import plan
 
     est = plan(recipe, gpu=not args.cpu)

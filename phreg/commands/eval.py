@@ -75,9 +75,11 @@ def check(args):
 
 def check_models(args) -> None:
     from ..files.paths import check_file, check_out
-    from ..models.names import check_model_spec
+    from ..models.names import check_model_spec, timm_name
     from ..run.lock import note_if_held
 
+    args.student = args.student and timm_name(args.student, "--student")
+    args.teacher = args.teacher and timm_name(args.teacher, "--teacher")
     if args.student is None:
         if not args.teacher or args.ttr in (None, "none"):
             raise UsageError("--student is required, unless --teacher and --ttr are given (teacher vs teacher with "
@@ -100,7 +102,7 @@ def check_models(args) -> None:
         if checkpoint and not Path(checkpoint).is_file():
             raise UsageError(f"the teacher's weights {checkpoint} (model.checkpoint in {args.student}/recipe.yaml) "
                              "are gone; pass --teacher MODEL --teacher-checkpoint FILE")
-    check_file(args.teacher_checkpoint, "--teacher-checkpoint")
+    check_file(args.teacher_checkpoint, "--teacher-checkpoint", weights=True)
     if args.out is None and not (Path(args.student) / "recipe.yaml").is_file():
         raise UsageError("--out is required unless --student is a phreg run folder (default RUN/eval)")
     check_out(args.out)
@@ -157,7 +159,8 @@ def run(args) -> int:
         zeroshot = ZeroShot(text_tower=text_tower_for(args.student, args.text, args.text_model, student.run),
                             heads=(args.teacher_head, args.student_head), **zs)
     options = EvalOptions(views=args.views, limit=args.limit, pictures=args.figures, seed=args.seed,
-                          probe_steps=args.probe_steps, device=device(args), zeroshot=zeroshot)
+                          probe_steps=args.probe_steps, device=device(args), zeroshot=zeroshot,
+                          untrained=args.student is None)
     r = evaluate(student, teacher, data, out, options, others or None, labels, ttr)
     print(text_table(r))
     print(overlap_line(r["training_overlap"]))

@@ -31,11 +31,11 @@ def run(args) -> int:
     from ..run.folder import require_run
     from ..run.lock import hold, note_if_held
 
+    require_run(args.run)  # before the lock: never a lock file in a folder that is not a run (or not one yet)
     inside = args.out is None or Path(args.out).resolve().is_relative_to(Path(args.run).resolve())
     if not inside:  # written elsewhere: the run is only read (its newest verified checkpoint, as it is now)
         note_if_held(args.run, "exporting its newest checkpoint as it is now")
         return export(args)
-    require_run(args.run)  # before the lock: never a lock file in a folder that is not a run
     with hold(args.run, "phreg export"):  # writes into the run folder: one writer at a time
         return export(args)
 

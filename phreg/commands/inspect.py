@@ -36,7 +36,7 @@ def check(args) -> list[Path]:
     """The arguments, the model's name or folder, the images and the output folder, before torch is imported."""
     from ..eval.inputs import check_images, check_views
     from ..files.paths import check_file, check_out
-    from ..models.names import check_model_spec
+    from ..models.names import check_model_spec, timm_name
     from ..run.lock import note_if_held
     from ..ttr.sidecar import check_ttr
 
@@ -44,9 +44,10 @@ def check(args) -> list[Path]:
     check_ttr(args.ttr)
     if args.top_k is not None and args.top_k < 1:
         raise UsageError("--top-k must be >= 1")
+    args.model = timm_name(args.model, "MODEL")
     check_model_spec(args.model)
     note_if_held(args.model, "inspecting its export as it is now (replaced whole when the run finishes)")
-    check_file(args.checkpoint, "--checkpoint")
+    check_file(args.checkpoint, "--checkpoint", weights=True)
     check_out(args.out)
     return check_images(args.images, args.limit)
 

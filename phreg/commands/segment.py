@@ -34,10 +34,12 @@ def run(args) -> int:
     from ..clip.segment import check_segment_out, segment_folder
     from ..clip.text import text_tower_for
     from ..data.scan import scan_images
+    from ..models.names import timm_name
     from ..models.specs import load_spec
     from ..ttr.sidecar import check_ttr
 
     check_ttr(args.ttr)
+    args.model = timm_name(args.model, "MODEL")
     zs = zeroshot_inputs(args)
     files, _ = scan_images(args.images)
     files = files[:args.limit] if args.limit else files

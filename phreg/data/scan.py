@@ -76,6 +76,11 @@ def scan_images(root: str | Path | None, key: str = "") -> tuple[list[Path], lis
     """
     root = embedded_photos() if root is None else Path(os.path.expanduser(str(root)))
     key = f"{key}: " if key else ""
+    if root.is_file():
+        name = key.removesuffix(": ")
+        wants = f"{name} is a folder of images" + (" (or a Hugging Face dataset, or WebDataset shards)"
+                                                   if name.startswith("data.") else "")
+        raise UsageError(f"{key}{root} is a file; {wants}" if name else f"{root} is a file, not a folder of images")
     if not root.is_dir():
         raise UsageError(f"{key}image folder {root} not found")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())

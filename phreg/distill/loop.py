@@ -25,6 +25,7 @@ from ..files.atomic import write_json, writing
 from ..data.scan import data_record
 from ..hub.export import export_dtype, export_metadata, export_student
 from ..run.lock import hold
+from ..models.names import timm_name
 from ..models.weights import find_weights
 from ..config.recipe import Recipe, TrainCfg, recipe_hash, to_dict
 from ..run.folder import EXPORT, METRICS, SUMMARY, TEXT_FILE
@@ -52,6 +53,7 @@ def distill(recipe: Recipe, resume: bool = False, cpu: bool = False, quiet: bool
     plain KeyboardInterrupt at once.
     """
     run = Path(recipe.output_dir)
+    recipe.model.name = timm_name(recipe.model.name)  # an alias (`dinov2_vits14`): the run records timm's name
     main = int(os.environ.get("RANK", 0)) == 0  # before Accelerate: the main process of a launch holds the lock
     with hold(run, "phreg distill") if main else contextlib.nullcontext():  # one writer per run folder
         return _distill(recipe, run, resume, cpu, quiet, auto_resume, verbose)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 from pathlib import Path
 
 from ..config.recipe import Recipe, TrainCfg, load_recipe, to_dict
@@ -41,9 +42,10 @@ def started_with(run: Path, recipe: Recipe, flag: str) -> Recipe | None:
     old = load_recipe(saved)
     differs = changed_keys(old, recipe) - BOOKKEEPING - LENGTH
     if differs:
+        again = shlex.join(["phreg", "distill", str(saved), f"output_dir={run}", flag])
         raise UsageError(f"{flag}: the recipe differs from the one {run} was started with ({saved}) in "
                          f"{', '.join(sorted(differs))}; a resumed run may only train longer (train.epochs, "
-                         f"train.max_steps)")
+                         f"train.max_steps); resume it as it was started with: {again}")
     return old
 
 
@@ -69,7 +71,7 @@ class Start:
         if not self.resume and found is not None:
             from ..models.names import check_architecture
 
-            check_architecture(recipe.model)  # the recipe's own mistake first, as `phreg distill` says it
+            check_architecture(recipe.model, recipe.views)  # the recipe's own mistake first, as `phreg distill` says it
             raise used_folder(run)
         if self.resume:
             self.old = started_with(run, recipe, self.flag)

@@ -130,6 +130,8 @@ def set_up(recipe: Recipe, acc: Accelerator, run: Path, start: Start, quiet: boo
         f"{steps_per_epoch} steps/epoch, {total} steps, {acc.num_processes} process(es) on {acc.device}, "
         f"precision {precision}")
     say(f"disk: {space}")
+    if not sources.streaming and (note := clipped_batch(len(files), recipe.train.batch_size, acc.num_processes)):
+        acc.print(note)  # said even with --quiet: the batch is not what the recipe asks for
     cache = getattr(data, "cache", None)
     return Session(acc=acc, run=run, parts=parts, student_tokens=student_tokens, optimizer=optimizer,
                    scheduler=scheduler, loader=loader, state=state, total=total, steps_per_epoch=steps_per_epoch,
@@ -216,6 +218,16 @@ def drop_partial_batch(images: int, batch_size: int, processes: int) -> bool:
     would keep the partial batch at the price of shape-generic kernels and no CUDA graphs; padding it would need a
     masked loss. A set smaller than one batch on every process keeps its single, always equal, batch."""
     return images >= batch_size * processes
+
+
+def clipped_batch(images: int, batch_size: int, processes: int) -> str | None:
+    """The line that says a batch larger than the training set is clipped to it (`drop_partial_batch` keeps a set
+    smaller than one batch as its single batch: every step trains on all of it); None when the batch fits."""
+    if images >= batch_size * processes:
+        return None
+    asked = f"train.batch_size={batch_size}" + (f" x {processes} processes" if processes > 1 else "")
+    return (f"{asked} is more than the {images} training image{'s' * (images != 1)}: the batch is clipped to them, "
+            f"every step trains on all {images}")
 
 
 def write_run_files(recipe: Recipe, acc: Accelerator, run: Path, resume: bool, step: int) -> None:

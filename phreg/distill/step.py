@@ -105,7 +105,7 @@ def build_parts(recipe: Recipe, device: torch.device, precision: str = "fp32", f
     """`files`: the training images, read (the first 16, center crops) only when `model.teacher_ttr` is "find"."""
     m, cfg, speed = recipe.model, recipe.train, recipe.speed
     # first, so the student's frozen tensors are the teacher's on the device too (bf16 with speed.frozen_dtype: bf16)
-    teacher = load_teacher(m, frozen_dtype(speed)).to(device)
+    teacher = load_teacher(m, frozen_dtype(speed), recipe.views).to(device)
     mean, std = normalization(teacher, m)
     student = add_registers(teacher, m.registers, m.register_init, m.register_noise, recipe.seed)
     for model in (teacher, student):

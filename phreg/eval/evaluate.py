@@ -17,12 +17,12 @@ from .. import __version__
 from ..config.recipe import ViewsCfg
 from ..files.atomic import write_json
 from ..models.specs import Loaded
-from ..run.training_list import overlap
+from ..run.training_list import no_training, overlap
 from .analysis import Analysis, analyze, to_rgb
 from .datasets import EvalSet
-from .figures import norm_histogram, norm_range, panels
+from .figures import norm_histogram, norm_range, panels, picture_names
 from .inputs import check_images
-from .inspection import crops, verdict
+from .inspection import crops, shown_name, verdict
 from .metrics import Context, METRICS, Measured, Metric, STAGES
 from .probe import STEPS
 from .report import write_report
@@ -43,6 +43,7 @@ class EvalOptions:
     probe_steps: int = STEPS  # training steps of the segmentation and depth probes
     device: str = "cpu"
     zeroshot: ZeroShot | None = None  # zero-shot segmentation (needs masks)
+    untrained: bool = False  # the "student" was never trained (the teacher with test-time registers)
     memo: dict = field(default_factory=dict, compare=False, repr=False)  # probe results per model, for every column
 
 
@@ -71,7 +72,8 @@ def evaluate(student: Loaded, teacher: Loaded, images: str | Path | EvalSet, out
     clock.lap("student")
     probing = data.kind == "folder" and (data.segmentation or data.depth_probe) and o.probe_steps  # split in `files`
     train, val = (data.train, data.val) if probing else (None, None)
-    seen = overlap(student.run, files)  # which images the student trained on, from its run's training list
+    # which images the student trained on, from its run's training list
+    seen = no_training(files) if o.untrained else overlap(student.run, files)
     out.mkdir(parents=True, exist_ok=True)
 
     def context(side: Side, opts: EvalOptions) -> Context:  # every column on the images its row's label names
@@ -93,7 +95,8 @@ def evaluate(student: Loaded, teacher: Loaded, images: str | Path | EvalSet, out
     if ttr is not None:
         result["ttr"] = ttr
     result["figures"] = _pictures(t.analysis, s.analysis, crops_, student, t.threshold, out,
-                                  {k: v.analysis for k, v in extra.items()}, result.get("columns"))
+                                  {k: v.analysis for k, v in extra.items()}, result.get("columns"),
+                                  [shown_name(f, data.root) for f in files])
     clock.lap("pictures")
     result["timings"], result["seconds"] = clock.timings, clock.total()
     write_json(out / "eval.json", result)
@@ -184,15 +187,19 @@ def _measure(ctx: Context, lap=None) -> dict[Metric, Measured]:
 
 
 def _pictures(a_t: Analysis, a_s: Analysis, images, student: Loaded, threshold: float, out: Path,
-              extra: dict[str, Analysis] | None = None, columns: list[dict] | None = None) -> list[str]:
-    """Teacher above student (and any other models, in table order) per pictured image, with shared colour scales,
-    and every model's norm histogram."""
+              extra: dict[str, Analysis] | None = None, columns: list[dict] | None = None,
+              names: list[str] | None = None) -> list[str]:
+    """Teacher above student (and any other models, in table order) per pictured image, `compare_<image>.png` titled
+    with the image's name (`names`), with shared colour scales, and every model's norm histogram."""
     analyses = dict(teacher=a_t, student=a_s) | (extra or {})
     order = [(c["label"], analyses[c["key"]]) for c in columns] if columns else \
         [("teacher", a_t), ("student", a_s)]
     shared = norm_range([m for _, a in order for m in a.maps]) if a_t.maps else None  # one colour range for all
+    shown = min(len(a.maps) for _, a in order)
+    names = names or [f"image {i}" for i in range(len(images))]
+    files = picture_names([Path(n) for n in names[:shown]], "compare_")
     figures = [panels(to_rgb(images[i], student.mean, student.std), [(label, a.maps[i]) for label, a in order],
-                      out / f"compare_{i}.png", shared).name for i in range(min(len(a.maps) for _, a in order))]
+                      out / files[i], shared, title=names[i]).name for i in range(shown)]
     figures.append(norm_histogram([(label, a.norms[a.artifact_layer]) for label, a in order],
                                   out / "norm_histogram.png", threshold).name)
     return figures

@@ -3,6 +3,7 @@ zero-shot label maps and depth-probe predictions (image | ground truth | teacher
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
@@ -33,11 +34,28 @@ def norm_range(maps: list[dict]) -> tuple[float, float]:
     return float(lo), float(max(hi, lo + 1e-6))
 
 
+def picture_names(files: list[Path], prefix: str = "", taken: tuple[str, ...] = ()) -> list[str]:
+    """A picture's file name per image, after the image: `{prefix}{stem}.png`, the stem kept to letters, digits, `-`,
+    `_` and `.` (anything else becomes `_`), unique without regard to case (a second `a.jpg`, from another folder,
+    is `a_2.png`) and never one of `taken` (the folder's other files)."""
+    used = {t.lower() for t in taken}
+    names = []
+    for f in files:
+        stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(f).stem).strip(".") or "image"
+        name, n = f"{prefix}{stem}.png", 1
+        while name.lower() in used:
+            n += 1
+            name = f"{prefix}{stem}_{n}.png"
+        used.add(name.lower())
+        names.append(name)
+    return names
+
+
 def panels(image: np.ndarray, rows: list[tuple[str, dict]], path: Path,
-           norms: tuple[float, float] | None = None) -> Path:
-    """One row per model: image | patch-norm map (last block, pre-norm) | PCA-to-RGB | CLS attention.
-    Rows share the norm colour range (`norms`, default `norm_range` of these rows; the colour bar is clipped at both
-    ends) and the first row's PCA basis, so teacher and student compare directly."""
+           norms: tuple[float, float] | None = None, title: str | None = None) -> Path:
+    """One row per model: image | patch-norm map (last block, pre-norm) | PCA-to-RGB | CLS attention, under `title`
+    (the image's file name). Rows share the norm colour range (`norms`, default `norm_range` of these rows; the colour
+    bar is clipped at both ends) and the first row's PCA basis, so teacher and student compare directly."""
     vmin, vmax = norms or norm_range([m for _, m in rows])
     basis = pca_basis(rows[0][1]["patches"])
     fig, axes = plt.subplots(len(rows), 4, figsize=(11, 2.9 * len(rows)), squeeze=False)
@@ -53,11 +71,13 @@ def panels(image: np.ndarray, rows: list[tuple[str, dict]], path: Path,
         else:
             ax[3].text(0.5, 0.5, "no class token:\nno CLS attention", ha="center", va="center", fontsize=9,
                        transform=ax[3].transAxes)
-        for a, title in zip(ax, ["image", "patch norm (last block)", "PCA of patch features", "CLS attention"]):
+        for a, heading in zip(ax, ["image", "patch norm (last block)", "PCA of patch features", "CLS attention"]):
             a.set_xticks([])
             a.set_yticks([])
             if r == 0:
-                a.set_title(title, fontsize=10)
+                a.set_title(heading, fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -83,14 +103,15 @@ def norm_histogram(series: list[tuple[str, dict]], path: Path, threshold: float 
 
 
 def zeroshot_figure(rgb: np.ndarray, truth: np.ndarray, teacher: np.ndarray, student: np.ndarray, palette: np.ndarray,
-                    labels: tuple[str, str], path: Path, ignore_index: int | None = None) -> Path:
-    """image | ground truth | teacher's labels | student's labels (ignored pixels black in the truth)."""
+                    labels: tuple[str, str], path: Path, ignore_index: int | None = None, name: str = "image") -> Path:
+    """image (titled `name`, its file name) | ground truth | teacher's labels | student's labels (ignored pixels black
+    in the truth)."""
     from ..clip.segmenter import colorize
 
     truth = np.where(truth == ignore_index, len(palette), truth) if ignore_index is not None else truth
     fig, axes = plt.subplots(1, 4, figsize=(13, 2.9))
     for ax, img, title in zip(axes, [rgb, colorize(truth, palette), colorize(teacher, palette),
-                                     colorize(student, palette)], ["image", "ground truth", *labels]):
+                                     colorize(student, palette)], [name, "ground truth", *labels]):
         ax.imshow(img, interpolation="nearest")
         ax.set_title(title, fontsize=10)
         ax.axis("off")
@@ -98,9 +119,9 @@ def zeroshot_figure(rgb: np.ndarray, truth: np.ndarray, teacher: np.ndarray, stu
 
 
 def depth_figure(image: Path, depth: Path, scale: float, max_depth: float, predictions: list[tuple[str, np.ndarray]],
-                 path: Path) -> Path:
-    """image | ground-truth depth | each model's predicted depth, one colour scale in metres (pixels without a
-    measurement black)."""
+                 path: Path, name: str = "image") -> Path:
+    """image (titled `name`, its file name) | ground-truth depth | each model's predicted depth, one colour scale in
+    metres (pixels without a measurement black)."""
     from ..data.images import load_rgb
     from .inputs import read_depth
 
@@ -110,7 +131,7 @@ def depth_figure(image: Path, depth: Path, scale: float, max_depth: float, predi
     cmap = plt.get_cmap("magma_r").with_extremes(bad="black")
     fig, axes = plt.subplots(1, 2 + len(predictions), figsize=(3.4 * (2 + len(predictions)), 2.9))
     axes[0].imshow(load_rgb(image))
-    axes[0].set_title("image", fontsize=10)
+    axes[0].set_title(name, fontsize=10)
     for ax, (title, d) in zip(axes[1:], [("ground truth", np.ma.masked_where(truth <= 0, truth)), *predictions]):
         im = ax.imshow(d, cmap=cmap, vmin=0, vmax=top, interpolation="nearest")
         ax.set_title(title if title == "ground truth" else f"{title} (depth probe)", fontsize=10)
@@ -121,9 +142,10 @@ def depth_figure(image: Path, depth: Path, scale: float, max_depth: float, predi
 
 
 def neuron_panels(rows: list[tuple[np.ndarray, np.ndarray | None, np.ndarray]], path: Path, what: str,
-                  layer: int) -> Path:
-    """Where register neurons fire: per image, image | the neurons' summed |activation| over the patch grid | the
-    patch-norm map of the block that decides outliers (pre-norm). `what` names the neurons (or says there are none)."""
+                  layer: int, name: str = "image") -> Path:
+    """Where register neurons fire: per image, image (titled `name`, its file name) | the neurons' summed |activation|
+    over the patch grid | the patch-norm map of the block that decides outliers (pre-norm). `what` names the neurons
+    (or says there are none)."""
     fig, axes = plt.subplots(len(rows), 3, figsize=(9, 2.9 * len(rows)), squeeze=False)
     for r, (image, act, norm) in enumerate(rows):
         ax = axes[r]
@@ -136,7 +158,7 @@ def neuron_panels(rows: list[tuple[np.ndarray, np.ndarray | None, np.ndarray]], 
                        transform=ax[1].transAxes)
         im = ax[2].imshow(norm, cmap="inferno", vmin=0)
         fig.colorbar(im, ax=ax[2], fraction=0.046, pad=0.02)
-        for a, title in zip(ax, ["image", f"register neurons: {what}", f"patch norm (block {layer}, pre-norm)"]):
+        for a, title in zip(ax, [name, f"register neurons: {what}", f"patch norm (block {layer}, pre-norm)"]):
             a.set_xticks([])
             a.set_yticks([])
             if r == 0:

@@ -14,9 +14,10 @@ from ..errors import UsageError
 from ..files.atomic import write_json
 from ..models.specs import Loaded
 from .analysis import Analysis, analyze, to_rgb
-from .figures import norm_histogram, norm_range, panels
+from .figures import norm_histogram, norm_range, panels, picture_names
 
 SCHEMA = "phreg.inspect/1"
+HISTOGRAM = "norm_histogram.png"
 
 
 def load_images(root, loaded: Loaded, limit: int = 0) -> tuple[list[Path], torch.Tensor]:
@@ -29,6 +30,12 @@ def load_images(root, loaded: Loaded, limit: int = 0) -> tuple[list[Path], torch
 def crops(files: list[Path], loaded: Loaded) -> torch.Tensor:
     """(N, 3, S, S): each image's center crop at the model's resolution (short side resized first), normalized."""
     return ImageDataset(files, loaded.img_size, loaded.mean, loaded.std, train=False).images()
+
+
+def shown_name(file: Path, root) -> str:
+    """An image as a picture's title names it: its path under the images folder (its file name in a flat one)."""
+    root = Path(root) if root is not None else None
+    return str(file.relative_to(root)) if root is not None and file.is_relative_to(root) else file.name
 
 
 def verdict(summary: dict) -> str:
@@ -77,9 +84,10 @@ def inspect_model(loaded: Loaded, images_dir, out: Path | None, views: int = 10,
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         shared = norm_range(a.maps) if a.maps else None  # one colour range for every pictured image
-        figures = [panels(to_rgb(images[i], loaded.mean, loaded.std), [(Path(a.name).name, m)],
-                          out / f"image_{i:02d}.png", shared).name for i, m in enumerate(a.maps)]
-        figures.append(norm_histogram([(a.name, a.norms[a.artifact_layer])], out / "norm_histogram.png",
+        names = picture_names(files[:len(a.maps)], taken=(HISTOGRAM,))
+        figures = [panels(to_rgb(images[i], loaded.mean, loaded.std), [(Path(a.name).name, m)], out / names[i],
+                          shared, title=shown_name(files[i], images_dir)).name for i, m in enumerate(a.maps)]
+        figures.append(norm_histogram([(a.name, a.norms[a.artifact_layer])], out / HISTOGRAM,
                                       s["outliers"]["threshold"]).name)
         s["figures"] = figures
         write_json(out / "inspect.json", s)

@@ -2,7 +2,9 @@
 
 A metric is one function of the `Context` (both models, their analyses, the images, the options), registered with
 `@metric`: it returns a `Measured` (what eval.json keeps under the metric's key, and its summary rows
-{metric, label, teacher, student, better[, note]}), or None when it was not asked for (no masks, no classes).
+{metric, label, teacher, student, better, images, trained_images[, note]}), or None when it was not asked for (no
+masks, no classes). Each row says which images it is measured on (`row(..., on=ctx.images(indices))`): how many, and
+how many of them the student trained on, which its label says when some were (`Images.note`).
 `evaluate` measures stage by stage and lists the rows in the order of `METRICS`, at the end: the order of eval.json's
 `summary`, the terminal table, report.html and the model card, which only render rows (`phreg.eval.tables`).
 
@@ -48,12 +50,25 @@ class Context:
     val: list[int] | None = None
     unseen: list[int] | None = None  # images the student never trained on (`phreg.run.training_list`); None: unknown
 
-    def trained_val(self) -> int:
-        """How many of the probes' val images the student trained on (0 when unknown)."""
-        if self.unseen is None or self.data is None:
-            return 0
-        files, unseen = set(self.files), {self.files[i] for i in self.unseen}
-        return sum(f in files and f not in unseen for f in (self.data.files[j] for j in self.data.val))
+    def images(self, indices: list[int] | None = None) -> "Images":
+        """The images at `indices` (all, by default) as a row is measured on them: how many, how many trained on."""
+        idx = range(len(self.files)) if indices is None else indices
+        if self.unseen is None:
+            return Images(len(idx), None)
+        unseen = set(self.unseen)
+        return Images(len(idx), sum(i not in unseen for i in idx))
+
+    def headline(self) -> list[int]:
+        """The images the headline distance is scored on: the never-trained ones when only some are, else all."""
+        n, unseen = len(self.files), self.unseen
+        return list(unseen) if unseen is not None and 0 < len(unseen) < n else list(range(n))
+
+
+    def val_images(self) -> "Images":
+        """The probes' val images (`data.val`, all among `files`) as their rows are measured on them: how many, how
+        many of them the student trained on."""
+        at = {f: i for i, f in enumerate(self.files)}
+        return self.images([at[self.data.files[j]] for j in self.data.val])
 
     def both(self, task: str, score) -> dict:
         """`score(loaded, role)` for the teacher and the student; a model measured before in this eval (the teacher,
@@ -66,6 +81,23 @@ class Context:
                 memo[key] = score(loaded, role)
             out[role] = memo[key]
         return out
+
+
+@dataclass(frozen=True)
+class Images:
+    """What a summary row is measured on: `count` images (None: not on the images at all, e.g. the cost), `trained`
+    of them in the student's training set (None: not known). Rows carry both (`images`, `trained_images`): only a row
+    with no trained image is held-out evidence, and only such a row gets a verdict mark in the report and the card
+    (`phreg.eval.tables.held_out`)."""
+    count: int | None
+    trained: int | None
+
+    def note(self) -> str:
+        """What a label that does not say it adds: ` [67 images, 50 trained on]` when some were trained on."""
+        return f" [{self.count} images, {self.trained} trained on]" if self.trained else ""
+
+
+NOT_ON_IMAGES = Images(None, 0)  # a property of the model (parameters, FLOPs, speed): no image was trained on
 
 
 @dataclass
@@ -95,9 +127,13 @@ def metric(key: str | None = None, stage: str = STAGES[0]):
     return mark
 
 
-def row(metric: str, label: str, teacher, student, better: str | None, note: str | None = None) -> dict:
-    """A summary row; `better`: 'lower', 'higher' or None (then `note` says why there is no verdict)."""
-    out = dict(metric=metric, label=label, teacher=teacher, student=student, better=better)
+def row(metric: str, label: str, teacher, student, better: str | None, note: str | None = None,
+        on: Images | None = None) -> dict:
+    """A summary row; `better`: 'lower', 'higher' or None (then `note` says why there is no verdict); `on`: the images
+    it is measured on (`Context.images`; unknown when not given: the row gets no verdict mark)."""
+    on = on or Images(None, None)
+    out = dict(metric=metric, label=label, teacher=teacher, student=student, better=better, images=on.count,
+               trained_images=on.trained)
     if note is not None:
         out["note"] = note
     return out
@@ -112,37 +148,47 @@ def denoised_distance(ctx: Context) -> Measured:
     dist_s = tta.distances(ctx.student.model)
     d = dict(teacher=tta.teacher_distance, student=dist_s.mean().item(),
              per_image_teacher=tta.teacher_distances.tolist(), per_image_student=dist_s.tolist())
-    label, n, unseen = "mean 1 - cos to TTA-denoised teacher features", len(ctx.files), ctx.unseen
+    label, n, unseen, everything = "mean 1 - cos to TTA-denoised teacher features", len(ctx.files), ctx.unseen, \
+        ctx.images()
     if unseen is None:  # not a phreg run, or one that recorded no training list
         rows = [row("denoised_distance", f"{label} ({n} images; training overlap unknown)", d["teacher"],
-                    d["student"], "lower")]
+                    d["student"], "lower", on=everything)]
     elif len(unseen) == n:
         rows = [row("denoised_distance", f"{label} ({n} images, none trained on)", d["teacher"], d["student"],
-                    "lower")]
+                    "lower", on=everything)]
     elif not unseen:
         rows = [row("denoised_distance", f"{label} (all {n} images were trained on: not a held-out score)",
-                    d["teacher"], d["student"], "lower")]
+                    d["teacher"], d["student"], "lower", on=everything)]
     else:  # the headline on never-trained images; all images beside it, saying how many were trained on
         d.update(unseen_images=len(unseen), unseen_teacher=tta.teacher_distances[unseen].mean().item(),
                  unseen_student=dist_s[unseen].mean().item())
-        rows = [row("denoised_distance", f"{label} ({len(unseen)} never-trained image{'s' * (len(unseen) != 1)})", d["unseen_teacher"],
-                    d["unseen_student"], "lower"),
+        rows = [row("denoised_distance", f"{label} ({len(unseen)} never-trained image{'s' * (len(unseen) != 1)})",
+                    d["unseen_teacher"], d["unseen_student"], "lower", on=ctx.images(unseen)),
                 row("denoised_distance_all", f"  same, all {n} images ({n - len(unseen)} of them trained on)",
-                    d["teacher"], d["student"], "lower")]
+                    d["teacher"], d["student"], "lower", on=everything)]
     if ctx.val is not None:
-        d.update(val_images=len(ctx.val), val_teacher=tta.teacher_distances[ctx.val].mean().item(),
-                 val_student=dist_s[ctx.val].mean().item())
-        rows.append(row("denoised_distance_val", f"  same, val images only ({len(ctx.val)})", d["val_teacher"],
-                        d["val_student"], "lower"))
+        val = ctx.images(ctx.val)
+        d.update(val_images=len(ctx.val), val_trained=val.trained,
+                 val_teacher=tta.teacher_distances[ctx.val].mean().item(), val_student=dist_s[ctx.val].mean().item())
+        rows.append(row("denoised_distance_val", f"  same, val images only ({len(ctx.val)}{trained_words(val)})",
+                        d["val_teacher"], d["val_student"], "lower", on=val))
     return Measured(d, rows)
+
+
+def trained_words(on: Images) -> str:
+    """`, 10 of them trained on` / `, none trained on` after an image count in a label; nothing when not known."""
+    if on.trained is None:
+        return ""
+    return f", {on.trained} of them trained on" if on.trained else ", none trained on"
 
 
 @metric()
 def tta_noise(ctx: Context) -> Measured:
     """Each model's distance to its own TTA-denoised features (position-tied noise)."""
-    return Measured(None, [row("tta_noise", "own TTA noise (mean 1 - cos, raw vs own denoised)",
+    on = ctx.images()
+    return Measured(None, [row("tta_noise", "own TTA noise (mean 1 - cos, raw vs own denoised)" + on.note(),
                                ctx.s_t["tta_noise"]["mean_1_minus_cos"], ctx.s_s["tta_noise"]["mean_1_minus_cos"],
-                               "lower")])
+                               "lower", on=on)])
 
 
 @metric()
@@ -151,15 +197,17 @@ def outlier_fraction(ctx: Context) -> Measured:
     thr = ctx.s_t["outliers"]["threshold"]
     label = (("high-norm patch tokens (teacher's threshold %.0f)" % thr) if thr != float("inf")
              else "high-norm patch tokens (own rule; teacher has none)")
-    return Measured(None, [row("outlier_fraction", label, ctx.s_t["outliers"]["fraction"], ctx.judged["fraction"],
-                               "lower")])
+    on = ctx.images()
+    return Measured(None, [row("outlier_fraction", label + on.note(), ctx.s_t["outliers"]["fraction"],
+                               ctx.judged["fraction"], "lower", on=on)])
 
 
 @metric()
 def max_norm_ratio(ctx: Context) -> Measured:
-    return Measured(None, [row("max_norm_ratio", "max / median patch norm, last block",
+    on = ctx.images()
+    return Measured(None, [row("max_norm_ratio", "max / median patch norm, last block" + on.note(),
                                ctx.s_t["outliers"]["max_over_median"], ctx.s_s["outliers"]["max_over_median"],
-                               "lower")])
+                               "lower", on=on)])
 
 
 @metric("high_norm_mass")
@@ -189,8 +237,9 @@ def cls_cosine(ctx: Context) -> Measured:
     if t is None or s is None:
         return Measured(None, [])
     cos = torch.nn.functional.cosine_similarity(t, s, dim=-1).mean().item()
-    return Measured(cos, [row("cls_cosine", "CLS token cosine to the teacher's", 1.0, cos, None,
-                              note=CLS_COSINE_NOTE)])
+    on = ctx.images()
+    return Measured(cos, [row("cls_cosine", "CLS token cosine to the teacher's" + on.note(), 1.0, cos, None,
+                              note=CLS_COSINE_NOTE, on=on)])
 
 
 
@@ -205,13 +254,13 @@ def probe(ctx: Context) -> Measured | None:
     got = ctx.both("segmentation", lambda m, role: segmentation_scores(m, d, o.probe_steps, o.device, role))
     p = dict(train_images=len(d.train), val_images=len(d.val), split=d.val_name, num_classes=d.num_classes,
              ignore_index=d.ignore_index, steps=o.probe_steps, **got)
-    trained = ctx.trained_val()  # the split's, not ours
-    also = f", {trained} of them trained on by the student" if trained else ""
+    on = ctx.val_images()  # the split's val images: some may be the student's training images
+    also = f", {on.trained} of them trained on by the student" if on.trained else ""
     return Measured(p, [
         row("miou", f"linear-probe mIoU ({p['val_images']} {d.val_name} images{also})", p["teacher"]["miou"],
-            p["student"]["miou"], "higher"),
-        row("pixel_accuracy", "linear-probe pixel accuracy", p["teacher"]["pixel_accuracy"],
-            p["student"]["pixel_accuracy"], "higher")])
+            p["student"]["miou"], "higher", on=on),
+        row("pixel_accuracy", "linear-probe pixel accuracy" + on.note(), p["teacher"]["pixel_accuracy"],
+            p["student"]["pixel_accuracy"], "higher", on=on)])
 
 
 @metric("depth", stage="probe")
@@ -223,23 +272,27 @@ def depth(ctx: Context) -> Measured | None:
     if d is None or not d.depth_probe or not o.probe_steps:
         return None
     from .depth import depth_scores
-    from .figures import depth_figure
+    from .figures import depth_figure, picture_names
 
     keep = min(o.pictures, 4)
     got = ctx.both("depth", lambda m, role: depth_scores(m, d, o.probe_steps, o.device, role, keep))
     value = dict(train_images=len(d.train), val_images=len(d.val), split=d.val_name, max_depth=d.max_depth,
                  eval_crop=d.eval_crop, steps=o.probe_steps, **{role: g[0] for role, g in got.items()}, figures=[])
-    for i, j in enumerate(d.val[:min(keep, len(got["teacher"][1]), len(got["student"][1]))]):
+    shown = d.val[:min(keep, len(got["teacher"][1]), len(got["student"][1]))]
+    names = picture_names([d.files[j] for j in shown], "depth_")
+    for i, j in enumerate(shown):
         value["figures"].append(depth_figure(d.files[j], d.depth[j], d.depth_scale, d.max_depth,
-                                             [(role, g[1][i]) for role, g in got.items()],
-                                             ctx.out / f"depth_{i}.png").name)
-    t, s, trained = value["teacher"], value["student"], ctx.trained_val()
-    also = f", {trained} of them trained on by the student" if trained else ""
+                                             [(role, g[1][i]) for role, g in got.items()], ctx.out / names[i],
+                                             name=d.files[j].name).name)
+    t, s, on = value["teacher"], value["student"], ctx.val_images()
+    also = f", {on.trained} of them trained on by the student" if on.trained else ""
     return Measured(value, [
         row("depth_rmse", f"depth-probe RMSE, m ({len(d.val)} {d.val_name} images{also})", t["rmse"], s["rmse"],
-            "lower"),
-        row("depth_abs_rel", "depth-probe AbsRel (mean |error| / depth)", t["abs_rel"], s["abs_rel"], "lower"),
-        row("depth_delta1", "depth-probe δ < 1.25 (share of pixels)", t["delta1"], s["delta1"], "higher")])
+            "lower", on=on),
+        row("depth_abs_rel", "depth-probe AbsRel (mean |error| / depth)" + on.note(), t["abs_rel"], s["abs_rel"],
+            "lower", on=on),
+        row("depth_delta1", "depth-probe δ < 1.25 (share of pixels)" + on.note(), t["delta1"], s["delta1"], "higher",
+            on=on)])
 
 
 @metric("zeroshot", stage="zero-shot")
@@ -255,9 +308,10 @@ def zeroshot(ctx: Context) -> Measured | None:
     gt = load_masks(ctx.files, masks, o.zeroshot.classes.num_labels, d.ignore_index, d.label_map)
     z = evaluate_zeroshot(ctx.teacher, ctx.student, ctx.files, gt, o.zeroshot, d.ignore_index, ctx.out,
                           min(o.pictures, 4), o.device)
-    return Measured(z, [row("zeroshot_miou", f"zero-shot mIoU ({z['images']} images; teacher {z['teacher']['head']}, "
-                                             f"student {z['student']['head']})",
-                            z["teacher"]["miou"], z["student"]["miou"], "higher")])
+    on = ctx.images()
+    return Measured(z, [row("zeroshot_miou", f"zero-shot mIoU ({z['images']} images{trained_words(on)}; teacher "
+                                             f"{z['teacher']['head']}, student {z['student']['head']})",
+                            z["teacher"]["miou"], z["student"]["miou"], "higher", on=on)])
 
 
 @metric("cost")
@@ -265,10 +319,11 @@ def cost(ctx: Context) -> Measured:
     """Parameters, forward FLOPs per image and images/s of each model (the last: a speed, not a verdict)."""
     c = dict(teacher=model_cost(ctx.teacher, ctx.options.device), student=model_cost(ctx.student, ctx.options.device))
     return Measured(c, [
-        row("gflops", "forward GFLOPs per image", c["teacher"]["gflops"], c["student"]["gflops"], "lower"),
+        row("gflops", "forward GFLOPs per image", c["teacher"]["gflops"], c["student"]["gflops"], "lower",
+            on=NOT_ON_IMAGES),
         # measured once on whatever machine ran eval, next to other work: a speed, not a verdict
         row("images_per_s", f"images/s (batch {c['teacher']['batch']}, this machine)", c["teacher"]["images_per_s"],
-            c["student"]["images_per_s"], None, note=HARDWARE_DEPENDENT)])
+            c["student"]["images_per_s"], None, note=HARDWARE_DEPENDENT, on=NOT_ON_IMAGES)])
 
 
 def model_cost(loaded: Loaded, device, batch: int = 8, repeats: int = 3) -> dict:
@@ -340,14 +395,15 @@ def norm_tails(ctx: Context) -> Measured:
     value = dict(ratio=TAIL_RATIO, rule=f"patch-token norm (pre-norm block output) above {TAIL_RATIO:g}x or below "
                                         f"1/{TAIL_RATIO:g} of its image's median", per_block=per, worst=worst,
                  first_block=first)
-    wt, ws = worst["teacher"], worst["student"]
+    at = " / ".join(f"block {w['block']}" if w["both"] > 0 else "no outliers" for w in worst.values())
+    on = ctx.images()
     return Measured(value, [
-        row("outliers_two_tailed", f"outliers, both tails ({TAIL_RATIO:g}x / 1/{TAIL_RATIO:g} median), last block",
-            last["teacher"]["both"], last["student"]["both"], "lower"),
-        row("outliers_low_tail", f"  of which below 1/{TAIL_RATIO:g} (low-norm artifacts)", last["teacher"]["low"],
-            last["student"]["low"], "lower"),
-        row("outliers_worst_block", f"  same, at the block with the most (blocks {wt['block']} / {ws['block']})",
-            wt["both"], ws["both"], "lower")])
+        row("outliers_two_tailed", f"outliers, both tails ({TAIL_RATIO:g}x / 1/{TAIL_RATIO:g} median), last block"
+            + on.note(), last["teacher"]["both"], last["student"]["both"], "lower", on=on),
+        row("outliers_low_tail", f"  of which below 1/{TAIL_RATIO:g} (low-norm artifacts)" + on.note(),
+            last["teacher"]["low"], last["student"]["low"], "lower", on=on),
+        row("outliers_worst_block", f"  same, at the block with the most ({at})" + on.note(), worst["teacher"]["both"],
+            worst["student"]["both"], "lower", on=on)])
 
 
 @torch.no_grad()
@@ -370,17 +426,20 @@ QUANTILES = (0.5, 0.9, 0.99)
 @metric("denoised_distance_tokens")
 def denoised_distance_tokens(ctx: Context) -> Measured:
     """The distance to the teacher's TTA-denoised features per patch token, as p50 / p90 / p99 (PH-Reg Fig. 5): a
-    mean hides the few tokens an artifact ruins, the tail shows them."""
+    mean hides the few tokens an artifact ruins, the tail shows them. On the headline's images (`Context.headline`)."""
     import numpy as np
 
-    d = {role: token_distances(ctx.a_t.tta, m.model) for role, m in (("teacher", ctx.teacher),
-                                                                      ("student", ctx.student))}
+    idx = ctx.headline()  # the headline's images: never-trained ones when some are
+    d = {role: token_distances(ctx.a_t.tta, m.model)[idx] for role, m in (("teacher", ctx.teacher),
+                                                                           ("student", ctx.student))}
     q = {role: [float(v) for v in np.quantile(t.flatten().numpy(), QUANTILES)] for role, t in d.items()}
     value = {role: dict(mean=float(t.mean()), **{f"p{round(100 * p)}": v for p, v in zip(QUANTILES, q[role])})
-             for role, t in d.items()} | dict(tokens=int(d["teacher"].numel()))
+             for role, t in d.items()} | dict(tokens=int(d["teacher"].numel()), images=len(idx))
+    on = ctx.images(idx)
+    where = f", {len(idx)} never-trained images" if len(idx) < len(ctx.files) else ""
     return Measured(value, [row(f"denoised_distance_p{round(100 * p)}",
-                                f"  same, per patch token: p{round(100 * p)}", q["teacher"][i], q["student"][i],
-                                "lower") for i, p in enumerate(QUANTILES)])
+                                f"  same, per patch token{where}: p{round(100 * p)}" + on.note(), q["teacher"][i],
+                                q["student"][i], "lower", on=on) for i, p in enumerate(QUANTILES)])
 
 
 @torch.no_grad()
@@ -421,11 +480,14 @@ def register_attention(ctx: Context) -> Measured:
     images = ctx.a_t.tta.images
     value = {role: register_attention_share(m.model, images) for role, m in (("teacher", ctx.teacher),
                                                                              ("student", ctx.student))}
-    rows = [row("register_attention_patches", "attention absorbed by registers, patch tokens (last block)",
-                value["teacher"]["patches"], value["student"]["patches"], None, note="where attention goes")]
+    on = ctx.images()
+    rows = [row("register_attention_patches", "attention absorbed by registers, patch tokens (last block)"
+                + on.note(), value["teacher"]["patches"], value["student"]["patches"], None,
+                note="where attention goes", on=on)]
     if value["teacher"]["cls"] is not None or value["student"]["cls"] is not None:
-        rows.insert(0, row("register_attention_cls", "attention absorbed by registers, class token (last block)",
-                           value["teacher"]["cls"], value["student"]["cls"], None, note="where attention goes"))
+        rows.insert(0, row("register_attention_cls", "attention absorbed by registers, class token (last block)"
+                           + on.note(), value["teacher"]["cls"], value["student"]["cls"], None,
+                           note="where attention goes", on=on))
     return Measured(value, rows)
 
 
@@ -441,8 +503,9 @@ def patch_norm_variance(ctx: Context) -> Measured:
     """How uneven the patch norms of the last block are (pre-norm): artifacts in either tail raise it."""
     value = dict(layer=ctx.a_t.artifact_layer, teacher=norm_variance(ctx.a_t.patch_norms),
                  student=norm_variance(ctx.a_s.patch_norms))
-    return Measured(value, [row("patch_norm_variance", "patch-norm variance / mean², last block",
-                                value["teacher"]["relative"], value["student"]["relative"], "lower")])
+    on = ctx.images()
+    return Measured(value, [row("patch_norm_variance", "patch-norm variance / mean², last block" + on.note(),
+                                value["teacher"]["relative"], value["student"]["relative"], "lower", on=on)])
 
 
 # Every metric, in the order of its rows in eval.json's summary, the terminal table, report.html and the model card.

@@ -16,8 +16,8 @@ from ..files.atomic import write_json
 from ..models.specs import Loaded
 from ..ttr.neurons import RegisterNeurons, find_register_neurons
 from .analysis import to_rgb
-from .figures import neuron_panels
-from .inspection import load_images
+from .figures import neuron_panels, picture_names
+from .inspection import load_images, shown_name
 
 SCHEMA = "phreg.neurons/1"
 
@@ -61,10 +61,11 @@ def inspect_neurons(loaded: Loaded, images_dir, out: Path | None, limit: int = 0
         shown = images[:pictures].to(device)
         acts, norms = neuron_maps(model, shown, found)
         what = ", ".join(f"{b}:{u}" for b, us in found.by_layer().items() for u in us) or "none"
+        names = picture_names(files[:len(shown)], "neurons_")
         record["figures"] = [neuron_panels(
             [(to_rgb(shown[i].cpu(), loaded.mean, loaded.std), None if acts[i] is None else acts[i].cpu().numpy(),
-              norms[i].cpu().numpy())], out / f"neurons_{i:02d}.png", what, found.outliers["layer"]).name
-            for i in range(len(shown))]
+              norms[i].cpu().numpy())], out / names[i], what, found.outliers["layer"],
+            shown_name(files[i], images_dir)).name for i in range(len(shown))]
         if found and base is not None:
             from ..ttr.model import add_test_time_registers, save_test_time_registers
 

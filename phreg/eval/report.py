@@ -148,11 +148,15 @@ def depth_section(r: dict, folder: Path) -> str:
             f"<p class='muted'>image | ground truth | teacher | student (metres; black: no measurement)</p>{pictures}")
 
 
+HELD_OUT_RULE = ("Only rows measured on images the student never trained on (and the cost rows) are marked; a row "
+                 "that includes training images says how many.")
+
+
 def _legend(r: dict) -> str:
     if len(columns(r)) > 2:
         return ("Green: the best of the models on that row. Every model is measured against the same teacher's "
-                "TTA-denoised features and judged by the teacher's own outlier threshold.")
-    return "Green: the student is better than its teacher on that row; red: worse."
+                "TTA-denoised features and judged by the teacher's own outlier threshold. " + HELD_OUT_RULE)
+    return "Green: the student is better than its teacher on that row; red: worse. " + HELD_OUT_RULE
 
 
 def ttr_section(r: dict) -> str:

@@ -31,11 +31,21 @@ def hardware_dependent(row: dict) -> bool:
     return row.get("note") == HARDWARE_DEPENDENT or row.get("metric") in _HARDWARE_METRICS
 
 
+def held_out(row: dict) -> bool:
+    """Is a summary row measured on images none of which the student trained on (or on no image: a model's cost)?
+    Only such a row is evidence of what the student does beyond its training set, so only such a row gets a verdict
+    mark (green in the report, bold in the card): a row that mixes in training images, or whose images' overlap with
+    the training set is not known (`trained_images` None or absent, as in eval.json files written before rows said
+    it), is shown as measured."""
+    return row.get("trained_images") == 0
+
+
 def winner(row: dict) -> str | None:
     """'student' or 'teacher': the better side of a summary row {teacher, student, better: 'lower' | 'higher'};
-    None for a tie (to 1e-9, relative), a value that is missing or not finite, or a row without a verdict."""
+    None for a tie (to 1e-9, relative), a value that is missing or not finite, a row without a verdict, or a row
+    not measured on held-out images alone (`held_out`)."""
     t, s, better = row.get("teacher"), row.get("student"), row.get("better")
-    if hardware_dependent(row) or better not in ("lower", "higher"):
+    if hardware_dependent(row) or better not in ("lower", "higher") or not held_out(row):
         return None
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (t, s)):
         return None
@@ -65,10 +75,11 @@ def cell(row: dict, key: str):
 
 
 def best(row: dict, keys: list[str]) -> set[str]:
-    """The columns holding a row's best value (by its `better`), none when all are equal, a value is missing, or the
-    row has no verdict (e.g. images/s). With two columns this is `winner`."""
+    """The columns holding a row's best value (by its `better`), none when all are equal, a value is missing, the
+    row has no verdict (e.g. images/s) or is not on held-out images alone (`held_out`). With two columns this is
+    `winner`."""
     better = row.get("better")
-    if hardware_dependent(row) or better not in ("lower", "higher"):
+    if hardware_dependent(row) or better not in ("lower", "higher") or not held_out(row):
         return set()
     values = {k: cell(row, k) for k in keys}
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values.values()):

@@ -17,7 +17,7 @@ import torch
 from ..clip.segment import segment_files, segmenter
 from ..clip.segmenter import Classes, query_embeddings
 from ..data.images import load_rgb
-from .figures import zeroshot_figure
+from .figures import picture_names, zeroshot_figure
 from .segmentation import confusion, scores
 
 
@@ -62,10 +62,11 @@ def evaluate_zeroshot(teacher, student, files: list[Path], masks: list[torch.Ten
     result["figures"] = []
     if out is not None:
         palette = classes.palette()
+        names = picture_names(files[:pictures], "zeroshot_")
         for i in range(min(pictures, len(files))):
-            path = out / f"zeroshot_{i}.png"
+            path = out / names[i]
             zeroshot_figure(np.asarray(load_rgb(files[i])), masks[i].numpy(), shown["teacher"][i],
                             shown["student"][i], palette, (f"teacher ({heads[0]})", f"student ({heads[1]})"), path,
-                            ignore_index)
+                            ignore_index, name=Path(files[i]).name)
             result["figures"].append(path.name)
     return result

@@ -57,8 +57,9 @@ def _cell(text) -> str:
 
 
 def eval_table(report: dict) -> str:
-    """The eval summary, teacher vs student; the better value of each row in bold, except for hardware-dependent
-    rows (images/s), which are shown as measured without a verdict."""
+    """The eval summary, teacher vs student; the better value in bold on rows measured on never-trained images alone
+    (`phreg.eval.tables.held_out`), none on the others or on hardware-dependent rows (images/s), which are shown as
+    measured."""
     cols = columns(report)
     if len(cols) > 2:  # teacher, test-time registers, student, both: a column each, the best in bold
         lines = ["| metric | " + " | ".join(_cell(label) for _, label in cols) + " | better |",
@@ -195,7 +196,9 @@ def eval_lead(report: dict) -> str:
         text += f". Training overlap: {overlap_line(seen)}" + (
             f"; the first row is scored on the {len(seen['unseen'])} never trained on"
             if seen["recorded"] and 0 < len(seen["unseen"]) < seen["images"] else "")
-    return text + ". Rows marked hardware-dependent are timings of one machine, not a property of the model."
+    return text + (". Bold marks the better side only on rows measured on images the student never trained on (and "
+                   "on the cost rows); a row that includes training images says how many. Rows marked "
+                   "hardware-dependent are timings of one machine, not a property of the model.")
 
 
 def model_card(run: Run, repo_id: str, transformers: dict | None = None, timm: bool = True) -> str:
@@ -287,7 +290,11 @@ def _settings(f: Facts) -> list[tuple[str, str]]:
     steps = summary.get("steps", run.metadata.get("steps", "–"))
     unlocked = "; ".join(", ".join(f"`{p}`" for p in names) + (f" at {scale:g}x lr" if scale != 1 else "")
                          for names, scale in g["unlocked"])
-    batch = r.train.batch_size * r.train.grad_accum * ((summary.get("hardware") or {}).get("processes") or 1)
+    processes = (summary.get("hardware") or {}).get("processes") or 1
+    batch = r.train.batch_size * r.train.grad_accum * processes
+    images = ((summary.get("data") or {}).get("train") or {}).get("images")
+    batch_text = f"batch {batch}" if not images or images >= r.train.batch_size * processes else \
+        f"batch {images} (train.batch_size {r.train.batch_size}, clipped to the {images} training images)"
     reg_text = f"{regs['added']} added (init: {g['init']})" + (
         f", {regs['present']} already in the teacher: {regs['total']} in total" if regs["present"] else "")
     train_text, held_text = data_lines(summary.get("data"), summary)
@@ -303,7 +310,7 @@ def _settings(f: Facts) -> list[tuple[str, str]]:
         ("registers", reg_text),
         ("views per image", f"{r.views.num} (shifts up to {r.views.max_shift:.0%} of the grid, flip p={r.views.flip})"),
         ("trained parameters", unlocked),
-        ("optimizer", f"AdamW, lr {r.train.lr:g} -> {r.train.end_lr:g} ({r.train.schedule}), batch {batch}"),
+        ("optimizer", f"AdamW, lr {r.train.lr:g} -> {r.train.end_lr:g} ({r.train.schedule}), {batch_text}"),
         ("steps", f"{steps} ({summary['images_seen']} images seen)" if "images_seen" in summary else str(steps)),
         ("classifier head", "dropped (`num_classes=0`: the model returns features)" if head == "drop"
          else "the teacher's, kept as it was (not trained)"),
@@ -314,28 +321,41 @@ def _settings(f: Facts) -> list[tuple[str, str]]:
         ("phreg", f"{run.metadata.get('phreg_version', __version__)}, recipe hash "
                   f"`{run.metadata.get('recipe_hash', '–')}` ([recipe.yaml](recipe.yaml))"),
     ]
-    heldout = summary.get("heldout")
-    if heldout:
-        n = ((summary.get("data") or {}).get("heldout") or {}).get("images")
-        on = f" on the {n} held-out image{'s' if n != 1 else ''}" if n else ""
-        rows.append(("held-out distance", f"mean 1 - cos to denoised teacher features{on}: teacher "
-                                          f"{number(heldout.get('teacher'))}, "
-                                          f"student {number(heldout.get('student'))}"))
+    if summary.get("heldout"):
+        rows.append(("held-out distance", heldout_text(f)))
     return rows
+
+
+def heldout_text(f: Facts) -> str:
+    """The run's own held-out score, with what it was measured with (views, resolution, images); when the card also
+    has an eval, why the eval's distances for the same images differ (its own views, drawn again)."""
+    r, held = f.run.recipe, f.summary["heldout"]
+    n = ((f.summary.get("data") or {}).get("heldout") or {}).get("images")
+    on = f" on the {n} held-out image{'s' if n != 1 else ''}" if n else ""
+    text = (f"teacher {number(held.get('teacher'))}, student {number(held.get('student'))}: mean 1 - cos to the "
+            f"teacher's denoised features{on}, scored as training ended with the recipe's {r.views.num} views per "
+            f"image at {r.model.img_size} px")
+    e = f.run.eval
+    if e and e.get("views"):
+        text += (f". The evaluation below scores {e.get('images', '?')} images again with its own {e['views']} "
+                 f"views per image at {e.get('img_size', '?')} px (other shifts and mirrors, so other denoised "
+                 "targets): an image scored in both has two distances; compare teacher with student within one "
+                 "of them, not across")
+    return text
 
 
 def _limitations(f: Facts) -> str:
     g, regs = f.run.geometry, f.regs
     data = (f.summary.get("data") or {}).get("train") or {}
     small = data.get("images") is not None and data["images"] < 1000
-    tokens = g["prefix"] + g["patches"]
+    before = g["prefix"] + g["patches"] - regs["added"]  # the teacher's tokens: class, its registers, patches
     return "\n".join([
         f"- Trained on {data['images']} images only: a demonstration, not a general-purpose model; the features "
         "are checked against the teacher on the images above, not on a benchmark." if small else
         "- The features were checked against the teacher on the images named above, not on a public benchmark.",
         "- The student learns to match the teacher's denoised features: it inherits the teacher's biases and "
         "cannot know more than the teacher; the class token and any classifier head are not trained for a task.",
-        f"- {regs['added']} extra tokens cost compute: about {100 * regs['added'] / tokens:.0f}% more tokens per "
+        f"- {regs['added']} extra tokens cost compute: about {100 * regs['added'] / before:.0f}% more tokens per "
         "image at this resolution (see the GFLOPs row of the evaluation when present).",
         "- Timings (images/s, wall time) depend on the machine that measured them.",
     ] + ([] if f.from_hub else ["- The teacher weights are a local file, not the Hub checkpoint: compare the "

@@ -8,6 +8,7 @@ weights or does not fit, no weights and no network) is one `UsageError` line; th
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from timm.data import resolve_data_config
 from ..backbones import backbone
 from ..config.recipe import ModelCfg
 from ..errors import UsageError
-from .names import check_img_size, check_model_name, unknown_model
+from .names import check_img_size, check_model_name, timm_name, unknown_model
 from .weights import checkpoints_dir, find_weights, hub_cached, offline_reason, quiet_hub
 
 
@@ -46,10 +47,13 @@ def frozen_dtype(speed) -> torch.dtype | None:
     return torch.bfloat16 if speed.frozen_dtype == "bf16" else None
 
 
-def load_teacher(cfg: ModelCfg, dtype: torch.dtype | None = None) -> torch.nn.Module:
+def load_teacher(cfg: ModelCfg, dtype: torch.dtype | None = None, views=None) -> torch.nn.Module:
     """Build the pretrained model at the recipe's resolution (timm resamples `pos_embed`), frozen, in eval mode.
-    `dtype` (`speed.frozen_dtype: bf16`): floating weights held in it, converted tensor by tensor as they are read."""
-    name, size = cfg.name, cfg.img_size
+    `dtype` (`speed.frozen_dtype: bf16`): floating weights held in it, converted tensor by tensor as they are read.
+    `views` (the recipe's, when the model is a teacher): checked against the patch grid before any weight is read."""
+    if cfg.name != (name := timm_name(cfg.name)):  # an alias, from a caller without the CLI
+        cfg = dataclasses.replace(cfg, name=name)
+    size = cfg.img_size
     check_model_name(name, cfg.checkpoint)
     source = name.split(":", 1)[0] if ":" in name else ""
     if not source and not timm.is_model(name):
@@ -64,7 +68,7 @@ def load_teacher(cfg: ModelCfg, dtype: torch.dtype | None = None) -> torch.nn.Mo
         reason = offline_reason()
         if reason:
             raise UsageError(f"model.name {name}: not in the local Hub cache and {reason}")
-    check_img_size(build_model(name, pretrained=False, device="meta"), size)  # architecture only: no memory
+    check_img_size(build_model(name, pretrained=False, device="meta"), size, views)  # architecture only: no memory
     if file is None and weights.kind in ("hub", "url"):
         reason = offline_reason(weights.url if weights.kind == "url" else None)
         if reason:

@@ -17,7 +17,7 @@ import torch
 
 from ..config.recipe import ModelCfg, load_recipe
 from .loading import load_teacher, normalization
-from .names import check_model_spec, unknown_model
+from .names import check_model_spec, timm_name, unknown_model
 
 
 @dataclass
@@ -40,6 +40,7 @@ def load_spec(spec: str, img_size: int | None = None, checkpoint: str | None = N
 
     Resolution defaults to the run's recipe, else the export's own input size, else 224.
     """
+    spec = timm_name(spec, "model")
     check_model_spec(spec)
     path = Path(spec)
     run = None

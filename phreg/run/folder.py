@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..files.atomic import sha256_file
+from .lock import holder, refused
 
 RECIPE, METRICS, SUMMARY = "recipe.yaml", "metrics.jsonl", "summary.json"
 CHECKPOINTS, EXPORT, EVAL = "checkpoints", "export", "eval"
@@ -47,6 +48,11 @@ def require_run(path: str | Path) -> Path:
     """The folder as a run, or the one-line usage error every command gives for a folder that is not one."""
     path = Path(path)
     if not is_run(path):
+        if path.is_dir():
+            info = holder(path)  # a run in its first seconds holds its folder before it writes recipe.yaml
+            if info is not None:
+                raise refused(path, info, f"it is starting and has written no {RECIPE} or checkpoint yet: try again "
+                                          "once it has saved a checkpoint")
         raise UsageError(f"{path} is not a phreg run folder ({'no ' + RECIPE if path.is_dir() else 'not found'})")
     return path
 

@@ -65,8 +65,17 @@ def overlap(run: Path | None, files: list[Path]) -> dict:
                 record_sha256=hashlib.sha256((Path(run) / RECORD).read_bytes()).hexdigest())
 
 
+def no_training(files: list[Path]) -> dict:
+    """`overlap`'s answer for a compared model that was never trained (the teacher with test-time registers): no
+    image is a training image."""
+    return dict(recorded=True, untrained=True, images=len(files), training_images=0, trained=[],
+                unseen=list(range(len(files))), by_content=0, by_name=0, same_name_other_content=0)
+
+
 def overlap_line(o: dict) -> str:
     """The overlap in words, for the terminal and the card."""
+    if o.get("untrained"):
+        return "no training overlap: the compared model was not trained (test-time registers only)"
     if not o["recorded"]:
         return "training overlap unknown: the student's run recorded no training list"
     n, k = o["images"], o["by_content"]

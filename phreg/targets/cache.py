@@ -239,6 +239,7 @@ class TargetCache:
         say = (lambda *a: None) if quiet else acc.print
         variants = list(range(plans)) if variants is None else sorted(variants)
         cache = cls.reopen(folder, key, say)
+        acc.wait_for_everyone()  # every process has read the folder as it was before any of them writes to it
         if cache is None:
             cache = cls.allocate(folder, key, len(dataset), plans, denoiser, dataset.size, dtype, acc, quiet)
         damaged, missing = cache.entries_to_compute(variants)  # every process alike: they agree on what follows
