@@ -9,9 +9,8 @@ writes eval.json, the pictures and report.html.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..config.recipe import ViewsCfg
@@ -23,28 +22,10 @@ from .datasets import EvalSet
 from .figures import norm_histogram, norm_range, panels, picture_names
 from .inputs import check_images
 from .inspection import crops, shown_name, verdict
-from .metrics import Context, METRICS, Measured, Metric, STAGES
-from .probe import STEPS
+from .metrics import Context, EvalOptions, METRICS, Measured, Metric, STAGES
 from .report import write_report
 
-if TYPE_CHECKING:
-    from .zeroshot import ZeroShot
-
 SCHEMA = "phreg.eval/1"
-
-
-@dataclass(frozen=True)
-class EvalOptions:
-    """How `evaluate` measures: everything but the two models, the images and the output folder."""
-    views: int = 10  # TTA views of the denoised features
-    limit: int = 0  # at most this many images of a folder (sorted by path); 0: all
-    pictures: int = 8  # comparison pictures for the first N images
-    seed: int = 0  # seed of the view plans
-    probe_steps: int = STEPS  # training steps of the segmentation and depth probes
-    device: str = "cpu"
-    zeroshot: ZeroShot | None = None  # zero-shot segmentation (needs masks)
-    untrained: bool = False  # the "student" was never trained (the teacher with test-time registers)
-    memo: dict = field(default_factory=dict, compare=False, repr=False)  # probe results per model, for every column
 
 
 def evaluate(student: Loaded, teacher: Loaded, images: str | Path | EvalSet, out: Path,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -25,11 +25,26 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..backbones.attention import eager_attention
 from ..models.specs import Loaded
 from .analysis import Analysis
-from .datasets import EvalSet
+from .datasets import PROBE_STEPS, EvalSet
 from .tables import HARDWARE_DEPENDENT
 
 if TYPE_CHECKING:
-    from .evaluate import EvalOptions
+    from .zeroshot import ZeroShot
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How `evaluate` measures: everything but the two models, the images and the output folder (here, beside the
+    `Context` that hands it to every metric; `evaluate` imports it from here)."""
+    views: int = 10  # TTA views of the denoised features
+    limit: int = 0  # at most this many images of a folder (sorted by path); 0: all
+    pictures: int = 8  # comparison pictures for the first N images
+    seed: int = 0  # seed of the view plans
+    probe_steps: int = PROBE_STEPS  # training steps of the segmentation and depth probes
+    device: str = "cpu"
+    zeroshot: ZeroShot | None = None  # zero-shot segmentation (needs masks)
+    untrained: bool = False  # the "student" was never trained (the teacher with test-time registers)
+    memo: dict = field(default_factory=dict, compare=False, repr=False)  # probe results per model, for every column
 
 
 @dataclass

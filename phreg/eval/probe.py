@@ -25,7 +25,7 @@ from PIL import Image
 from ..backbones import backbone
 from ..data.images import load_rgb
 from .datasets import PROBE_STEPS
-from .inputs import mask_files, read_mask, split_indices  # noqa: F401  (split_indices: imported from here too)
+from .inputs import mask_files, read_mask
 from .segmentation import confusion, scores
 
 STRIDE = 341 / 518  # the paper's slide window: 518-px crops every 341 px
@@ -243,7 +243,6 @@ def window_outputs(head, loaded, path: Path, device, with_cls: bool = False, fli
 
 def segmentation_scores(loaded, data, steps: int, device, progress: str = "") -> dict:
     """One model's segmentation probe on an `EvalSet`: trained on its train images, scored on its val ones."""
-    model = loaded.model.to(device).eval()
     K, ignore = data.num_classes, data.ignore_index
     train = [data.files[i] for i in data.train]
 
