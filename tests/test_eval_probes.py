@@ -106,3 +106,42 @@ def test_a_benchmark_layout_measures_artifacts_and_scores_the_probe_on_its_val_s
     assert eval_lead(r).startswith("Teacher vs student on the 1 val images of PASCAL VOC 2012 (21 classes) (`phreg "
                                    "eval --dataset voc`); probes trained on its 2 train images (the official")
 
+
+def fake_depth(loaded, data, steps, device, progress="", keep=0):
+    """One model's depth-probe result without fitting one: which rows it gives and how they are marked is tested."""
+    errors = dict(delta1=0.6, delta2=0.8, delta3=0.9, abs_rel=0.3, rmse=1.5, log10=0.1)
+    if loaded.name != "tiny-teacher":  # the student: better on every metric
+        errors = dict(errors, delta1=0.7, abs_rel=0.2, rmse=1.0)
+    return dict(errors, images_scored=len(data.val)), []
+
+
+@pytest.mark.parametrize("split, trained", [("0.png train\n1.png val\n2.png val\n3.png train\n", 1),
+                                            ("0.png train\n1.png train\n2.png val\n3.png val\n", 0)])
+def test_depth_rows_say_how_many_of_their_val_images_were_trained_on_and_only_held_out_ones_are_marked(
+        tmp_path, monkeypatch, split, trained):
+    from test_eval_rows import tiny_run_pair
+
+    from phreg.eval import depth as depth_module
+    from phreg.eval.datasets import from_flags
+    from phreg.eval.evaluate import EvalOptions, evaluate
+    from phreg.hub.card import eval_table
+
+    monkeypatch.setattr(depth_module, "depth_scores", fake_depth)
+    teacher, student, images, _ = tiny_run_pair(tmp_path)  # the student's run trained on 0.png and 1.png
+    (tmp_path / "depth").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((40, 36), 3000, np.uint16)).save(tmp_path / "depth" / f"{i}.png")
+    (tmp_path / "split.txt").write_text(split)
+    data = from_flags(images, depth=tmp_path / "depth", split=tmp_path / "split.txt")
+    r = evaluate(student, teacher, data, tmp_path / "eval", EvalOptions(views=2, pictures=0))
+    rows = [row for row in r["summary"] if row["metric"].startswith("depth_")]
+    assert [row["metric"] for row in rows] == ["depth_rmse", "depth_abs_rel", "depth_delta1"]
+    assert all((row["images"], row["trained_images"]) == (2, trained) for row in rows)
+    card = {line[2:].split(" | ")[0].replace("\\|", "|"): line for line in eval_table(r).splitlines()[2:]}
+    if trained:
+        assert rows[0]["label"] == "depth-probe RMSE, m (2 val images, 1 of them trained on by the student)"
+        assert all(row["label"].endswith("[2 images, 1 trained on]") for row in rows[1:])
+        assert not any("**" in card[row["label"]] for row in rows)  # better, but partly on its training images
+    else:
+        assert rows[0]["label"] == "depth-probe RMSE, m (2 val images)"
+        assert all("**" in card[row["label"]] for row in rows)
