@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +37,13 @@ DEFAULTS = dict(short_side=448, crop=336, stride=112, logit_scale=40.0, backgrou
 @dataclass
 class Classes:
     ids: list[int]  # label value of each class
-    names: list[list[str]]  # synonyms per class; the first is the class's name
+    names: list[list[str]]  # synonyms per class, each queried; the first is the class's name unless `titles` says
     colours: list[tuple[int, int, int]]
+    titles: dict[int, str] = field(default_factory=dict)  # label value -> name, where it is none of the queries
+
+    def title(self, i: int) -> str:
+        """The name of the class at position `i` (VOC's background is queried as stuff words: sky, wall, ...)."""
+        return self.titles.get(self.ids[i], self.names[i][0])
 
     @property
     def num_labels(self) -> int:
@@ -109,7 +114,7 @@ def read_classes(path: str | Path, ignore_index: int | None = None) -> Classes:
             colour = _colour(row[colour_key], where) if colour_key and row.get(colour_key) else None
             rows.append((cid, names, colour))
     else:
-        rows = [(i, [w.strip() for w in ln.split(",") if w.strip()], None) for i, ln in enumerate(lines)]
+        rows = naclip_rows(lines)
     for cid, names, _ in rows:
         if not names:
             raise UsageError(f"--classes {path}: class {cid} has no name")
@@ -123,6 +128,18 @@ def read_classes(path: str | Path, ignore_index: int | None = None) -> Classes:
         raise UsageError(f"--classes {path}: no class left to query (ignore index {ignore_index})")
     return Classes([r[0] for r in rows], [r[1] for r in rows],
                    [r[2] if r[2] is not None else _default_colour(r[0]) for r in rows])
+
+
+def naclip_rows(lines) -> list[tuple[int, list[str], None]]:
+    """NACLIP's class format: line i is class i, synonyms separated by commas."""
+    return [(i, [w.strip() for w in ln.split(",") if w.strip()], None) for i, ln in enumerate(lines)]
+
+
+def dataset_classes(lines: tuple[str, ...], titles: dict[int, str] | None = None) -> Classes:
+    """A benchmark layout's classes (`phreg.eval.datasets.LAYOUTS`: NACLIP's strings) as `Classes`."""
+    rows = naclip_rows(lines)
+    return Classes([r[0] for r in rows], [r[1] for r in rows], [_default_colour(r[0]) for r in rows],
+                   dict(titles or {}))
 
 
 def templates() -> tuple:

@@ -53,11 +53,16 @@ def ttr_arg(p: argparse.ArgumentParser, more: str = "") -> None:
                         "Stock timm alone does not apply them." + more)
 
 
-def zeroshot_args(p: argparse.ArgumentParser, classes_required: bool) -> None:
+DATASET_CLASSES = "<the dataset's>"  # `eval --classes` without a file: the class names of --dataset
+
+
+def zeroshot_args(p: argparse.ArgumentParser, classes_required: bool, from_dataset: bool = False) -> None:
     g = p.add_argument_group("zero-shot segmentation (CLIP family; NACLIP / PH-Reg protocol)")
     g.add_argument("--classes", required=classes_required, metavar="FILE",
+                   **(dict(nargs="?", const=DATASET_CLASSES) if from_dataset else {}),
                    help="class file: CSV with a name column (id, rgb optional; synonyms split by ';') or "
-                        "NACLIP's text format (one class per line, synonyms split by ',')")
+                        "NACLIP's text format (one class per line, synonyms split by ',')"
+                        + ("; without FILE, with --dataset: its class names (NACLIP's)" if from_dataset else ""))
     g.add_argument("--text", metavar="FILE", help="text tower: a saved open_clip_text.safetensors or a whole CLIP "
                                                   "checkpoint (default: the one shipped with the model / run)")
     g.add_argument("--text-model", metavar="NAME", help="open_clip model name of --text (e.g. ViT-B-16-quickgelu)")
@@ -72,17 +77,24 @@ def zeroshot_args(p: argparse.ArgumentParser, classes_required: bool) -> None:
 
 # ---------------------------------------------------------------------------------------------------- their checks
 
-def zeroshot_inputs(args) -> dict:
+def zeroshot_inputs(args, data=None) -> dict:
     """Check the cheap zero-shot inputs (class file, images, masks folder, window) before any model is loaded;
-    returns the classes and the segmenter's settings."""
-    check_file(args.classes, "--classes")  # before the import below (torch)
-    from ..clip.segmenter import read_classes
+    returns the classes and the segmenter's settings. `data`: eval's `EvalSet` (images and masks checked already;
+    a benchmark's classes and ignore value)."""
+    if args.classes != DATASET_CLASSES:
+        check_file(args.classes, "--classes")  # before the import below (torch)
+    from ..clip.segmenter import dataset_classes, read_classes
     from ..data.scan import scan_images
 
-    classes = read_classes(args.classes, args.ignore_index)
-    scan_images(args.images)  # a missing or empty folder is one line, before any model loads
-    if getattr(args, "masks", None) and not Path(args.masks).is_dir():
-        raise UsageError(f"--masks {args.masks} is not a folder")
+    ignore = data.ignore_index if data is not None else args.ignore_index
+    if args.classes == DATASET_CLASSES:
+        classes = dataset_classes(data.classes, data.titles)
+    else:
+        classes = read_classes(args.classes, ignore)
+    if data is None:
+        scan_images(args.images)  # a missing or empty folder is one line, before any model loads
+        if getattr(args, "masks", None) and not Path(args.masks).is_dir():
+            raise UsageError(f"--masks {args.masks} is not a folder")
     check_file(args.text, "--text")
     if args.crop and (args.crop > args.short_side or args.stride < 1):
         raise UsageError(f"--crop {args.crop} must be <= --short-side {args.short_side} and --stride >= 1")
@@ -95,11 +107,14 @@ def zeroshot_inputs(args) -> dict:
 
 # ----------------------------------------------------------------------------------------- test-time registers
 
-def ttr_images(args, loaded):
-    """The first images of --images at the model's size: what `--ttr find` finds the register neurons on."""
-    from ..eval.inspection import load_images
+def ttr_images(args, loaded, files=None):
+    """The first images of --images (or of `files`) at the model's size: what `--ttr find` finds the register
+    neurons on."""
+    from ..eval.inspection import crops, load_images
     from ..ttr.use import FIND_IMAGES
 
+    if files is not None:
+        return lambda: crops(files[:FIND_IMAGES], loaded)
     return lambda: load_images(args.images, loaded, FIND_IMAGES)[1]
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..config.recipe import ViewsCfg
@@ -19,42 +18,22 @@ from ..files.atomic import write_json
 from ..models.specs import Loaded
 from ..run.training_list import no_training, overlap
 from .analysis import Analysis, analyze, to_rgb
+from .datasets import EvalSet
 from .figures import norm_histogram, norm_range, panels, picture_names
-from .inputs import split_indices
-from .inspection import load_images, shown_name, verdict
-from .metrics import Context, METRICS, Measured, Metric, STAGES
+from .inputs import check_images
+from .inspection import crops, shown_name, verdict
+from .metrics import Context, EvalOptions, METRICS, Measured, Metric, STAGES
 from .report import write_report
-
-if TYPE_CHECKING:
-    from .zeroshot import ZeroShot
 
 SCHEMA = "phreg.eval/1"
 
 
-@dataclass(frozen=True)
-class EvalOptions:
-    """How `evaluate` measures: everything but the two models, the images and the output folder."""
-    views: int = 10  # TTA views of the denoised features
-    limit: int = 0  # at most this many images (sorted by path); 0: all
-    pictures: int = 8  # comparison pictures for the first N images
-    seed: int = 0  # seed of the view plans
-    masks: str | Path | None = None  # label masks: the linear probe (with num_classes) and zero-shot
-    num_classes: int | None = None
-    ignore_index: int | None = None
-    split: str | Path | None = None  # train/val split file of the probe (default: every 4th image is val)
-    device: str = "cpu"
-    zeroshot: ZeroShot | None = None  # zero-shot segmentation (needs masks)
-    untrained: bool = False  # the "student" was never trained (the teacher with test-time registers)
-
-    @property
-    def probing(self) -> bool:
-        return bool(self.masks) and self.num_classes is not None
-
-
-def evaluate(student: Loaded, teacher: Loaded, images_dir, out: Path, options: EvalOptions = EvalOptions(),
-             others: dict[str, Loaded] | None = None, columns: dict[str, str] | None = None,
-             ttr: dict | None = None) -> dict:
-    """Teacher vs student on the images under `images_dir`: OUT/eval.json, OUT/report.html and pictures.
+def evaluate(student: Loaded, teacher: Loaded, images: str | Path | EvalSet, out: Path,
+             options: EvalOptions | None = None, others: dict[str, Loaded] | None = None,
+             columns: dict[str, str] | None = None, ttr: dict | None = None) -> dict:
+    """Teacher vs student on `images`: a folder (every image under it, no labels) or an `EvalSet` (images with masks
+    and / or depth maps and a split: `phreg.eval.datasets`). Writes OUT/eval.json, OUT/report.html and pictures.
+    The artifact metrics run on `EvalSet.analysed`, the probes on its train / val split.
 
     `others` ({key: model}, e.g. "ttr": the teacher with test-time registers, "both": the student with them) are
     measured against the same teacher, metric by metric, on the same images and view plans: each summary row then
@@ -62,40 +41,43 @@ def evaluate(student: Loaded, teacher: Loaded, images_dir, out: Path, options: E
     (each one's inspect summary, verdict and metric values). `columns` gives the labels ({key: label}, "teacher" and
     "student" included) and the order; `ttr` is the test-time registers' record. Zero-shot is scored for the pair
     only."""
-    o, clock = options, Clock()
-    files, images = load_images(images_dir, student, o.limit)
+    o, clock = options or EvalOptions(), Clock()
+    data = images if isinstance(images, EvalSet) else EvalSet(check_images(images, o.limit), root=str(images))
+    files = [data.files[i] for i in data.analysed]
+    crops_ = crops(files, student)
     clock.lap("images")
     vcfg = ViewsCfg(num=o.views)
-    t = Side.of(teacher, images, vcfg, o)
+    t = Side.of(teacher, crops_, vcfg, o)
     clock.lap("teacher")
-    s = Side.of(student, images, vcfg, o, t.threshold)
+    s = Side.of(student, crops_, vcfg, o, t.threshold)
     clock.lap("student")
-    train, val = split_indices(files, o.split) if o.probing else (None, None)
+    probing = data.kind == "folder" and (data.segmentation or data.depth_probe) and o.probe_steps  # split in `files`
+    train, val = (data.train, data.val) if probing else (None, None)
     # which images the student trained on, from its run's training list
     seen = no_training(files) if o.untrained else overlap(student.run, files)
     out.mkdir(parents=True, exist_ok=True)
 
     def context(side: Side, opts: EvalOptions) -> Context:  # every column on the images its row's label names
         return Context(teacher=teacher, student=side.loaded, files=files, a_t=t.analysis, a_s=side.analysis,
-                       s_t=t.summary, s_s=side.summary, judged=side.judged, options=opts, out=out, train=train,
-                       val=val, unseen=seen["unseen"])
+                       s_t=t.summary, s_s=side.summary, judged=side.judged, options=opts, out=out, data=data,
+                       train=train, val=val, unseen=seen["unseen"])
 
-    result = _header(teacher, student, t, s, files, images_dir, o, train, val, seen)
+    result = _header(teacher, student, t, s, files, data, o, seen)
     measured = _measure(context(s, o), clock.lap)
     result.update({m.key: got.value for m, got in measured.items() if m.key is not None})
     result["summary"] = [r for m in METRICS if m in measured for r in measured[m].rows]
     extra: dict[str, Side] = {}
     for key, loaded in (others or {}).items():
-        extra[key] = Side.of(loaded, images, vcfg, o, t.threshold)
-        _add_column(result, key, extra[key], _measure(context(extra[key], replace(o, zeroshot=None))))
+        extra[key] = Side.of(loaded, crops_, vcfg, o, t.threshold)
+        _add_column(result, key, extra[key], _measure(context(extra[key], replace(o, zeroshot=None, pictures=0))))
         clock.lap(key)
     if others or columns:
         result["columns"] = _columns(columns, dict(teacher=teacher, student=student) | (others or {}))
     if ttr is not None:
         result["ttr"] = ttr
-    result["figures"] = _pictures(t.analysis, s.analysis, images, student, t.threshold, out,
+    result["figures"] = _pictures(t.analysis, s.analysis, crops_, student, t.threshold, out,
                                   {k: v.analysis for k, v in extra.items()}, result.get("columns"),
-                                  [shown_name(f, images_dir) for f in files])
+                                  [shown_name(f, data.root) for f in files])
     clock.lap("pictures")
     result["timings"], result["seconds"] = clock.timings, clock.total()
     write_json(out / "eval.json", result)
@@ -141,14 +123,13 @@ class Side:
         return self.summary["outliers"]["threshold"]
 
 
-def _header(teacher: Loaded, student: Loaded, t: Side, s: Side, files, images_dir, o: EvalOptions, train, val,
+def _header(teacher: Loaded, student: Loaded, t: Side, s: Side, files, data: EvalSet, o: EvalOptions,
             seen: dict) -> dict:
     """eval.json's description of what was measured, on what, before any metric."""
-    dataset = dict(images=str(images_dir), masks=str(o.masks) if o.masks else None,
-                   split=str(o.split) if o.split else None, limit=o.limit)
-    if o.probing:
-        dataset.update(probe_train=len(train), probe_val=len(val),
-                       split_rule=f"from {Path(o.split).name}" if o.split else "every 4th image is val")
+    dataset = dict(data.source, kind=data.kind, images=data.source.get("images", data.root), limit=o.limit)
+    if (data.segmentation or data.depth_probe) and o.probe_steps:
+        dataset.update(probe_train=len(data.train), probe_val=len(data.val), split_rule=data.split_rule,
+                       val_name=data.val_name)
     return dict(
         schema=SCHEMA, phreg_version=__version__, seconds=None, images=len(files), img_size=student.img_size,
         views=o.views, seed=o.seed, files=[str(f) for f in files], dataset=dataset, training_overlap=seen,

@@ -1,5 +1,5 @@
-"""Pictures for inspect and eval: image | patch-norm map | PCA of patch features | CLS attention, norm histograms, and
-zero-shot label maps (image | ground truth | teacher | student)."""
+"""Pictures for inspect and eval: image | patch-norm map | PCA of patch features | CLS attention, norm histograms,
+zero-shot label maps and depth-probe predictions (image | ground truth | teacher | student)."""
 
 from __future__ import annotations
 
@@ -115,6 +115,29 @@ def zeroshot_figure(rgb: np.ndarray, truth: np.ndarray, teacher: np.ndarray, stu
         ax.imshow(img, interpolation="nearest")
         ax.set_title(title, fontsize=10)
         ax.axis("off")
+    return _save(fig, path)
+
+
+def depth_figure(image: Path, depth: Path, scale: float, max_depth: float, predictions: list[tuple[str, np.ndarray]],
+                 path: Path, name: str = "image") -> Path:
+    """image (titled `name`, its file name) | ground-truth depth | each model's predicted depth, one colour scale in
+    metres (pixels without a measurement black)."""
+    from ..data.images import load_rgb
+    from .inputs import read_depth
+
+    truth = read_depth(depth, scale)
+    top = float(min(max_depth, np.percentile(np.concatenate([truth[truth > 0]] + [p.ravel() for _, p in predictions]),
+                                             99)))
+    cmap = plt.get_cmap("magma_r").with_extremes(bad="black")
+    fig, axes = plt.subplots(1, 2 + len(predictions), figsize=(3.4 * (2 + len(predictions)), 2.9))
+    axes[0].imshow(load_rgb(image))
+    axes[0].set_title(name, fontsize=10)
+    for ax, (title, d) in zip(axes[1:], [("ground truth", np.ma.masked_where(truth <= 0, truth)), *predictions]):
+        im = ax.imshow(d, cmap=cmap, vmin=0, vmax=top, interpolation="nearest")
+        ax.set_title(title if title == "ground truth" else f"{title} (depth probe)", fontsize=10)
+    for ax in axes:
+        ax.axis("off")
+    fig.colorbar(im, ax=list(axes), fraction=0.02, pad=0.01, label="depth (m)")
     return _save(fig, path)
 
 

@@ -24,8 +24,12 @@ def load_images(root, loaded: Loaded, limit: int = 0) -> tuple[list[Path], torch
     """Center crops at the model's resolution (short side resized first), in its normalization."""
     files, _ = scan_images(root)
     files = files[:limit] if limit else files
-    data = ImageDataset(files, loaded.img_size, loaded.mean, loaded.std, train=False)
-    return files, data.images()
+    return files, crops(files, loaded)
+
+
+def crops(files: list[Path], loaded: Loaded) -> torch.Tensor:
+    """(N, 3, S, S): each image's center crop at the model's resolution (short side resized first), normalized."""
+    return ImageDataset(files, loaded.img_size, loaded.mean, loaded.std, train=False).images()
 
 
 def shown_name(file: Path, root) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -25,10 +25,26 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..backbones.attention import eager_attention
 from ..models.specs import Loaded
 from .analysis import Analysis
+from .datasets import PROBE_STEPS, EvalSet
 from .tables import HARDWARE_DEPENDENT
 
 if TYPE_CHECKING:
-    from .evaluate import EvalOptions
+    from .zeroshot import ZeroShot
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How `evaluate` measures: everything but the two models, the images and the output folder (here, beside the
+    `Context` that hands it to every metric; `evaluate` imports it from here)."""
+    views: int = 10  # TTA views of the denoised features
+    limit: int = 0  # at most this many images of a folder (sorted by path); 0: all
+    pictures: int = 8  # comparison pictures for the first N images
+    seed: int = 0  # seed of the view plans
+    probe_steps: int = PROBE_STEPS  # training steps of the segmentation and depth probes
+    device: str = "cpu"
+    zeroshot: ZeroShot | None = None  # zero-shot segmentation (needs masks)
+    untrained: bool = False  # the "student" was never trained (the teacher with test-time registers)
+    memo: dict = field(default_factory=dict, compare=False, repr=False)  # probe results per model, for every column
 
 
 @dataclass
@@ -36,7 +52,7 @@ class Context:
     """Everything a metric may read: both models, measured on the same images, crops, seeds and view plans."""
     teacher: Loaded
     student: Loaded
-    files: list[Path]
+    files: list[Path]  # the images the artifact metrics run on (`data.analysed`)
     a_t: Analysis  # the teacher's analysis: token norms, outliers, its own TTA-denoised features
     a_s: Analysis
     s_t: dict  # `Analysis.summary()`: what eval.json keeps as teacher.inspect
@@ -44,7 +60,8 @@ class Context:
     judged: dict  # the student's outliers under the teacher's threshold
     options: EvalOptions
     out: Path  # the eval folder (pictures go there)
-    train: list[int] | None = None  # the probe's split (indices into `files`), when masks and classes are given
+    data: EvalSet | None = None  # every image with its labels and split: what the probes and zero-shot read
+    train: list[int] | None = None  # the probes' split as indices into `files`, when both are among them
     val: list[int] | None = None
     unseen: list[int] | None = None  # images the student never trained on (`phreg.run.training_list`); None: unknown
 
@@ -60,6 +77,25 @@ class Context:
         """The images the headline distance is scored on: the never-trained ones when only some are, else all."""
         n, unseen = len(self.files), self.unseen
         return list(unseen) if unseen is not None and 0 < len(unseen) < n else list(range(n))
+
+
+    def val_images(self) -> "Images":
+        """The probes' val images (`data.val`, all among `files`) as their rows are measured on them: how many, how
+        many of them the student trained on."""
+        at = {f: i for i, f in enumerate(self.files)}
+        return self.images([at[self.data.files[j]] for j in self.data.val])
+
+    def both(self, task: str, score) -> dict:
+        """`score(loaded, role)` for the teacher and the student; a model measured before in this eval (the teacher,
+        for every extra column) is not measured again."""
+        memo = self.options.memo
+        out = {}
+        for role, loaded in (("teacher", self.teacher), ("student", self.student)):
+            key = (task, id(loaded.model))
+            if key not in memo:
+                memo[key] = score(loaded, role)
+            out[role] = memo[key]
+        return out
 
 
 @dataclass(frozen=True)
@@ -224,34 +260,68 @@ def cls_cosine(ctx: Context) -> Measured:
 
 @metric("probe", stage="probe")
 def probe(ctx: Context) -> Measured | None:
-    """The dense linear probe (`probe.py`), when masks and their class count are given."""
-    if ctx.val is None:
+    """The segmentation probe (`probe.py`), when masks and their class count are given."""
+    d, o = ctx.data, ctx.options
+    if d is None or not d.segmentation or not o.probe_steps:
         return None
-    from .probe import evaluate_probe
+    from .probe import segmentation_scores
 
-    o = ctx.options
-    p = evaluate_probe(ctx.teacher, ctx.student, ctx.files, o.masks, o.num_classes, o.ignore_index, ctx.train,
-                       ctx.val, o.device)
-    on = ctx.images(ctx.val)  # the split's val images: some may be the student's training images
+    got = ctx.both("segmentation", lambda m, role: segmentation_scores(m, d, o.probe_steps, o.device, role))
+    p = dict(train_images=len(d.train), val_images=len(d.val), split=d.val_name, num_classes=d.num_classes,
+             ignore_index=d.ignore_index, steps=o.probe_steps, **got)
+    on = ctx.val_images()  # the split's val images: some may be the student's training images
     also = f", {on.trained} of them trained on by the student" if on.trained else ""
     return Measured(p, [
-        row("miou", f"linear-probe mIoU ({p['val_images']} val images{also})", p["teacher"]["miou"],
+        row("miou", f"linear-probe mIoU ({p['val_images']} {d.val_name} images{also})", p["teacher"]["miou"],
             p["student"]["miou"], "higher", on=on),
         row("pixel_accuracy", "linear-probe pixel accuracy" + on.note(), p["teacher"]["pixel_accuracy"],
             p["student"]["pixel_accuracy"], "higher", on=on)])
 
 
+@metric("depth", stage="probe")
+def depth(ctx: Context) -> Measured | None:
+    """The depth probe (`depth.py`), when depth maps are given: RMSE, AbsRel and delta < 1.25 in the summary, the
+    paper's six metrics in eval.json, and pictures (image | ground truth | teacher | student) of the first val
+    images."""
+    d, o = ctx.data, ctx.options
+    if d is None or not d.depth_probe or not o.probe_steps:
+        return None
+    from .depth import depth_scores
+    from .figures import depth_figure, picture_names
+
+    keep = min(o.pictures, 4)
+    got = ctx.both("depth", lambda m, role: depth_scores(m, d, o.probe_steps, o.device, role, keep))
+    value = dict(train_images=len(d.train), val_images=len(d.val), split=d.val_name, max_depth=d.max_depth,
+                 eval_crop=d.eval_crop, steps=o.probe_steps, **{role: g[0] for role, g in got.items()}, figures=[])
+    shown = d.val[:min(keep, len(got["teacher"][1]), len(got["student"][1]))]
+    names = picture_names([d.files[j] for j in shown], "depth_")
+    for i, j in enumerate(shown):
+        value["figures"].append(depth_figure(d.files[j], d.depth[j], d.depth_scale, d.max_depth,
+                                             [(role, g[1][i]) for role, g in got.items()], ctx.out / names[i],
+                                             name=d.files[j].name).name)
+    t, s, on = value["teacher"], value["student"], ctx.val_images()
+    also = f", {on.trained} of them trained on by the student" if on.trained else ""
+    return Measured(value, [
+        row("depth_rmse", f"depth-probe RMSE, m ({len(d.val)} {d.val_name} images{also})", t["rmse"], s["rmse"],
+            "lower", on=on),
+        row("depth_abs_rel", "depth-probe AbsRel (mean |error| / depth)" + on.note(), t["abs_rel"], s["abs_rel"],
+            "lower", on=on),
+        row("depth_delta1", "depth-probe δ < 1.25 (share of pixels)" + on.note(), t["delta1"], s["delta1"], "higher",
+            on=on)])
+
+
 @metric("zeroshot", stage="zero-shot")
 def zeroshot(ctx: Context) -> Measured | None:
     """Zero-shot segmentation (`zeroshot.py`), when classes are given (CLIP family; needs masks)."""
-    o = ctx.options
+    o, d = ctx.options, ctx.data
     if o.zeroshot is None:
         return None
     from .probe import load_masks
     from .zeroshot import evaluate_zeroshot
 
-    gt = load_masks(ctx.files, o.masks, o.zeroshot.classes.num_labels, o.ignore_index)
-    z = evaluate_zeroshot(ctx.teacher, ctx.student, ctx.files, gt, o.zeroshot, o.ignore_index, ctx.out,
+    masks = [d.masks[i] for i in d.analysed]
+    gt = load_masks(ctx.files, masks, o.zeroshot.classes.num_labels, d.ignore_index, d.label_map)
+    z = evaluate_zeroshot(ctx.teacher, ctx.student, ctx.files, gt, o.zeroshot, d.ignore_index, ctx.out,
                           min(o.pictures, 4), o.device)
     on = ctx.images()
     return Measured(z, [row("zeroshot_miou", f"zero-shot mIoU ({z['images']} images{trained_words(on)}; teacher "
@@ -456,4 +526,4 @@ def patch_norm_variance(ctx: Context) -> Measured:
 # Every metric, in the order of its rows in eval.json's summary, the terminal table, report.html and the model card.
 METRICS: list[Metric] = [fn.metric for fn in (
     denoised_distance, denoised_distance_tokens, tta_noise, outlier_fraction, max_norm_ratio, norm_tails,
-    register_attention, patch_norm_variance, high_norm_mass, cls_cosine, probe, zeroshot, cost)]
+    register_attention, patch_norm_variance, high_norm_mass, cls_cosine, probe, depth, zeroshot, cost)]

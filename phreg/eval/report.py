@@ -87,16 +87,8 @@ def write_report(r: dict, path: Path) -> Path:
     mass_rows = [f"<tr><td>{role}</td><td>{kind}</td><td>{_fmt(v['mean_norm'])}</td>"
                  f"<td>{_fmt(100 * v['squared_norm_share'])}%</td><td>{_fmt(100 * v['above_teacher_threshold'])}%</td></tr>"
                  for role in ("teacher", "student") for kind, v in mass[role].items()]
-    probe = ""
-    if "probe" in r:
-        p = r["probe"]
-        probe = (f"<h2>Dense linear probe</h2><p class='muted'>1x1 linear head on frozen patch features, trained on "
-                 f"{p['train_images']} images, scored on {p['val_images']} at the masks' resolution "
-                 f"({p['num_classes']} classes, ignore index {p['ignore_index']}).</p>"
-                 f"<table><tr><th></th><th>mIoU</th><th>pixel accuracy</th></tr>"
-                 f"<tr><td>teacher</td><td>{_fmt(p['teacher']['miou'])}</td><td>{_fmt(p['teacher']['pixel_accuracy'])}</td></tr>"
-                 f"<tr><td>student</td><td>{_fmt(p['student']['miou'])}</td><td>{_fmt(p['student']['pixel_accuracy'])}</td></tr>"
-                 f"</table>")
+    probe = probe_section(r["probe"]) if "probe" in r else ""
+    probe += depth_section(r, folder) if "depth" in r else ""
     pictures = "\n".join(_img(folder / f) for f in r["figures"] if (folder / f).is_file())
     zeroshot = zeroshot_section(r["zeroshot"], folder) if "zeroshot" in r else ""
     seen = f"<br>{html.escape(overlap_line(r['training_overlap']))}." if r.get("training_overlap") else ""
@@ -118,6 +110,42 @@ same images, crops and view plans for both models. phreg {r['phreg_version']}, {
 {''.join(norms)}</table>
 </body></html>"""
     return write_atomic(path, body)
+
+
+def probe_section(p: dict) -> str:
+    split = p.get("split", "val")
+    return (f"<h2>Segmentation probe</h2><p class='muted'>BatchNorm + linear head on the frozen last block's patch "
+            f"tokens (the paper's head), {p.get('steps', '?')} steps, trained on {p['train_images']} images, scored on "
+            f"{p['val_images']} {split} images at the masks' resolution ({p['num_classes']} classes, ignore index "
+            f"{p['ignore_index']}).</p>"
+            f"<table><tr><th></th><th>mIoU</th><th>pixel accuracy</th></tr>"
+            + "".join(f"<tr><td>{role}</td><td>{_fmt(p[role]['miou'])}</td><td>{_fmt(p[role]['pixel_accuracy'])}</td>"
+                      f"</tr>" for role in ("teacher", "student")) + "</table>")
+
+
+DEPTH_COLUMNS = (("delta1", "δ < 1.25"), ("delta2", "δ < 1.25²"), ("delta3", "δ < 1.25³"), ("abs_rel", "AbsRel"),
+                 ("rmse", "RMSE (m)"), ("log10", "log10"))
+
+
+def depth_section(r: dict, folder: Path) -> str:
+    """The depth probe's six metrics per model (every column eval measured), and predicted depth beside the ground
+    truth (teacher and student)."""
+    d = r["depth"]
+    values = dict(teacher=d["teacher"], student=d["student"])
+    values.update({k: o["depth"]["student"] for k, o in (r.get("others") or {}).items() if o.get("depth")})
+    crop = f", inside the Eigen crop (rows {d['eval_crop'][0]}-{d['eval_crop'][1]}, columns " \
+           f"{d['eval_crop'][2]}-{d['eval_crop'][3]})" if d.get("eval_crop") else ""
+    head = "".join(f"<th>{label}</th>" for _, label in DEPTH_COLUMNS)
+    rows = "".join(f"<tr><td>{html.escape(label)}</td>" + "".join(f"<td>{_fmt(values[key][k])}</td>"
+                                                                  for k, _ in DEPTH_COLUMNS) + "</tr>"
+                   for key, label in columns(r) if key in values)
+    pictures = "\n".join(_img(folder / f) for f in d.get("figures", []) if (folder / f).is_file())
+    return (f"<h2>Depth probe</h2><p class='muted'>BatchNorm + linear head to 256 depth bins (0.001-"
+            f"{d['max_depth']:g} m) on the frozen last block's patch tokens and class token (the paper's head), "
+            f"{d['steps']} steps, trained on {d['train_images']} images, scored on {d['val_images']} {d['split']} "
+            f"images (test-time flip), per image over pixels with ground truth below {d['max_depth']:g} m{crop}, "
+            f"then averaged.</p><table><tr><th></th>{head}</tr>{rows}</table>"
+            f"<p class='muted'>image | ground truth | teacher | student (metres; black: no measurement)</p>{pictures}")
 
 
 HELD_OUT_RULE = ("Only rows measured on images the student never trained on (and the cost rows) are marked; a row "

@@ -43,7 +43,8 @@ def evaluate_zeroshot(teacher, student, files: list[Path], masks: list[torch.Ten
     words, _ = classes.queries()
     queries = query_embeddings(zs.text_tower.to(device), words)
     K = classes.num_labels
-    result = dict(images=len(files), classes=[n[0] for n in classes.names], ids=classes.ids, synonyms=len(words),
+    result = dict(images=len(files), classes=[classes.title(i) for i in range(len(classes.ids))], ids=classes.ids,
+                  synonyms=len(words),
                   ignore_index=ignore_index, text_model=zs.text_tower.name, sigma=zs.sigma, **zs.settings)
     shown: dict[str, list[np.ndarray]] = {}
     for role, loaded, head in (("teacher", teacher, heads[0]), ("student", student, heads[1])):
@@ -55,7 +56,7 @@ def evaluate_zeroshot(teacher, student, files: list[Path], masks: list[torch.Ten
             if i < pictures:
                 shown[role].append(pred)
         s = scores(cm)
-        per_class = {n[0]: s["per_class_iou"][i] for i, n in zip(classes.ids, classes.names)}
+        per_class = {classes.title(k): s["per_class_iou"][i] for k, i in enumerate(classes.ids)}
         result[role] = dict(head=head, miou=s["miou"], pixel_accuracy=s["pixel_accuracy"], per_class_iou=per_class)
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["figures"] = []

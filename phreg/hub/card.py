@@ -170,14 +170,27 @@ def _folder(path: str) -> str:
     return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
 
 
+PROBES = (("linear probe", "masks", "probe"), ("depth probe", "depth", "depth"))  # name, its labels, its section
+
+
 def eval_lead(report: dict) -> str:
-    """Which images the eval table was measured on: dataset folder, count, probe split."""
+    """Which images the eval table was measured on: dataset folder or benchmark, count, the probes' split."""
     ds = report.get("dataset") or {}
-    where = f" from `{_folder(ds['images'])}`" if ds.get("images") else ""
-    text = f"Teacher vs student on {report.get('images', '?')} images{where} (`phreg eval`)"
-    if ds.get("probe_val"):
-        text += f"; linear probe trained on {ds['probe_train']} and scored on {ds['probe_val']} of them " \
-                f"({ds.get('split_rule')}), masks from `{_folder(ds['masks'])}`"
+    if ds.get("title"):  # a benchmark layout (`phreg eval --dataset KIND:DIR`)
+        text = (f"Teacher vs student on the {report.get('images', '?')} {ds.get('val_name', 'val')} images of "
+                f"{ds['title']} (`phreg eval --dataset {ds.get('kind')}`)")
+        if ds.get("probe_val"):
+            text += f"; probes trained on its {ds['probe_train']} train images ({ds.get('split_rule')})"
+    else:
+        where = f" from `{_folder(ds['images'])}`" if ds.get("images") else ""
+        text = f"Teacher vs student on {report.get('images', '?')} images{where} (`phreg eval`)"
+        if ds.get("probe_val"):
+            ran = [(name, key) for name, key, metric in PROBES if ds.get(key) and metric in report] \
+                or [("linear probe", "masks")]  # a report without its metrics' sections: the masks' probe
+            probes = " and ".join(name for name, _ in ran)
+            sources = ", ".join(f"{key} from `{_folder(ds[key])}`" for _, key in ran if ds.get(key))
+            text += f"; {probes} trained on {ds['probe_train']} and scored on {ds['probe_val']} of them " \
+                    f"({ds.get('split_rule')}), {sources}"
     seen = report.get("training_overlap")
     if seen:
         text += f". Training overlap: {overlap_line(seen)}" + (
