@@ -1,5 +1,6 @@
 """The target cache holds exactly what the uncached path computes, and survives what users do to it."""
 
+import copy
 import json
 
 import numpy as np
@@ -18,18 +19,24 @@ from phreg.targets.teacher import DenoisedTeacher
 from conftest import MODEL
 
 
-@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float16", 2e-3)])  # float32: batch-size rounding only
-def test_cached_batches_equal_the_uncached_path(tmp_path, dinov2_file, dtype, tol):
-    recipe = load_recipe(None, [f"model.name={MODEL}", f"model.checkpoint={dinov2_file}", "model.img_size=56",
-                                "views.num=3", "cache.plans=2", f"cache.dtype={dtype}"])
+def photo_cache(dinov2_file, size: int, *overrides: str):
+    """What a cache test builds on: the recipe (DINOv2-S at `size` px plus `overrides`), its denoising teacher, the
+    shipped photos and their dataset."""
+    recipe = load_recipe(None, [f"model.name={MODEL}", f"model.checkpoint={dinov2_file}", f"model.img_size={size}",
+                                *overrides])
     teacher = load_teacher(recipe.model)
     mean, std = normalization(teacher, recipe.model)
     denoiser = DenoisedTeacher(teacher, recipe.views, mean, std)
     files, _ = scan_images(None)
-    data = ImageDataset(files, 56, mean, std, recipe.seed, make_plan=denoiser.plan_fn())
+    return recipe, denoiser, files, ImageDataset(files, size, mean, std, recipe.seed, make_plan=denoiser.plan_fn())
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float16", 2e-3)])  # float32: batch-size rounding only
+def test_cached_batches_equal_the_uncached_path(tmp_path, dinov2_file, dtype, tol):
+    recipe, denoiser, files, data = photo_cache(dinov2_file, 56, "views.num=3", "cache.plans=2", f"cache.dtype={dtype}")
     cache = TargetCache.open_or_build(tmp_path, cache_key(recipe, files), data, denoiser, Accelerator(cpu=True),
                                       plans=2, dtype=dtype, batch_size=3, quiet=True)
-    cached = ImageDataset(files, 56, mean, std, recipe.seed, make_plan=denoiser.plan_fn())
+    cached = copy.copy(data)  # the same dataset, reading the cache
     cached.cache = cache
     for epoch, indices in [(0, [0, 3]), (1, [3, 1, 2]), (2, [0]), (5, [2, 0])]:  # epoch e uses variant e mod K
         fresh, hit = collate([data[(epoch % 2, i)] for i in indices]), cached.__getitems__([(epoch, i) for i in indices])
@@ -61,13 +68,7 @@ def test_a_cached_batch_read_in_a_data_worker_arrives_in_shared_memory(tmp_path,
     process receives is the batch the main process would read itself."""
     from torch.utils.data import DataLoader
 
-    recipe = load_recipe(None, [f"model.name={MODEL}", f"model.checkpoint={dinov2_file}", "model.img_size=28",
-                                "views.num=2", "cache.plans=1"])
-    teacher = load_teacher(recipe.model)
-    mean, std = normalization(teacher, recipe.model)
-    denoiser = DenoisedTeacher(teacher, recipe.views, mean, std)
-    files, _ = scan_images(None)
-    data = ImageDataset(files, 28, mean, std, recipe.seed, make_plan=denoiser.plan_fn())
+    recipe, denoiser, files, data = photo_cache(dinov2_file, 28, "views.num=2", "cache.plans=1")
     data.cache = TargetCache.open_or_build(tmp_path, cache_key(recipe, files), data, denoiser, Accelerator(cpu=True),
                                            plans=1, batch_size=2, quiet=True, workers=2)
     keys = [(0, 3), (0, 1)]
@@ -85,15 +86,9 @@ def test_a_cached_batch_read_in_a_data_worker_arrives_in_shared_memory(tmp_path,
 @pytest.mark.slow
 def test_a_damaged_cache_is_repaired_a_truncated_one_rebuilt_and_damage_during_a_run_refused(tmp_path, dinov2_file,
                                                                                               capsys):
-    """The issue's cases: 4 KB overwritten in the middle of targets.npy (the next run trained on NaN targets and
-    exited 0) and targets.npy truncated (a `ValueError: mmap length...` traceback)."""
-    recipe = load_recipe(None, [f"model.name={MODEL}", f"model.checkpoint={dinov2_file}", "model.img_size=56",
-                                "views.num=2", "cache.plans=2", "cache.dtype=float16"])
-    teacher = load_teacher(recipe.model)
-    mean, std = normalization(teacher, recipe.model)
-    denoiser = DenoisedTeacher(teacher, recipe.views, mean, std)
-    files, _ = scan_images(None)
-    data = ImageDataset(files, 56, mean, std, recipe.seed, make_plan=denoiser.plan_fn())
+    """4 KB overwritten in the middle of targets.npy (a run must not train on NaN targets and exit 0) and
+    targets.npy truncated (no `ValueError: mmap length...` traceback)."""
+    recipe, denoiser, files, data = photo_cache(dinov2_file, 56, "views.num=2", "cache.plans=2", "cache.dtype=float16")
     key, acc = cache_key(recipe, files), Accelerator(cpu=True)
 
     def build():
@@ -148,14 +143,8 @@ class StopAfter:
 def test_a_stopped_build_keeps_its_entries_and_the_next_run_computes_only_the_rest(tmp_path, dinov2_file):
     from phreg.errors import Preempted
 
-    recipe = load_recipe(None, [f"model.name={MODEL}", f"model.checkpoint={dinov2_file}", "model.img_size=28",
-                                "views.num=2", "cache.plans=2"])
-    teacher = load_teacher(recipe.model)
-    mean, std = normalization(teacher, recipe.model)
-    denoiser = DenoisedTeacher(teacher, recipe.views, mean, std)
-    files, _ = scan_images(None)
+    recipe, denoiser, files, data = photo_cache(dinov2_file, 28, "views.num=2", "cache.plans=2")
     key, acc = cache_key(recipe, files), Accelerator(cpu=True)
-    data = ImageDataset(files, 28, mean, std, recipe.seed, make_plan=denoiser.plan_fn())
     TargetCache.open_or_build(tmp_path / "straight", key, data, denoiser, acc, plans=2, batch_size=2, quiet=True)
 
     stopping = StopAfter(denoiser, 3)  # 3 batches of 2: variant 0 whole, half of variant 1
@@ -178,14 +167,8 @@ def test_a_stopped_build_keeps_its_entries_and_the_next_run_computes_only_the_re
 
 
 def test_a_run_computes_only_the_plans_its_epochs_train_on(tmp_path, dinov2_file, capsys):
-    recipe = load_recipe(None, [f"model.name={MODEL}", f"model.checkpoint={dinov2_file}", "model.img_size=28",
-                                "views.num=2", "cache.plans=4"])
-    teacher = load_teacher(recipe.model)
-    mean, std = normalization(teacher, recipe.model)
-    denoiser = DenoisedTeacher(teacher, recipe.views, mean, std)
-    files, _ = scan_images(None)
+    recipe, denoiser, files, data = photo_cache(dinov2_file, 28, "views.num=2", "cache.plans=4")
     key, acc = cache_key(recipe, files), Accelerator(cpu=True)
-    data = ImageDataset(files, 28, mean, std, recipe.seed, make_plan=denoiser.plan_fn())
     counting = StopAfter(denoiser, -1)
     TargetCache.open_or_build(tmp_path, key, data, counting, acc, plans=4, batch_size=2, variants=[0, 1])
     out = capsys.readouterr().out
