@@ -1,4 +1,4 @@
-"""Dense heads against the formulas (issue: NACLIP teacher, MaskCLIP student), on random-init reduced models."""
+"""Dense heads against the formulas (NACLIP teacher, MaskCLIP student), on random-init reduced models."""
 
 import math
 
@@ -33,7 +33,7 @@ def last_block_input(model, x):
 
 
 def formulas(model, x, head, sigma=SIGMA):
-    """The issue's formulas, written out with the weights (no phreg code): patch tokens (B, L, D_out)."""
+    """The heads' formulas, written out with the weights (no phreg code): patch tokens (B, L, D_out)."""
     tokens = last_block_input(model, x)
     blk, P = model.blocks[-1], model.num_prefix_tokens
     B, N, D = tokens.shape

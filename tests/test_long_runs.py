@@ -396,7 +396,7 @@ def test_ctrl_c_inside_distill_reaches_the_caller_as_keyboard_interrupt(tmp_path
 
 @pytest.mark.slow
 def test_ctrl_c_stops_a_pytest_session_that_runs_distill(tmp_path, dinov2_file):
-    """The issue's case: a test runs distill in-process and Ctrl-C arrives; pytest must stop the session (exit 2, its
+    """A test runs distill in-process and Ctrl-C arrives; pytest must stop the session (exit 2, its
     '! ...Interrupted: ... !' banner), not record a failure and run the next test."""
     recipe = save_recipe(tiny(tmp_path, dinov2_file, "train.batch_size=1", "train.max_steps=40",
                               "train.save_every_minutes=0"), tmp_path / "recipe.yaml")
@@ -428,7 +428,7 @@ def test_ctrl_c_stops_a_pytest_session_that_runs_distill(tmp_path, dinov2_file):
 
 @pytest.mark.slow
 def test_two_processes_never_write_one_run_folder(tmp_path, dinov2_file):
-    """The issue's double launch: `phreg distill ... RUN` and, while it trains, the same command with --auto-resume.
+    """A double launch: `phreg distill ... RUN` and, while it trains, the same command with --auto-resume.
     The second is refused in one line naming the first (host, PID, since), exit 2, and writes nothing; `export` into
     the run and `push` are refused too, `eval`-style readers only get a note; once the first ends, the folder is free."""
     import socket

@@ -145,7 +145,7 @@ def test_nonfinite_steps_are_skipped_then_abort(tmp_path, dinov2_file, monkeypat
 
 @pytest.mark.slow
 def test_a_short_run_with_a_share_of_nonfinite_steps_does_not_export(tmp_path, dinov2_file, monkeypatch):
-    """The issue's case: 2 NaN steps of 4 (train.max_nonfinite=10 alone let it export and exit 0)."""
+    """2 NaN steps of 4 (train.max_nonfinite=10 alone must not let it export and exit 0)."""
     real, calls = phreg.distill.step.distill_loss, []
 
     def every_other_nan(s, t, w):
